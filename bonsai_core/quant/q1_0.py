@@ -127,3 +127,69 @@ def from_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d = b[..., :2].contiguous().view(torch.float16).reshape(rows, -1)
     qs = b[..., 2:].contiguous().reshape(rows, -1)
     return qs, d
+
+
+class PackedWeight:
+    """A Q1_0 weight as it travels between files and modules: bits, scales and the original shape.
+
+    ``shape`` is the weight's own shape (``[out, in]`` for a linear, ``[out, in, kh, kw]`` for a
+    conv); the matrix that was quantized is ``[shape[0], prod(shape[1:])]``.
+    """
+
+    __slots__ = ("qs", "d", "shape")
+
+    def __init__(self, qs: torch.Tensor, d: torch.Tensor, shape):
+        self.qs = qs
+        self.d = d
+        self.shape = tuple(int(s) for s in shape)
+        rows, cols = self.rows, self.cols
+        nb = n_blocks(cols)
+        if tuple(d.shape) != (rows, nb) or tuple(qs.shape) != (rows, nb * QS_BYTES):
+            raise ValueError(f"packed tensors qs {tuple(qs.shape)} / d {tuple(d.shape)} do not fit "
+                             f"shape {self.shape} (expected qs {(rows, nb * QS_BYTES)}, d {(rows, nb)})")
+        if qs.dtype != torch.uint8 or d.dtype != torch.float16:
+            raise ValueError(f"packed tensors must be uint8 bits and float16 scales, got {qs.dtype} / {d.dtype}")
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        n = 1
+        for s in self.shape[1:]:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.numel() + 2 * self.d.numel()
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "PackedWeight":
+        qs, d = quantize(weight.reshape(weight.shape[0], -1))
+        return cls(qs, d, weight.shape)
+
+    @classmethod
+    def from_signs(cls, positive: torch.Tensor, scales: torch.Tensor, shape) -> "PackedWeight":
+        """Build from already-binary weights: ``positive`` bool ``[rows, cols]`` (True = +scale) and
+        per-group scales ``[rows, n_blocks]`` — the lossless path for importing sign x scale files."""
+        rows, cols = positive.shape
+        pad = n_blocks(cols) * GROUP_SIZE - cols
+        if pad:
+            positive = torch.nn.functional.pad(positive.to(torch.uint8), (0, pad), value=1)
+        return cls(pack_bits(positive), scales.to(torch.float16).contiguous(), shape)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.qs, self.d, self.cols, dtype).reshape(self.shape)
+
+    def to_blocks(self) -> torch.Tensor:
+        return to_blocks(self.qs, self.d)
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, shape) -> "PackedWeight":
+        qs, d = from_blocks(blocks)
+        return cls(qs, d, shape)
+
+    def __repr__(self) -> str:
+        return f"PackedWeight(shape={self.shape}, {self.nbytes} bytes)"
