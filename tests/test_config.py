@@ -1,0 +1,106 @@
+"""BonsaiConfig: defaults, then BONSAI_* variables, then flags; and where each value came from."""
+
+import dataclasses
+
+import pytest
+
+from bonsai_core.config import FAMILY_DEFAULTS, GIB, SHIPPED_MODEL, BonsaiConfig
+from bonsai_core.errors import BonsaiRequestError
+
+
+def test_defaults_are_the_design_table():
+    c = BonsaiConfig()
+    assert (c.cache_dir, c.device) == ("./models/bonsai_cache", "auto")
+    assert (c.steps, c.width, c.height, c.guidance) == (24, 512, 512, 7.5)
+    assert (c.sampler, c.karras) == ("dpmpp_2m", False)
+    assert c.max_vram_gb == 6.0 and c.free_cache_on_switch is True
+    assert (c.prompt_max_tokens, c.max_side) == (77, 768)
+    assert c.style_prefix == "digital painting, concept art, cinematic lighting"
+    assert c.use_style_prefix is False
+    assert c.negative_default == "blurry, low quality, artifacts, watermark, deformed"
+
+
+def test_no_shipped_model_yet_so_model_defaults_to_none():
+    assert SHIPPED_MODEL is None
+    assert BonsaiConfig.from_env({}).model is None
+
+
+def test_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        BonsaiConfig().steps = 30
+
+
+def test_env_variables_override_defaults():
+    env = {
+        "BONSAI_MODEL": "org/bonsai-sd",
+        "BONSAI_CACHE": "/tmp/cache",
+        "BONSAI_DEVICE": "cpu",
+        "BONSAI_MAX_VRAM_GB": "4.5",
+    }
+    c = BonsaiConfig.from_env(env)
+    assert (c.model, c.cache_dir, c.device, c.max_vram_gb) == ("org/bonsai-sd", "/tmp/cache", "cpu", 4.5)
+    assert c.source("device") == "env BONSAI_DEVICE"
+    assert c.source("steps") == "default"
+
+
+def test_flag_beats_env_and_none_means_not_given():
+    env = {"BONSAI_DEVICE": "cpu", "BONSAI_MODEL": "env/model"}
+    c = BonsaiConfig.from_env(env, device="cuda", model=None, steps=30)
+    assert c.device == "cuda" and c.source("device") == "flag"
+    assert c.model == "env/model" and c.source("model") == "env BONSAI_MODEL"
+    assert c.steps == 30 and c.source("steps") == "flag"
+
+
+def test_empty_env_variable_counts_as_unset():
+    c = BonsaiConfig.from_env({"BONSAI_DEVICE": "  ", "BONSAI_MAX_VRAM_GB": ""})
+    assert c.device == "auto" and c.max_vram_gb == 6.0
+    assert c.source("device") == "default"
+
+
+def test_from_env_reads_os_environ_by_default(monkeypatch):
+    monkeypatch.setenv("BONSAI_CACHE", "/data/bonsai")
+    assert BonsaiConfig.from_env().cache_dir == "/data/bonsai"
+
+
+def test_bad_vram_env_value_names_the_variable_and_the_value():
+    with pytest.raises(BonsaiRequestError, match=r"BONSAI_MAX_VRAM_GB='abc'.*positive number"):
+        BonsaiConfig.from_env({"BONSAI_MAX_VRAM_GB": "abc"})
+
+
+@pytest.mark.parametrize("bad", ["0", "-2", "nan", "inf"])
+def test_vram_budget_must_be_positive_and_finite(bad):
+    with pytest.raises(BonsaiRequestError, match="BONSAI_MAX_VRAM_GB"):
+        BonsaiConfig.from_env({"BONSAI_MAX_VRAM_GB": bad})
+
+
+def test_bad_vram_flag_is_refused_too():
+    with pytest.raises(BonsaiRequestError, match=r"max_vram_gb=-1"):
+        BonsaiConfig.from_env({}, max_vram_gb=-1)
+
+
+def test_unknown_override_is_a_programming_error():
+    with pytest.raises(TypeError, match="stpes"):
+        BonsaiConfig.from_env({}, stpes=20)
+
+
+def test_max_vram_bytes_counts_gib():
+    assert BonsaiConfig(max_vram_gb=1.5).max_vram_bytes == int(1.5 * GIB)
+
+
+def test_describe_lists_every_setting_value_and_source():
+    text = BonsaiConfig.from_env({"BONSAI_CACHE": "/c"}, steps=30).describe()
+    lines = {line.split()[0]: line for line in text.splitlines()}
+    assert "'/c'" in lines["cache_dir"] and lines["cache_dir"].endswith("env BONSAI_CACHE")
+    assert "30" in lines["steps"] and lines["steps"].endswith("flag")
+    assert lines["sampler"].endswith("default")
+    assert "--model" in lines["model"]  # no model yet: the table says how to give one
+    assert "sources" not in lines
+
+
+def test_family_defaults_sd_unet_and_klein():
+    sd, klein = FAMILY_DEFAULTS["sd_unet"], FAMILY_DEFAULTS["flux2_klein"]
+    assert (sd.steps, sd.guidance, sd.max_tokens, sd.multiple_of, sd.use_cfg) == (24, 7.5, 77, 8, True)
+    assert sd.steps_advice == (20, 28) and sd.max_side == 768
+    assert (klein.steps, klein.guidance, klein.sampler, klein.use_cfg) == (4, 1.0, "euler", False)
+    assert (klein.width, klein.height, klein.max_side, klein.max_tokens) == (1024, 1024, 2048, 512)
+    assert klein.multiple_of == 32 and klein.steps_advice == (4, 8)
