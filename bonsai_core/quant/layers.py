@@ -268,3 +268,34 @@ def quantize_model(model: nn.Module, policy: PrecisionPolicy | None = None,
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QUANTIZED_TYPES)}
+
+
+def plan_report(model: nn.Module, policy: PrecisionPolicy | None = None,
+                reference_dtype: torch.dtype = torch.float16) -> QuantReport:
+    """What ``quantize_model`` would do, computed from shapes alone (works on a meta-device model).
+
+    Sizes: float tensors at ``reference_dtype``, Q1_0 weights at 18 bytes per 128-group.
+    """
+    from .q1_0 import packed_nbytes
+
+    policy = policy or PrecisionPolicy()
+    size = torch.empty(0, dtype=reference_dtype).element_size()
+
+    def nbytes(t: torch.Tensor) -> int:
+        return t.numel() * size if t.is_floating_point() else tensor_nbytes(t)
+
+    total = sum(nbytes(t) for t in list(model.parameters()) + list(model.buffers()))
+    report = QuantReport(policy=policy, bytes_before=total, bytes_after=total)
+    for name, module in model.named_modules():
+        dec = policy.decide(name, module)
+        if dec is None:
+            continue
+        before = sum(nbytes(t) for t in module.parameters(recurse=False))
+        after = before
+        if dec.quantize:
+            w = module.weight
+            after = before - nbytes(w) + packed_nbytes(w.shape[0], w[0].numel())
+        report.bytes_after += after - before
+        report.layers.append(LayerReport(name, type(module).__name__, tuple(module.weight.shape),
+                                         dec.quantize, dec.reason, before, after))
+    return report

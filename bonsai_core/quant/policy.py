@@ -20,7 +20,7 @@ from .q1_0 import GROUP_SIZE
 SD_UNET_KEEP = (
     "*attn2.*",             # cross-attention: where the prompt enters; 1-bit here loses the prompt
     "*norm*",               # GroupNorm / LayerNorm (also matched by type below)
-    "time_embedding.*", "time_embed*", "class_embedding*", "add_embedding*", "*emb_proj*",
+    "time_embedding.*", "time_embed*", "class_embedding*", "add_embedding*",
     "conv_in", "conv_out",  # first and last convs: tiny, and errors there go straight to pixels
 )
 

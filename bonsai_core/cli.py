@@ -1,0 +1,120 @@
+"""The ``bonsai`` command: generate | convert | import | info | bench.
+
+Every ``BonsaiError`` becomes one clear line on stderr and exit code 2; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import BonsaiError
+
+
+def _cmd_convert(args) -> int:
+    from .convert import convert_pipeline
+
+    result = convert_pipeline(args.src, args.dst, quantize_text_encoder=args.quantize_text_encoder,
+                              overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
+    print(result.table(all_rows=args.all))
+    print(f"\nwrote {result.dst}")
+    return 0
+
+
+def describe_model(path: Path) -> str:
+    """What a Bonsai model folder or file holds: family, components, quantized layers, bytes."""
+    from . import checkpoint
+    from .convert import family_of, read_model_index
+
+    lines = []
+    path = Path(path)
+    files: list[tuple[str, Path]] = []
+    if path.is_file():
+        files.append(("file", path))
+    else:
+        index = read_model_index(path)
+        family, denoiser = family_of(index, path)
+        lines.append(f"model:   {path}")
+        lines.append(f"family:  {family} (denoiser: {denoiser})")
+        bonsai = index.get("_bonsai")
+        lines.append(f"format:  {'Bonsai v' + str(bonsai['format_version']) if bonsai else 'full precision (not converted)'}")
+        for name, entry in index.items():
+            if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
+                continue
+            comp = path / name
+            weights = sorted(comp.glob("*.safetensors"))
+            size = sum(p.stat().st_size for p in weights)
+            kind = "Bonsai Q1_0" if any(checkpoint.is_bonsai_file(p) for p in weights) else (
+                "dense" if weights else "files")
+            lines.append(f"  {name:<14} {entry[1]:<28} {kind:<12} {size / 2**20:9.1f} MB")
+            files += [(name, p) for p in weights if checkpoint.is_bonsai_file(p)]
+    for name, f in files:
+        cf = checkpoint.read_tensors(f)
+        q = {k: v for k, v in cf.meta["tensors"].items() if v["type"] == "Q1_0"}
+        dense = {k: v for k, v in cf.meta["tensors"].items() if v["type"] != "Q1_0"}
+        by_type: dict[str, int] = {}
+        for v in dense.values():
+            by_type[v["type"]] = by_type.get(v["type"], 0) + 1
+        lines.append(f"{name}: {f.name}  format v{cf.meta['format_version']}, group {cf.meta['group_size']}, "
+                     f"family {cf.family}, policy {cf.policy.get('name', '?')}")
+        lines.append(f"  Q1_0 tensors: {len(q)}   dense tensors: {len(dense)} "
+                     f"({', '.join(f'{n} {t}' for t, n in sorted(by_type.items()))})")
+        if cf.policy.get("keep"):
+            lines.append(f"  kept in 16-bit by pattern: {', '.join(cf.policy['keep'])}")
+    return "\n".join(lines)
+
+
+def _cmd_info(args) -> int:
+    if args.config:
+        from .config import BonsaiConfig
+
+        print(BonsaiConfig.from_env().describe())
+        if args.path is None:
+            return 0
+    if args.path is None:
+        raise BonsaiError("bonsai info needs a PATH (a Bonsai folder or file), or --config")
+    print(describe_model(Path(args.path)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bonsai", description="Run and convert 1-bit (Q1_0) diffusion models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="turn a full-precision diffusers pipeline folder into a Bonsai folder")
+    c.add_argument("src", help="diffusers pipeline folder (model_index.json, unet/ or transformer/, vae/, ...)")
+    c.add_argument("dst", help="Bonsai folder to write (written atomically)")
+    c.add_argument("--quantize-text-encoder", action="store_true", help="also make the text encoder 1-bit")
+    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    c.add_argument("--all", action="store_true", help="print every layer in the table")
+    c.set_defaults(func=_cmd_convert)
+
+    i = sub.add_parser("info", help="print what a Bonsai model holds")
+    i.add_argument("path", nargs="?", help="Bonsai folder or component file")
+    i.add_argument("--config", action="store_true", help="print the settings in force and where each came from")
+    i.set_defaults(func=_cmd_info)
+
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return p
+
+
+_EXTRA_COMMANDS: list = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BonsaiError as exc:
+        print(f"bonsai: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bonsai: cancelled", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
