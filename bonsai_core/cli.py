@@ -79,9 +79,72 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from tqdm import tqdm
+
+    from .config import BonsaiConfig
+    from .engine import BonsaiImageEngine
+
+    config = BonsaiConfig.from_env(model=args.model, device=args.device, cache_dir=args.cache_dir)
+    if config.model is None:
+        raise BonsaiError("no model given: pass --model DIR_OR_REPO (or set BONSAI_MODEL)")
+    engine = BonsaiImageEngine.from_pretrained(config.model, device=config.device, dtype=args.dtype,
+                                               cache_dir=config.cache_dir, config=config)
+    print(f"loaded {engine.model_name} ({engine.family.name}) on {engine.choice.reason} "
+          f"in {engine.load_seconds:.1f} s", file=sys.stderr)
+    bar = tqdm(total=args.steps or engine.family.defaults.steps, unit="step", file=sys.stderr)
+
+    def progress(step, total, _preview):
+        bar.total = total
+        bar.update(step - bar.n)
+
+    try:
+        result = engine.generate(args.prompt, args.negative, steps=args.steps, guidance=args.cfg, width=args.width,
+                                 height=args.height, seed=args.seed, sampler=args.sampler, karras=args.karras,
+                                 batch=args.batch, guardrail=args.guardrail, style_prefix=args.style_prefix or None,
+                                 default_negative=not args.no_default_negative, callback=progress)
+    finally:
+        bar.close()
+    for w in result.warnings:
+        print(f"bonsai: warning: {w}", file=sys.stderr)
+    out = Path(args.out)
+    written = []
+    for i in range(len(result.images)):
+        target = out if len(result.images) == 1 else out.with_name(f"{out.stem}_{i:02d}{out.suffix or '.png'}")
+        written.append(result.save(target, i))
+    m = result.metadata
+    peak = f", peak {m['peak_bytes'] / 2**20:.0f} MB ({m['peak_kind']})" if m.get("peak_bytes") else ""
+    print(f"{m['width']}x{m['height']}, {m['steps']} steps {m['sampler']}, seed {m['seed']}: "
+          f"{m['timings']['total_s']:.1f} s{peak}", file=sys.stderr)
+    for p in written:
+        print(p)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bonsai", description="Run and convert 1-bit (Q1_0) diffusion models.")
     sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="make an image from a prompt")
+    g.add_argument("prompt")
+    g.add_argument("-n", "--negative", default=None, help="negative prompt (default: the config's, for CFG models)")
+    g.add_argument("--model", default=None, help="Bonsai folder or Hub repo id (default: BONSAI_MODEL)")
+    g.add_argument("--steps", type=int, default=None, help="default: the model family's (24 SD, 4 klein)")
+    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the family's)")
+    g.add_argument("--seed", type=int, default=None, help="default: random (printed and saved in the PNG)")
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--sampler", choices=["euler", "dpmpp_2m"], default=None)
+    g.add_argument("--karras", action="store_true", help="Karras sigmas (SD family)")
+    g.add_argument("--batch", type=int, default=1, help="images to make; image i uses seed+i")
+    g.add_argument("--device", default=None, help="auto | cuda | cuda:N | mps | cpu (default: BONSAI_DEVICE or auto)")
+    g.add_argument("--dtype", default=None, help="auto | fp16 | bf16 | fp32")
+    g.add_argument("--cache-dir", default=None, help="Hub download cache (default: BONSAI_CACHE)")
+    g.add_argument("--guardrail", choices=["warn", "clamp", "refuse"], default="warn")
+    g.add_argument("--style-prefix", action="store_true", help="prepend the config's style prefix")
+    g.add_argument("--no-default-negative", action="store_true", help="leave an empty negative prompt empty")
+    g.add_argument("--out", default="bonsai.png", help="PNG to write (a batch adds _00, _01, ...)")
+    g.set_defaults(func=_cmd_generate)
 
     c = sub.add_parser("convert", help="turn a full-precision diffusers pipeline folder into a Bonsai folder")
     c.add_argument("src", help="diffusers pipeline folder (model_index.json, unet/ or transformer/, vae/, ...)")

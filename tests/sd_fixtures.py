@@ -78,8 +78,9 @@ def make_tiny_sd_pipeline(folder: Path, seed: int = 0, unet_config: dict | None 
     tok = tiny_clip_tokenizer(folder / "tokenizer")
     unet = UNet2DConditionModel(**(unet_config or TINY_UNET_CONFIG))
     unet.save_pretrained(folder / "unet", safe_serialization=True)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    # four blocks: the VAE downsamples by 8 as SD's does, so latents are H/8 x W/8
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
                         layers_per_block=1, norm_num_groups=32, sample_size=64)
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     te = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256,

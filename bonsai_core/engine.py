@@ -1,0 +1,340 @@
+"""``BonsaiImageEngine``: load a Bonsai (or full-precision) model and turn prompts into images.
+
+Framework-agnostic: no ComfyUI here. The engine checks the request (guardrails), encodes prompts
+(cached), draws seeded noise, runs the sampler loop from ``sampling`` over the family's denoiser,
+decodes, and returns images with their metadata. Families (``families/``) own the networks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import device as devices
+from . import sampling
+from .config import BonsaiConfig
+from .convert import family_of, read_model_index
+from .errors import BonsaiCancelledError, BonsaiCheckpointError, BonsaiMemoryError, BonsaiRequestError
+from .families.base import Family
+from .guardrails import GuardrailReport, Request, apply_prompt_defaults, check_request, estimate_memory_bytes
+from .hub import resolve_model
+
+ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
+
+
+def _family_class(name: str) -> type[Family]:
+    if name == "sd_unet":
+        from .families.sd_unet import SDUNetFamily
+
+        return SDUNetFamily
+    if name == "flux2_klein":
+        from .families.flux2_klein import Flux2KleinFamily
+
+        return Flux2KleinFamily
+    raise BonsaiCheckpointError(f"model family {name!r} is not supported")
+
+
+@dataclass
+class GenerationResult:
+    images: list  # PIL.Image.Image, one per batch item
+    tensor: torch.Tensor  # [B, H, W, 3] float32 in [0, 1] on the CPU (ComfyUI's IMAGE layout)
+    metadata: dict
+    report: GuardrailReport | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def parameters_text(self, index: int = 0) -> str:
+        """The A1111/ComfyUI-style ``parameters`` text of one image (what PNG readers show)."""
+        m = self.metadata
+        neg = f"\nNegative prompt: {m['negative_prompt']}" if m.get("negative_prompt") else ""
+        return (f"{m['prompt']}{neg}\nSteps: {m['steps']}, Sampler: {m['sampler']}"
+                f"{' Karras' if m.get('karras') else ''}, CFG scale: {m['guidance']}, Seed: {m['seeds'][index]}, "
+                f"Size: {m['width']}x{m['height']}, Model: {m['model']}, Family: {m['family']}, "
+                f"Device: {m['device']}, Dtype: {m['dtype']}")
+
+    def save(self, path: str | os.PathLike, index: int = 0) -> Path:
+        """Write one image as PNG with the parameters embedded as text, atomically."""
+        from PIL.PngImagePlugin import PngInfo
+
+        from .checkpoint import atomic_write
+
+        path = Path(path)
+        info = PngInfo()
+        info.add_text("parameters", self.parameters_text(index))
+        meta = dict(self.metadata, seed=self.metadata["seeds"][index])
+        info.add_text("bonsai", json.dumps(meta))
+        atomic_write(path, lambda tmp: self.images[index].save(tmp, format="PNG", pnginfo=info))
+        return path
+
+
+def _is_oom(exc: BaseException) -> bool:
+    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
+                                  getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
+    return isinstance(exc, oom_types) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+class _PeakMemory:
+    """Peak memory of one generation: CUDA allocator peak, or the process's resident peak on Linux."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        elif device.type == "cpu" and Path("/proc/self/clear_refs").exists():
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+                self.start = self._status("VmRSS")
+            except OSError:
+                self.start = None
+
+    @staticmethod
+    def _status(key: str) -> int | None:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        return None
+
+    def peak(self) -> dict:
+        if self.device.type == "cuda":
+            return {"peak_bytes": int(torch.cuda.max_memory_allocated(self.device)), "peak_kind": "cuda allocator"}
+        if self.start is not None:
+            hwm = self._status("VmHWM")
+            if hwm is not None:
+                return {"peak_bytes": hwm, "peak_kind": "process resident (VmHWM)",
+                        "peak_added_bytes": hwm - self.start}
+        return {"peak_bytes": None, "peak_kind": "not measurable on " + self.device.type}
+
+
+def _available_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_allocated(device))
+    if Path("/proc/meminfo").exists():
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+class BonsaiImageEngine:
+    """One loaded model on one device. Create with :meth:`from_pretrained`."""
+
+    def __init__(self, family: Family, *, source: str, folder: Path, choice: devices.DeviceChoice,
+                 config: BonsaiConfig, load_seconds: float = 0.0):
+        self.family = family
+        self.source = source
+        self.folder = folder
+        self.choice = choice
+        self.config = config
+        self.load_seconds = load_seconds
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, src: str | os.PathLike | None = None, device: str | None = None,
+                        dtype: str | torch.dtype | None = None, cache_dir: str | None = None,
+                        config: BonsaiConfig | None = None) -> "BonsaiImageEngine":
+        """Load a Bonsai folder, a full-precision diffusers folder, or a Hub repo id of either."""
+        config = config or BonsaiConfig.from_env()
+        src = src if src is not None else config.model
+        if src is None:
+            raise BonsaiRequestError("no model given: pass a Bonsai folder or Hub repo id (--model, BONSAI_MODEL)")
+        t0 = time.perf_counter()
+        choice = devices.pick(device if device is not None else config.device, dtype)
+        folder = resolve_model(src, cache_dir or config.cache_dir)
+        if folder.is_file():
+            raise BonsaiCheckpointError(
+                f"{folder} is a single file; the engine loads a model folder (model_index.json ...). "
+                "Import a single-file checkpoint first with `bonsai import`")
+        index = read_model_index(folder)
+        family_name, _ = family_of(index, folder)
+        try:
+            family = _family_class(family_name)(folder, index, choice.device, choice.dtype)
+        except BaseException as exc:
+            devices.free_cache(choice.device)
+            if _is_oom(exc):
+                raise BonsaiMemoryError(
+                    f"{choice.device} ran out of memory loading {src}; close other programs, or use device cpu"
+                ) from exc
+            raise
+        return cls(family, source=str(src), folder=folder, choice=choice, config=config,
+                   load_seconds=time.perf_counter() - t0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.choice.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.choice.dtype
+
+    @property
+    def model_name(self) -> str:
+        return Path(str(self.source)).name or str(self.source)
+
+    def unload(self) -> None:
+        """Release every module and give cached device memory back."""
+        if self.family is not None:
+            self.family.release()
+            self.family = None
+        devices.free_cache(self.choice.device)
+
+    # ------------------------------------------------------------------ generating
+    def check(self, prompt: str, negative_prompt: str | None = None, *, steps: int | None = None,
+              guidance: float | None = None, width: int | None = None, height: int | None = None,
+              batch: int = 1, mode: str = "warn", max_side: int | None = None) -> GuardrailReport:
+        """Run the guardrails on a request with this model's tokenizer, limits and memory."""
+        fam = self._family()
+        d = fam.defaults
+        req = Request(prompt=prompt, negative_prompt=negative_prompt or "",
+                      width=d.width if width is None else width, height=d.height if height is None else height,
+                      steps=d.steps if steps is None else steps, guidance=d.guidance if guidance is None else guidance,
+                      batch=batch)
+        if max_side is None and fam.name == "sd_unet":
+            max_side = self.config.max_side
+        weights = fam.weight_bytes()
+        available = _available_memory(self.device)
+        if self.device.type == "cuda":
+            available = min(available, self.config.max_vram_bytes) if available else self.config.max_vram_bytes
+
+        def estimate(r: Request) -> int:
+            return estimate_memory_bytes(weight_bytes=weights, width=r.width, height=r.height, batch=r.batch,
+                                         family=fam.name, dtype_bytes=torch.empty(0, dtype=self.dtype).element_size())
+
+        return check_request(req, family=d, mode=mode, max_side=max_side, count_tokens=fam.count_tokens,
+                             tokenizer=fam.tokenizer(), memory_estimate_bytes=estimate,
+                             memory_available_bytes=available)
+
+    def generate(self, prompt: str, negative_prompt: str | None = None, *, steps: int | None = None,
+                 guidance: float | None = None, width: int | None = None, height: int | None = None,
+                 seed: int | None = None, sampler: str | None = None, karras: bool = False, batch: int = 1,
+                 guardrail: str = "warn", max_side: int | None = None, style_prefix: bool | None = None,
+                 default_negative: bool = True, callback: ProgressFn | None = None,
+                 cancel: Callable[[], bool] | None = None) -> GenerationResult:
+        """Generate ``batch`` images. Image ``i`` uses seed ``seed + i``, so any image of a batch
+        can be made again alone. ``callback(step, total, preview)`` runs after every step and
+        ``cancel()`` before every step (True raises ``BonsaiCancelledError``)."""
+        fam = self._family()
+        d = fam.defaults
+        t_start = time.perf_counter()
+        sampler = sampler or d.sampler
+        if sampler not in sampling.SAMPLERS:
+            raise BonsaiRequestError(f"unknown sampler {sampler!r}: choose one of {', '.join(sampling.SAMPLERS)}")
+        prompt, negative = apply_prompt_defaults(prompt, negative_prompt or "", config=self.config,
+                                                 use_style_prefix=style_prefix,
+                                                 use_default_negative=default_negative and d.use_cfg)
+        report = self.check(prompt, negative, steps=steps, guidance=guidance, width=width, height=height,
+                            batch=batch, mode=guardrail, max_side=max_side)
+        r = report.request
+        seed = random.randint(0, 2**32 - 1) if seed is None else int(seed)
+        if not 0 <= seed < 2**64:
+            raise BonsaiRequestError(f"seed {seed} is out of range 0..2^64-1")
+        seeds = [(seed + i) % 2**64 for i in range(r.batch)]
+        use_cfg = d.use_cfg and r.guidance != 1.0
+        peak = _PeakMemory(self.device)
+        try:
+            t0 = time.perf_counter()
+            cond = fam.encode([r.prompt] * r.batch)
+            uncond = fam.encode([r.negative_prompt] * r.batch) if use_cfg else None
+            t_encode = time.perf_counter() - t0
+
+            schedule = fam.schedule(r.steps, r.width, r.height, karras)
+            shape = fam.latent_shape(r.width, r.height)
+            noise = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s))
+                                 for s in seeds])
+            x = (noise * sampling.initial_noise_scale(schedule)).to(self.device)
+            denoise = fam.denoiser(cond, uncond, r.guidance, schedule, r.width, r.height)
+
+            def on_step(i: int, n: int, x0: torch.Tensor) -> None:
+                if callback is not None:
+                    callback(i + 1, n, x0)
+
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                latents = sampling.sample(denoise, x, schedule, sampler=sampler, callback=on_step, cancel=cancel)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                t_denoise = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                images = fam.decode(latents, r.width, r.height)
+            t_decode = time.perf_counter() - t0
+        except BonsaiCancelledError:
+            devices.free_cache(self.device)
+            raise
+        except BaseException as exc:
+            if _is_oom(exc):
+                devices.free_cache(self.device)
+                raise BonsaiMemoryError(
+                    f"{self.device} ran out of memory generating {r.batch} image(s) of {r.width}x{r.height}: "
+                    "try a smaller size (upscale afterwards), fewer images per batch, or device cpu") from exc
+            raise
+        tensor = images.permute(0, 2, 3, 1).contiguous()
+        pil = [_to_pil(t) for t in tensor]
+        metadata = {
+            "model": self.model_name, "source": self.source, "family": fam.name,
+            "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
+            "prompt": r.prompt, "negative_prompt": r.negative_prompt if use_cfg else "",
+            "prompt_tokens": report.prompt_tokens, "max_tokens": d.max_tokens,
+            "steps": r.steps, "guidance": r.guidance, "cfg": use_cfg, "sampler": sampler, "karras": bool(karras),
+            "seed": seed, "seeds": seeds, "width": r.width, "height": r.height, "batch": r.batch,
+            "timings": {"load_s": round(self.load_seconds, 3), "encode_s": round(t_encode, 3),
+                        "denoise_s": round(t_denoise, 3), "decode_s": round(t_decode, 3),
+                        "total_s": round(time.perf_counter() - t_start, 3),
+                        "per_step_s": round(t_denoise / max(r.steps, 1), 4)},
+            **peak.peak(),
+            "guardrail": {"mode": report.mode, "warnings": report.warnings, "notes": report.notes},
+            "bonsai_version": _version(),
+        }
+        return GenerationResult(pil, tensor, metadata, report, list(report.warnings))
+
+    def _family(self) -> Family:
+        if self.family is None:
+            raise BonsaiRequestError("this engine was unloaded; load the model again")
+        return self.family
+
+
+def _to_pil(image_hwc: torch.Tensor):
+    from PIL import Image
+
+    arr = (image_hwc.clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    return Image.fromarray(arr, mode="RGB")
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------- one loaded model at a time
+_CURRENT: dict = {"key": None, "engine": None}
+
+
+def load_engine(src, device: str | None = None, dtype=None, cache_dir: str | None = None,
+                config: BonsaiConfig | None = None) -> BonsaiImageEngine:
+    """Load (or reuse) the engine for ``src``. Asking for another model unloads the previous one
+    first and frees its device memory, so two models never sit on a small card together."""
+    config = config or BonsaiConfig.from_env()
+    key = (str(src), str(device), str(dtype), str(cache_dir))
+    if _CURRENT["key"] == key and _CURRENT["engine"] is not None and _CURRENT["engine"].family is not None:
+        return _CURRENT["engine"]
+    unload_current(free=config.free_cache_on_switch)
+    engine = BonsaiImageEngine.from_pretrained(src, device=device, dtype=dtype, cache_dir=cache_dir, config=config)
+    _CURRENT.update(key=key, engine=engine)
+    return engine
+
+
+def unload_current(free: bool = True) -> None:
+    engine = _CURRENT.get("engine")
+    _CURRENT.update(key=None, engine=None)
+    if engine is not None:
+        if free:
+            engine.unload()
+        else:
+            engine.family = None

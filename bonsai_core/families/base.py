@@ -1,0 +1,92 @@
+"""What every model family gives the engine.
+
+A family owns its modules (text encoder, denoiser, VAE), knows how to encode prompts, how its
+network turns a latent into a data prediction, its noise schedule and its latent shape. The
+engine owns everything else (guardrails, seeds, the sampler loop, memory, metadata), so a new
+family is one file.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..config import FamilyDefaults
+from ..sampling import Schedule
+
+
+class Family:
+    name: str = ""
+    defaults: FamilyDefaults
+
+    def __init__(self, folder: Path, index: dict, device: torch.device, dtype: torch.dtype):
+        self.folder = folder
+        self.index = index
+        self.device = device
+        self.dtype = dtype
+        self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    # --- what a family must provide -------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def tokenizer(self):
+        """The text encoder's tokenizer (for counting prompt tokens)."""
+        raise NotImplementedError
+
+    def count_tokens(self, text: str) -> int:
+        raise NotImplementedError
+
+    def _encode(self, prompt: str) -> torch.Tensor:
+        """One prompt -> its conditioning, ``[1, tokens, dim]`` on the device."""
+        raise NotImplementedError
+
+    def schedule(self, steps: int, width: int, height: int, karras: bool) -> Schedule:
+        raise NotImplementedError
+
+    def latent_shape(self, width: int, height: int) -> tuple[int, ...]:
+        """Shape of one image's initial noise (no batch dimension)."""
+        raise NotImplementedError
+
+    def denoiser(self, cond: torch.Tensor, uncond: torch.Tensor | None, guidance: float,
+                 schedule: Schedule, width: int, height: int) -> Callable[[torch.Tensor, int], torch.Tensor]:
+        """``denoise(x, i) -> x0`` for the sampler (classifier-free guidance when ``uncond``)."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """Final latents -> images ``[B, 3, H, W]`` in ``[0, 1]``, float32 on the CPU."""
+        raise NotImplementedError
+
+    def preview(self, x0: torch.Tensor) -> torch.Tensor | None:
+        """A cheap RGB preview ``[B, 3, h, w]`` in [0, 1] of a data prediction, or None."""
+        return None
+
+    # --- shared -----------------------------------------------------------------------------
+    def encode(self, prompts: list[str], cache_size: int = 32) -> torch.Tensor:
+        """Encode prompts, caching each prompt's conditioning (repeated prompts cost nothing)."""
+        out = []
+        for p in prompts:
+            emb = self._prompt_cache.get(p)
+            if emb is None:
+                with torch.inference_mode():
+                    emb = self._encode(p)
+                self._prompt_cache[p] = emb
+                while len(self._prompt_cache) > cache_size:
+                    self._prompt_cache.popitem(last=False)
+            else:
+                self._prompt_cache.move_to_end(p)
+            out.append(emb)
+        return torch.cat(out, dim=0)
+
+    def weight_bytes(self) -> int:
+        from ..quant.layers import module_nbytes
+
+        return sum(module_nbytes(m) for m in self.modules().values())
+
+    def release(self) -> None:
+        """Drop every module and cached embedding (the engine frees device memory after)."""
+        self._prompt_cache.clear()

@@ -1,0 +1,176 @@
+"""BonsaiImageEngine on a tiny SD-shaped model: reproducible images, metadata, progress, cancel,
+guardrails, memory errors, the CLI, and Hub loading in offline mode."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from bonsai_core import cli, engine as engine_mod
+from bonsai_core.convert import convert_pipeline
+from bonsai_core.engine import BonsaiImageEngine, load_engine, unload_current
+from bonsai_core.errors import BonsaiCancelledError, BonsaiCheckpointError, BonsaiMemoryError, BonsaiRequestError
+from bonsai_core.quant.layers import BonsaiLinear
+from tests.sd_fixtures import make_tiny_sd_pipeline
+
+SMALL = dict(width=64, height=64, steps=3)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    src = make_tiny_sd_pipeline(root / "tiny-sd-fp32")
+    convert_pipeline(src, root / "tiny-sd-bonsai", log=lambda m: None)
+    return {"fp": src, "bonsai": root / "tiny-sd-bonsai"}
+
+
+@pytest.fixture(scope="module")
+def eng(models):
+    return BonsaiImageEngine.from_pretrained(models["bonsai"], device="cpu")
+
+
+def test_bonsai_model_loads_with_quantized_unet(eng):
+    assert eng.family.name == "sd_unet" and eng.device.type == "cpu" and eng.dtype == torch.float32
+    assert any(isinstance(m, BonsaiLinear) for m in eng.family.unet.modules())
+
+
+def test_same_seed_gives_identical_pixels_and_other_seeds_differ(eng):
+    a = eng.generate("a red bonsai tree", seed=7, **SMALL)
+    b = eng.generate("a red bonsai tree", seed=7, **SMALL)
+    c = eng.generate("a red bonsai tree", seed=8, **SMALL)
+    assert a.tensor.shape == (1, 64, 64, 3)
+    assert torch.equal(a.tensor, b.tensor)
+    assert not torch.equal(a.tensor, c.tensor)
+    assert a.images[0].size == (64, 64)
+
+
+def test_batch_image_i_is_the_single_image_of_seed_plus_i(eng):
+    batch = eng.generate("a lantern", seed=100, batch=2, **SMALL)
+    second = eng.generate("a lantern", seed=101, **SMALL)
+    assert batch.metadata["seeds"] == [100, 101]
+    torch.testing.assert_close(batch.tensor[1], second.tensor[0], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("sampler,karras", [("euler", False), ("dpmpp_2m", True)])
+def test_metadata_records_the_whole_request(eng, sampler, karras):
+    r = eng.generate("a cat", "a dog", seed=1, sampler=sampler, karras=karras, guidance=5.0, **SMALL)
+    m = r.metadata
+    for key, value in dict(device="cpu", dtype="float32", sampler=sampler, karras=karras, steps=3, guidance=5.0,
+                           seed=1, width=64, height=64, prompt="a cat", negative_prompt="a dog",
+                           family="sd_unet", model="tiny-sd-bonsai").items():
+        assert m[key] == value, key
+    assert m["prompt_tokens"] == len(eng.family.tokenizer()("a cat").input_ids)
+    assert set(m["timings"]) >= {"load_s", "encode_s", "denoise_s", "decode_s", "total_s"}
+    assert m["peak_bytes"] is None or m["peak_bytes"] > 0
+
+
+def test_empty_negative_gets_the_default_negative(eng):
+    r = eng.generate("a cat", seed=1, **SMALL)
+    assert r.metadata["negative_prompt"] == eng.config.negative_default
+
+
+def test_progress_callback_every_step_and_cancel_stops_the_loop(eng):
+    seen = []
+    eng.generate("a cat", seed=1, callback=lambda i, n, x0: seen.append((i, n, tuple(x0.shape))), **SMALL)
+    assert seen == [(1, 3, (1, 4, 8, 8)), (2, 3, (1, 4, 8, 8)), (3, 3, (1, 4, 8, 8))]
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        return len(calls) > 2
+    with pytest.raises(BonsaiCancelledError, match="step 2/3"):
+        eng.generate("a cat", seed=1, cancel=cancel, **SMALL)
+
+
+def test_guardrails_refuse_bad_requests_with_the_value(eng):
+    with pytest.raises(BonsaiRequestError, match="1000"):
+        eng.generate("a cat", width=1000, height=512, steps=2, guardrail="refuse")
+    with pytest.raises(BonsaiRequestError, match="0"):
+        eng.generate("a cat", width=64, height=64, steps=0)
+    with pytest.raises(BonsaiRequestError, match="sampler 'heun'"):
+        eng.generate("a cat", sampler="heun", **SMALL)
+
+
+def test_guardrail_clamp_fixes_the_size(eng):
+    r = eng.generate("a cat", width=70, height=60, steps=2, seed=0, guardrail="clamp")
+    assert (r.metadata["width"], r.metadata["height"]) == (72, 64)
+    assert r.tensor.shape == (1, 64, 72, 3)
+
+
+def test_out_of_memory_becomes_bonsai_memory_error_with_advice(eng, monkeypatch):
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+    monkeypatch.setattr(eng.family, "denoiser", oom)
+    with pytest.raises(BonsaiMemoryError, match="smaller size.*fewer images.*cpu"):
+        eng.generate("a cat", **SMALL)
+
+
+def test_full_precision_folder_loads_unquantized_for_comparison(models):
+    fp = BonsaiImageEngine.from_pretrained(models["fp"], device="cpu")
+    assert not any(isinstance(m, BonsaiLinear) for m in fp.family.unet.modules())
+    r = fp.generate("a cat", seed=3, **SMALL)
+    assert torch.isfinite(r.tensor).all()
+    fp.unload()
+    with pytest.raises(BonsaiRequestError, match="unloaded"):
+        fp.generate("a cat", **SMALL)
+
+
+def test_load_engine_reuses_and_switching_unloads_the_previous(models):
+    a = load_engine(models["bonsai"], device="cpu")
+    assert load_engine(models["bonsai"], device="cpu") is a
+    b = load_engine(models["fp"], device="cpu")
+    assert b is not a and a.family is None
+    unload_current()
+    assert b.family is None
+
+
+def test_png_carries_parameters_and_is_written_atomically(eng, tmp_path, monkeypatch):
+    r = eng.generate("a cat", seed=5, **SMALL)
+    path = r.save(tmp_path / "out.png")
+    img = Image.open(path)
+    assert "Seed: 5" in img.text["parameters"] and "Steps: 3" in img.text["parameters"]
+    assert json.loads(img.text["bonsai"])["seed"] == 5
+
+    def broken_save(self, fp, *a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError):
+        r.save(tmp_path / "never.png")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]
+
+
+def test_cli_generate_writes_a_png(models, tmp_path, capsys):
+    out = tmp_path / "cat.png"
+    code = cli.main(["generate", "a cat", "--model", str(models["bonsai"]), "--device", "cpu", "--steps", "2",
+                     "--width", "64", "--height", "64", "--seed", "4", "--sampler", "euler", "--out", str(out)])
+    assert code == 0
+    assert Image.open(out).text["parameters"].startswith("a cat")
+    assert str(out) in capsys.readouterr().out
+
+
+def test_cli_generate_without_model_says_what_to_do(monkeypatch, capsys):
+    monkeypatch.delenv("BONSAI_MODEL", raising=False)
+    assert cli.main(["generate", "a cat"]) == 2
+    assert "--model" in capsys.readouterr().err
+
+
+def test_hub_repo_id_loads_from_the_cache_in_offline_mode(models, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "cache"
+    with pytest.raises(BonsaiCheckpointError, match="not in the cache.*offline"):
+        BonsaiImageEngine.from_pretrained("someone/tiny-bonsai", device="cpu", cache_dir=str(cache))
+    # lay the snapshot out the way huggingface_hub's cache does, then load it by repo id, offline
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someone--tiny-bonsai"
+    shutil.copytree(models["bonsai"], repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    e = BonsaiImageEngine.from_pretrained("someone/tiny-bonsai", device="cpu", cache_dir=str(cache))
+    assert e.family.name == "sd_unet" and e.source == "someone/tiny-bonsai"
+
+
+def test_not_a_path_nor_a_repo_id_is_refused(tmp_path):
+    with pytest.raises(BonsaiCheckpointError, match="neither an existing file or folder nor a Hub repo id"):
+        BonsaiImageEngine.from_pretrained(str(tmp_path / "missing" / "deep" / "x"), device="cpu")
