@@ -1,0 +1,157 @@
+"""Triton kernels for Q1_0 on CUDA (optional: used only where Triton and a CUDA device exist).
+
+Two paths, both tested against the reference ``q1_0.dequantize`` + dense matmul:
+
+* ``dequantize_triton``: one pass from bits + scales to a dense weight in the input dtype (the
+  reference path needs several passes: a table gather, a scale multiply, a slice), then cuBLAS.
+* ``linear_fused``: a matmul that reads the packed weight directly. Each program computes a
+  ``[BLOCK_M, BLOCK_N]`` tile of ``y = x @ W.T``; along K it walks one 128-weight group at a time,
+  unpacks the 16 bytes of sign bits of every output row into +-1, multiplies by the row's group
+  scale, and feeds the tensor cores. The dense weight never exists in memory.
+
+Bit order is GGUF's Q1_0 (see q1_0.py): weight j of a group is bit (j & 7) of byte j >> 3.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; CPU builds have none
+    import triton
+    import triton.language as tl
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+GROUP = 128
+
+
+def available() -> bool:
+    return triton is not None and torch.cuda.is_available()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _dequant_kernel(qs_ptr, d_ptr, out_ptr, N, K, NB,
+                        stride_qs, stride_d, stride_out,
+                        BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+        # one program: BLOCK_N rows x GROUPS groups of 128 weights; bytes are loaded once,
+        # contiguously, and each byte is expanded to its 8 bits in registers.
+        pid_n = tl.program_id(0)
+        pid_g = tl.program_id(1)
+        rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        c = tl.arange(0, GROUPS * 16)                       # byte index inside this tile
+        gi = pid_g * GROUPS + tl.arange(0, GROUPS)          # group index
+        rmask = rows < N
+        byte = tl.load(qs_ptr + rows[:, None] * stride_qs + pid_g * GROUPS * 16 + c[None, :],
+                       mask=rmask[:, None] & ((pid_g * GROUPS + c // 16) < NB)[None, :], other=0)
+        bits = (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1   # [BN, C, 8]
+        signs = tl.reshape(bits.to(tl.float32) * 2.0 - 1.0, (BLOCK_N, GROUPS, 128))
+        scale = tl.load(d_ptr + rows[:, None] * stride_d + gi[None, :],
+                        mask=rmask[:, None] & (gi < NB)[None, :], other=0.0).to(tl.float32)
+        w = tl.reshape(signs * scale[:, :, None], (BLOCK_N, GROUPS * 128))
+        cols = pid_g * GROUPS * 128 + tl.arange(0, GROUPS * 128)
+        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & (cols < K)[None, :])
+
+    @triton.autotune(
+        configs=[
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 256}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_M": 256, "BLOCK_N": 128}, num_warps=8, num_stages=3),
+        ],
+        key=["M_BUCKET", "N", "K"],
+    )
+    @triton.jit
+    def _fused_kernel(x_ptr, qs_ptr, d_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
+                      stride_xm, stride_qs, stride_d, stride_ym,
+                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        j = tl.arange(0, 128)
+        b = tl.arange(0, 16)
+        mmask = rm < M
+        nmask = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        nb = tl.cdiv(K, 128)
+        for g in range(0, nb):
+            cols = g * 128 + j
+            x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :],
+                        mask=mmask[:, None] & (cols < K)[None, :], other=0.0)
+            byte = tl.load(qs_ptr + rn[:, None] * stride_qs + g * 16 + b[None, :],
+                           mask=nmask[:, None], other=0)                                   # [BN, 16]
+            bits = (byte.to(tl.int32)[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1   # [BN, 16, 8]
+            scale = tl.load(d_ptr + rn * stride_d + g, mask=nmask, other=0.0)
+            w = tl.reshape(bits.to(x.dtype) * 2 - 1, (BLOCK_N, 128)) * scale.to(x.dtype)[:, None]
+            acc += tl.dot(x, tl.trans(w))
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=mmask[:, None] & nmask[None, :])
+
+
+def dequantize_triton(qs: torch.Tensor, d: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    rows, nb = d.shape
+    out = torch.empty(rows, cols, dtype=dtype, device=qs.device)
+    block_n, groups = 16, 4
+    _dequant_kernel[(triton.cdiv(rows, block_n), triton.cdiv(nb, groups))](
+        qs, d, out, rows, cols, nb, qs.stride(0), d.stride(0), out.stride(0), BLOCK_N=block_n, GROUPS=groups)
+    return out
+
+
+def linear_dequant(x, qs, d, in_features, bias):
+    w = dequantize_triton(qs, d, in_features, x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def _m_bucket(m: int) -> int:
+    return 1 << max(m - 1, 1).bit_length()
+
+
+def linear_fused(x, qs, d, in_features, bias):
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], d.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    b = bias.to(x.dtype) if bias is not None else y  # dummy pointer when there is no bias
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
+
+    _fused_kernel[grid](x2, qs, d, b, y, m, n, in_features, _m_bucket(m),
+                        x2.stride(0), qs.stride(0), d.stride(0), y.stride(0), HAS_BIAS=bias is not None)
+    return y.reshape(*shape[:-1], n)
+
+
+def _applies(x: torch.Tensor, qs: torch.Tensor) -> bool:
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and qs.is_contiguous()
+
+
+def register(mode: str = "auto") -> None:
+    """Register the CUDA fast path with the back-end table (``backends.register``).
+
+    ``mode``: "dequant" (Triton dequantize + cuBLAS), "fused" (the fused kernel), or "auto":
+    fused for small token counts where reading 1/16 of the bytes wins, dequant + cuBLAS for large
+    ones where the matmul dominates (the crossover is measured by benchmarks/bench_kernels.py).
+    """
+    from . import backends
+
+    if not available():
+        return
+    fused_max_m = 256
+
+    def auto(x, qs, d, in_features, bias):
+        m = x.numel() // x.shape[-1]
+        if m <= fused_max_m:
+            return linear_fused(x, qs, d, in_features, bias)
+        return linear_dequant(x, qs, d, in_features, bias)
+
+    fn = {"dequant": linear_dequant, "fused": linear_fused, "auto": auto}[mode]
+    backends.register(f"triton-{mode}", _applies, fn)
