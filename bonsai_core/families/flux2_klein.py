@@ -1,0 +1,216 @@
+"""FLUX.2 [klein] family (the architecture of PrismML's Bonsai Image 4B): Qwen3 text encoder,
+``Flux2Transformer2DModel`` (Bonsai Q1_0 or dense), ``AutoencoderKLFlux2``, rectified flow.
+
+The math is diffusers' ``Flux2KleinPipeline``, reached through its own static helpers rather than
+copied: prompt embeddings (``_get_qwen3_prompt_embeds``: chat template with ``enable_thinking``
+false, padded/truncated to 512 tokens, hidden states of layers 9, 18, 27 interleaved), text and
+latent position ids (``_prepare_text_ids`` / ``_prepare_latent_ids``), latent packing
+(``_pack_latents`` / ``_unpack_latents_with_ids``) and the 2x2 unpatchify before the VAE
+(``_unpatchify_latents``). The schedule is ``sampling.flow_schedule`` (FlowMatchEuler with the
+empirical resolution shift), the transformer is told ``sigma`` (``sampling.model_timestep``) and
+predicts the velocity, which ``sampling.to_x0`` turns into the data prediction the shared
+samplers walk with.
+
+Memory: the text encoder is kept on the CPU and moved to the device only while it encodes a
+prompt (embeddings are cached per prompt), so during denoising the device holds only the
+transformer and the VAE (``denoising_modules``).
+
+A model folder may hold a top-level ``bonsai.json``; its ``text_encoder_out_layers`` (default
+``(9, 18, 27)``) says which hidden states form the prompt embedding (tiny test models have fewer
+layers).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import device as devices
+from .. import sampling
+from ..config import FAMILY_DEFAULTS
+from ..convert import load_component
+from ..errors import BonsaiCheckpointError, BonsaiRequestError
+from .base import Family
+from .sd_unet import load_tokenizer, read_scheduler_config
+
+TEXT_ENCODER_OUT_LAYERS = (9, 18, 27)
+MAX_SEQUENCE_LENGTH = 512
+SETTINGS_FILE = "bonsai.json"
+REQUIRED = ("transformer", "text_encoder", "tokenizer", "vae")
+
+
+def _pipeline():
+    """diffusers' Flux2KleinPipeline class: its static methods are the reference math."""
+    try:
+        from diffusers import Flux2KleinPipeline
+    except ImportError as exc:  # pragma: no cover - depends on the installed diffusers
+        import diffusers
+
+        raise BonsaiCheckpointError(
+            f"diffusers {diffusers.__version__} has no Flux2KleinPipeline; FLUX.2 [klein] models need "
+            "diffusers >= 0.36: pip install -U diffusers") from exc
+    return Flux2KleinPipeline
+
+
+def read_settings(folder: Path) -> dict:
+    """The folder's ``bonsai.json`` (empty when absent)."""
+    path = Path(folder) / SETTINGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BonsaiCheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise BonsaiCheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def text_encoder_out_layers(folder: Path) -> tuple[int, ...]:
+    raw = read_settings(folder).get("text_encoder_out_layers", TEXT_ENCODER_OUT_LAYERS)
+    try:
+        layers = tuple(int(v) for v in raw)
+    except (TypeError, ValueError):
+        raise BonsaiCheckpointError(
+            f"{Path(folder) / SETTINGS_FILE}: text_encoder_out_layers must be a list of layer numbers, "
+            f"got {raw!r}") from None
+    if not layers:
+        raise BonsaiCheckpointError(f"{Path(folder) / SETTINGS_FILE}: text_encoder_out_layers is empty")
+    return layers
+
+
+class Flux2KleinFamily(Family):
+    name = "flux2_klein"
+    defaults = FAMILY_DEFAULTS["flux2_klein"]
+    max_sequence_length = MAX_SEQUENCE_LENGTH
+
+    def __init__(self, folder: Path, index: dict, device: torch.device, dtype: torch.dtype):
+        super().__init__(folder, index, device, dtype)
+        missing = [c for c in REQUIRED if not (isinstance(index.get(c), list) and index[c][0])]
+        if missing:
+            raise BonsaiCheckpointError(
+                f"{folder}/model_index.json: a FLUX.2 [klein] model needs {', '.join(REQUIRED)}; "
+                f"missing {', '.join(missing)}. Import the model again with `bonsai import`")
+        self.out_layers = text_encoder_out_layers(folder)
+        self._tokenizer = load_tokenizer(folder, index["tokenizer"])
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise BonsaiCheckpointError(
+                f"{folder / 'tokenizer'}: the tokenizer has no chat template; FLUX.2 [klein] prompts are "
+                "written with Qwen3's (copy chat_template.jinja from the model's repo into tokenizer/)")
+        # The text encoder stays on the CPU; _encode moves it to the device for the forward only.
+        self.text_encoder = load_component(folder, "text_encoder", index["text_encoder"], dtype, "cpu")
+        n_layers = getattr(self.text_encoder.config, "num_hidden_layers", None)
+        if n_layers is not None and max(abs(v) for v in self.out_layers) > n_layers:
+            raise BonsaiCheckpointError(
+                f"{folder}: the prompt embedding reads hidden states {list(self.out_layers)} but the text encoder "
+                f"has {n_layers} layers; set text_encoder_out_layers in {SETTINGS_FILE}")
+        self.transformer = load_component(folder, "transformer", index["transformer"], dtype, device)
+        self.vae = load_component(folder, "vae", index["vae"], dtype, device)
+        if not hasattr(self.vae, "bn"):
+            raise BonsaiCheckpointError(
+                f"{folder / 'vae'}: {type(self.vae).__name__} has no batch-norm statistics; FLUX.2 [klein] needs "
+                "AutoencoderKLFlux2")
+        self.scheduler_config = read_scheduler_config(folder)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_factor = self.vae_scale * 2  # VAE downsampling x 2x2 patches: 16 for FLUX.2
+
+    # --- modules ------------------------------------------------------------------------------
+    def modules(self) -> dict[str, nn.Module]:
+        return {"text_encoder": self.text_encoder, "transformer": self.transformer, "vae": self.vae}
+
+    def denoising_modules(self) -> dict[str, nn.Module]:
+        """What sits on the device while the sampler runs: no text encoder."""
+        return {"transformer": self.transformer, "vae": self.vae}
+
+    def tokenizer(self):
+        return self._tokenizer
+
+    # --- prompts ------------------------------------------------------------------------------
+    def chat_text(self, prompt: str) -> str:
+        """The prompt as the text encoder reads it (Qwen3 chat template, thinking off), as diffusers writes it."""
+        return self._tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                   add_generation_prompt=True, enable_thinking=False)
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of the chat-templated prompt: what is truncated at 512."""
+        return len(self._tokenizer(self.chat_text(text), verbose=False).input_ids)
+
+    def _encode(self, prompt: str) -> torch.Tensor:
+        te = self.text_encoder
+        moved = self.device.type != "cpu"
+        try:
+            if moved:
+                te.to(self.device)
+            return _pipeline()._get_qwen3_prompt_embeds(
+                te, self._tokenizer, [prompt], dtype=self.dtype, device=self.device,
+                max_sequence_length=self.max_sequence_length, hidden_states_layers=self.out_layers)
+        finally:
+            if moved:
+                te.to("cpu")
+                devices.free_cache(self.device)
+
+    # --- sampling -----------------------------------------------------------------------------
+    def _latent_hw(self, width: int, height: int) -> tuple[int, int]:
+        return height // self.latent_factor, width // self.latent_factor
+
+    def schedule(self, steps, width, height, karras):
+        if karras:
+            raise BonsaiRequestError("Karras sigmas are for the SD family; FLUX.2 [klein] uses its flow schedule "
+                                     "(turn karras off)")
+        h, w = self._latent_hw(width, height)
+        return sampling.flow_schedule(steps, image_seq_len=h * w, scheduler_config=self.scheduler_config)
+
+    def latent_shape(self, width, height):
+        h, w = self._latent_hw(width, height)
+        # as Flux2KleinPipeline.prepare_latents: (in_channels // 4) latent channels x 4 patch positions
+        return ((self.transformer.config.in_channels // 4) * 4, h, w)
+
+    def denoiser(self, cond, uncond, guidance, schedule, width, height):
+        pipe = _pipeline()
+        use_cfg = uncond is not None and guidance != 1.0
+        context = (torch.cat([uncond, cond]) if use_cfg else cond).to(self.device, self.dtype)
+        txt_ids = pipe._prepare_text_ids(context).to(self.device)
+
+        def denoise(x: torch.Tensor, i: int) -> torch.Tensor:
+            b, _, h, w = x.shape
+            img_ids = pipe._prepare_latent_ids(x).to(self.device)
+            tokens = pipe._pack_latents(x.to(self.dtype))
+            t = sampling.model_timestep(schedule, i).to(self.device, self.dtype).expand(b)
+            if use_cfg:
+                tokens, ids, t = torch.cat([tokens, tokens]), torch.cat([img_ids, img_ids]), torch.cat([t, t])
+            else:
+                ids = img_ids
+            v = self.transformer(hidden_states=tokens, encoder_hidden_states=context, timestep=t, img_ids=ids,
+                                 txt_ids=txt_ids, guidance=None, return_dict=False)[0]
+            v = v[:, : h * w].float()
+            if use_cfg:
+                v_u, v_c = v.chunk(2)
+                v = v_u + guidance * (v_c - v_u)
+            v = pipe._unpack_latents_with_ids(v, img_ids, h, w)
+            return sampling.to_x0(schedule, x, v.to(x.dtype), i)
+
+        return denoise
+
+    def decode(self, latents, width, height):
+        pipe = _pipeline()
+        bn = self.vae.bn
+        mean = bn.running_mean.view(1, -1, 1, 1).to(latents.device, latents.dtype)
+        std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
+            latents.device, latents.dtype)
+        z = pipe._unpatchify_latents(latents * std + mean)  # [B, 128, h, w] -> [B, 32, 2h, 2w]
+        image = self.vae.decode(z.to(self.dtype), return_dict=False)[0].float()
+        if not torch.isfinite(image).all() and self.dtype == torch.float16:
+            # fp16 VAEs can overflow on some latents: decode once more in fp32 (slower, exact)
+            self.vae.to(torch.float32)
+            try:
+                image = self.vae.decode(z.float(), return_dict=False)[0]
+            finally:
+                self.vae.to(self.dtype)
+        return (image / 2 + 0.5).clamp(0, 1).cpu()
+
+    def release(self):
+        super().release()
+        self.text_encoder = self.transformer = self.vae = None
