@@ -23,6 +23,26 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+def _cmd_import(args) -> int:
+    from .importers.assemble import import_model
+
+    result = import_model(args.src, args.dst, layout=args.layout, text_encoder=args.text_encoder, vae=args.vae,
+                          tokenizer=args.tokenizer, scheduler=args.scheduler,
+                          allow_dequantize=args.allow_dequantize, overwrite=args.overwrite,
+                          log=lambda m: print(m, file=sys.stderr))
+    print(result.table())
+    print(f"\nwrote {result.dst}")
+    return 0
+
+
+def _cmd_export_gguf(args) -> int:
+    from .importers.assemble import export_gguf
+
+    out = export_gguf(args.model_dir, args.out, overwrite=args.overwrite, log=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {out}")
+    return 0
+
+
 def describe_model(path: Path) -> str:
     """What a Bonsai model folder or file holds: family, components, quantized layers, bytes."""
     from . import checkpoint
@@ -158,6 +178,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("path", nargs="?", help="Bonsai folder or component file")
     i.add_argument("--config", action="store_true", help="print the settings in force and where each came from")
     i.set_defaults(func=_cmd_info)
+
+    im = sub.add_parser("import", help="assemble a public Bonsai Image 4B payload (GGUF, gemlite, MLX, unpacked) "
+                                       "into a Bonsai FLUX.2 [klein] folder, without re-quantizing")
+    im.add_argument("src", help="public repo folder, or a single transformer file/folder (e.g. a Q1_0 .gguf)")
+    im.add_argument("dst", help="Bonsai folder to write (written atomically)")
+    im.add_argument("--layout", choices=["gguf_q1", "gemlite", "mlx", "unpacked"], default=None,
+                    help="transformer layout (default: detected)")
+    im.add_argument("--text-encoder", default=None, help="text encoder folder (dense, MLX 4-bit or HQQ 4-bit)")
+    im.add_argument("--vae", default=None, help="AutoencoderKLFlux2 folder")
+    im.add_argument("--tokenizer", default=None, help="Qwen tokenizer folder")
+    im.add_argument("--scheduler", default=None, help="scheduler folder (default: the source's, else klein's)")
+    im.add_argument("--allow-dequantize", action="store_true",
+                    help="store ternary linears dense instead of refusing them (large)")
+    im.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    im.set_defaults(func=_cmd_import)
+
+    eg = sub.add_parser("export-gguf", help="write the transformer of a Bonsai FLUX.2 [klein] folder as a Q1_0 .gguf")
+    eg.add_argument("model_dir", help="Bonsai FLUX.2 [klein] folder")
+    eg.add_argument("out", help=".gguf file to write (BFL tensor names, Q1_0 blocks copied as they are)")
+    eg.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    eg.set_defaults(func=_cmd_export_gguf)
 
     for extra in _EXTRA_COMMANDS:
         extra(sub)

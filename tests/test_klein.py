@@ -1,0 +1,363 @@
+"""FLUX.2 [klein] end to end on tiny models: the family against diffusers' Flux2KleinPipeline,
+`bonsai import` of every public layout, `bonsai convert`, GGUF export, refusals, guardrails and
+where the text encoder lives."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from bonsai_core import cli, sampling
+from bonsai_core.checkpoint import find_weights, read_tensors
+from bonsai_core.convert import convert_pipeline
+from bonsai_core.engine import BonsaiImageEngine
+from bonsai_core.errors import BonsaiCheckpointError, BonsaiRequestError
+from bonsai_core.families import flux2_klein as klein_mod
+from bonsai_core.importers.assemble import DEFAULT_SCHEDULER_CONFIG, export_gguf, import_model
+from bonsai_core.quant.layers import BonsaiLinear
+from bonsai_core.quant.q1_0 import PackedWeight
+from tests.flux2_fixtures import packed_names
+from tests.klein_fixtures import (
+    OUT_LAYERS, build_pipeline, klein_ground_truth, make_full_pipeline, make_gemlite_repo, make_gguf_and_parts,
+    make_mlx_repo, write_bonsai_json,
+)
+
+gguf = pytest.importorskip("gguf")
+
+try:  # the public 4-bit text encoders need the text encoder importer and its fixture writers
+    import bonsai_core.importers.text_encoder  # noqa: F401
+    import tests.te_fixtures  # noqa: F401
+    HAVE_TE_IMPORTER = True
+except ImportError:
+    HAVE_TE_IMPORTER = False
+
+SMALL = dict(steps=2, width=64, height=64)
+QUIET = dict(log=lambda m: None)
+
+
+@pytest.fixture(scope="module")
+def gt():
+    return klein_ground_truth(0)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory, gt):
+    """Fixtures of every source layout, and the GGUF + parts import every test can reuse."""
+    root = tmp_path_factory.mktemp("klein")
+    gguf_path, parts = make_gguf_and_parts(root / "gguf", gt)
+    dst = root / "from-gguf"
+    import_model(gguf_path, dst, text_encoder=parts["text_encoder"], vae=parts["vae"], tokenizer=parts["tokenizer"],
+                 **QUIET)
+    return {"root": root, "gguf": gguf_path, "parts": parts, "bonsai": dst}
+
+
+@pytest.fixture(scope="module")
+def eng(work):
+    return BonsaiImageEngine.from_pretrained(work["bonsai"], device="cpu")
+
+
+def assert_transformer_is(folder, expected: dict):
+    """The transformer file of ``folder`` holds exactly ``expected``: same bits, same dtypes."""
+    cf = read_tensors(find_weights(folder / "transformer"))
+    assert set(cf.tensors) == set(expected)
+    for name, want in expected.items():
+        got = cf.tensors[name]
+        if isinstance(want, PackedWeight):
+            assert isinstance(got, PackedWeight) and got.shape == want.shape, name
+            assert torch.equal(got.qs, want.qs), name
+            assert torch.equal(got.d.view(torch.int16), want.d.view(torch.int16)), name
+        else:
+            assert not isinstance(got, PackedWeight), name
+            assert got.dtype == want.dtype and torch.equal(got, want), name
+    return cf
+
+
+def no_leftovers(parent, name):
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")] == [] and not (parent / name).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the family is diffusers' Flux2KleinPipeline
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("width,height,batch", [(64, 64, 1), (96, 64, 2)])
+def test_family_equals_diffusers_flux2_klein_pipeline(eng, gt, width, height, batch):
+    prompt = "a cat on the mat"
+    ours = eng.generate(prompt, steps=3, width=width, height=height, seed=5, batch=batch, sampler="euler")
+    shape = eng.family.latent_shape(width, height)
+    assert shape == (128, height // 16, width // 16)  # BONSAI-IMAGE-4B.md section 8
+    noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s))
+                         for s in ours.metadata["seeds"]])
+    pipe = build_pipeline(gt, seed=0)
+    ref = pipe(prompt=[prompt] * batch, num_inference_steps=3, guidance_scale=1.0, width=width, height=height,
+               latents=noise, output_type="pt", text_encoder_out_layers=OUT_LAYERS).images
+    assert ref.shape == (batch, 3, height, width)
+    assert ref.std() > 0.01  # not a degenerate picture
+    torch.testing.assert_close(ours.tensor, ref.permute(0, 2, 3, 1), atol=1e-4, rtol=0)
+
+
+def test_true_cfg_path_equals_diffusers_with_guidance(eng, gt):
+    fam = eng.family
+    steps, w, h, guidance = 2, 64, 64, 3.0
+    cond, uncond = fam.encode(["a red cat"]), fam.encode([""])
+    schedule = fam.schedule(steps, w, h, False)
+    noise = torch.randn(fam.latent_shape(w, h), generator=torch.Generator().manual_seed(1))[None]
+    with torch.inference_mode():
+        latents = sampling.sample(fam.denoiser(cond, uncond, guidance, schedule, w, h), noise.clone(), schedule)
+        ours = fam.decode(latents, w, h)
+    pipe = build_pipeline(gt, seed=0)
+    pipe.register_to_config(is_distilled=False)  # diffusers does true CFG (negative "") only then
+    ref = pipe(prompt="a red cat", num_inference_steps=steps, guidance_scale=guidance, width=w, height=h,
+               latents=noise, output_type="pt", text_encoder_out_layers=OUT_LAYERS).images
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_transformer_is_q1_0_where_bonsai_packs_and_dense_elsewhere(eng):
+    modules = dict(eng.family.transformer.named_modules())
+    for name in packed_names(eng.family.transformer.config):
+        assert isinstance(modules[name[:-len(".weight")]], BonsaiLinear), name
+    for name in ("x_embedder", "context_embedder", "proj_out", "norm_out.linear", "single_stream_modulation.linear",
+                 "double_stream_modulation_img.linear", "time_guidance_embed.timestep_embedder.linear_1"):
+        assert isinstance(modules[name], torch.nn.Linear), name
+
+
+def test_schedule_and_refusals_of_the_family(eng):
+    s = eng.family.schedule(4, 512, 512, False)
+    torch.testing.assert_close(s.sigmas[:4], torch.tensor([1.0, 0.95809, 0.88398, 0.71750]), atol=1e-4, rtol=0)
+    with pytest.raises(BonsaiRequestError, match="Karras"):
+        eng.family.schedule(4, 512, 512, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) bonsai import of every public layout
+# ---------------------------------------------------------------------------------------------
+def test_import_gguf_with_parts_from_flags(work, gt, eng):
+    assert_transformer_is(work["bonsai"], gt.tensors)
+    index = json.loads((work["bonsai"] / "model_index.json").read_text())
+    assert index["_class_name"] == "Flux2KleinPipeline" and index["_bonsai"]["family"] == "flux2_klein"
+    assert index["_bonsai"]["source_layout"] == "gguf_q1" and index["_bonsai"]["quantized"] == ["transformer"]
+    assert json.loads((work["bonsai"] / "scheduler" / "scheduler_config.json").read_text()) == DEFAULT_SCHEDULER_CONFIG
+    a = eng.generate("a lantern", seed=0, **SMALL)
+    b = eng.generate("a lantern", seed=0, **SMALL)
+    assert torch.isfinite(a.tensor).all() and a.tensor.shape == (1, 64, 64, 3)
+    assert torch.equal(a.tensor, b.tensor)
+
+
+@pytest.mark.parametrize("layout", ["gemlite", "mlx"])
+def test_import_public_repo_folders_with_the_cli(work, gt, layout, capsys):
+    te = ("hqq" if layout == "gemlite" else "mlx") if HAVE_TE_IMPORTER else "dense"
+    make = make_gemlite_repo if layout == "gemlite" else make_mlx_repo
+    repo, te_truth = make(work["root"] / f"repo-{layout}", gt, te=te)
+    dst = work["root"] / f"from-{layout}"
+    assert cli.main(["import", str(repo), str(dst)]) == 0
+    out = capsys.readouterr().out
+    assert "packed Q1_0" in out and f"wrote {dst}" in out
+    assert_transformer_is(dst, gt.tensors)
+    index = json.loads((dst / "model_index.json").read_text())
+    assert index["_bonsai"]["source_layout"] == layout
+    assert index["text_encoder"] == ["transformers", "Qwen3ForCausalLM"]
+    e = BonsaiImageEngine.from_pretrained(dst, device="cpu")
+    if te_truth is not None:  # the 4-bit text encoder arrives dequantized (bf16 rounding only)
+        assert any("4-bit dequantized" in n for n in index["_bonsai"]["notes"])
+        w = e.family.text_encoder.state_dict()["model.layers.0.mlp.down_proj.weight"].double()
+        want = te_truth["model.layers.0.mlp.down_proj.weight"]
+        if te == "mlx":
+            torch.testing.assert_close(w, want, atol=0, rtol=2**-8)
+    r1 = e.generate("a lantern", seed=3, **SMALL)
+    r2 = e.generate("a lantern", seed=3, **SMALL)
+    assert torch.isfinite(r1.tensor).all() and torch.equal(r1.tensor, r2.tensor)
+
+
+def test_import_unpacked_pipeline_folder(work, gt):
+    src = make_full_pipeline(work["root"] / "unpacked-repo", gt=gt)  # a diffusers folder, dense transformer
+    dst = work["root"] / "from-unpacked"
+    import_model(src, dst, **QUIET)
+    cf = read_tensors(find_weights(dst / "transformer"))
+    for name, want in gt.tensors.items():  # fp32 source: packed bits the same, dense values the same
+        got = cf.tensors[name]
+        if isinstance(want, PackedWeight):
+            assert isinstance(got, PackedWeight) and torch.equal(got.qs[1:], want.qs[1:]), name
+            assert torch.equal(got.dequantize(torch.float32), want.dequantize(torch.float32)), name
+        else:
+            assert torch.equal(got.float(), want.float()), name
+    assert BonsaiImageEngine.from_pretrained(dst, device="cpu").generate("x", seed=1, **SMALL).tensor.isfinite().all()
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) bonsai convert of a full-precision klein pipeline
+# ---------------------------------------------------------------------------------------------
+def test_convert_full_precision_klein_with_the_flux2_policy(work, gt):
+    src = work["root"] / "unpacked-repo"
+    if not src.exists():
+        make_full_pipeline(src, gt=gt)
+    dst = work["root"] / "converted"
+    convert_pipeline(src, dst, **QUIET)
+    write_bonsai_json(dst)  # convert_pipeline carries model_index components only
+    cf = read_tensors(find_weights(dst / "transformer"))
+    assert cf.family == "flux2_klein" and cf.policy["name"] == "flux2_klein_default"
+    packed = {n for n, t in cf.tensors.items() if isinstance(t, PackedWeight)}
+    assert packed == set(packed_names(gt.config))
+    for kept in ("x_embedder.weight", "context_embedder.weight", "proj_out.weight", "norm_out.linear.weight",
+                 "double_stream_modulation_img.linear.weight", "single_stream_modulation.linear.weight",
+                 "time_guidance_embed.timestep_embedder.linear_2.weight"):
+        assert cf.meta["tensors"][kept]["type"] in ("F16", "BF16", "F32"), kept
+    # the ground truth's block linears are sign x scale already: Q1_0 reproduces them exactly
+    for name in packed:
+        torch.testing.assert_close(cf.tensors[name].dequantize(torch.float32),
+                                   gt.tensors[name].dequantize(torch.float32), atol=0, rtol=0)
+    r = BonsaiImageEngine.from_pretrained(dst, device="cpu").generate("a bonsai", seed=0, **SMALL)
+    assert torch.isfinite(r.tensor).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) export-gguf -> import is bit exact
+# ---------------------------------------------------------------------------------------------
+def test_export_gguf_then_import_round_trip_is_bit_exact(work, eng, capsys):
+    model = work["bonsai"]
+    out = work["root"] / "exported.gguf"
+    assert cli.main(["export-gguf", str(model), str(out)]) == 0
+    assert cli.main(["export-gguf", str(model), str(out)]) == 2  # exists: refused
+    assert "already exists" in capsys.readouterr().err
+    dst = work["root"] / "re-imported"
+    assert cli.main(["import", str(out), str(dst), "--text-encoder", str(model / "text_encoder"),
+                     "--vae", str(model / "vae"), "--tokenizer", str(model / "tokenizer"),
+                     "--scheduler", str(model / "scheduler")]) == 0
+    first = read_tensors(find_weights(model / "transformer"))
+    assert_transformer_is(dst, first.tensors)
+    assert json.loads((dst / "transformer" / "config.json").read_text()) == json.loads(
+        (model / "transformer" / "config.json").read_text())
+    shutil.copy2(model / "bonsai.json", dst / "bonsai.json")
+    again = BonsaiImageEngine.from_pretrained(dst, device="cpu").generate("a lantern", seed=0, **SMALL)
+    assert torch.equal(again.tensor, eng.generate("a lantern", seed=0, **SMALL).tensor)
+
+
+def test_export_refuses_a_full_precision_folder(work, gt):
+    src = work["root"] / "unpacked-repo"
+    if not src.exists():
+        make_full_pipeline(src, gt=gt)
+    with pytest.raises(BonsaiCheckpointError, match="bonsai convert"):
+        export_gguf(src, work["root"] / "fp.gguf", **QUIET)
+    assert not (work["root"] / "fp.gguf").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# (e) refusals leave nothing behind
+# ---------------------------------------------------------------------------------------------
+def test_missing_vae_names_the_flag(work, tmp_path):
+    p = work["parts"]
+    with pytest.raises(BonsaiCheckpointError, match=r"missing vae.*--vae"):
+        import_model(work["gguf"], tmp_path / "m", text_encoder=p["text_encoder"], tokenizer=p["tokenizer"], **QUIET)
+    assert no_leftovers(tmp_path, "m")
+    assert cli.main(["import", str(work["gguf"]), str(tmp_path / "m")]) == 2
+    assert no_leftovers(tmp_path, "m")
+
+
+def test_truncated_transformer_is_refused_and_nothing_is_written(work, tmp_path):
+    p = work["parts"]
+    bad = tmp_path / "cut.gguf"
+    data = work["gguf"].read_bytes()
+    bad.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(BonsaiCheckpointError):
+        import_model(bad, tmp_path / "m", text_encoder=p["text_encoder"], vae=p["vae"], tokenizer=p["tokenizer"],
+                     **QUIET)
+    assert no_leftovers(tmp_path, "m")
+
+
+def test_wrong_layout_is_refused(work, tmp_path):
+    p = work["parts"]
+    with pytest.raises(BonsaiCheckpointError):
+        import_model(work["gguf"], tmp_path / "m", layout="mlx", text_encoder=p["text_encoder"], vae=p["vae"],
+                     tokenizer=p["tokenizer"], **QUIET)
+    assert no_leftovers(tmp_path, "m")
+
+
+def test_failure_after_the_transformer_leaves_nothing(work, tmp_path):
+    p = work["parts"]
+    tok = tmp_path / "tok-no-template"
+    shutil.copytree(p["tokenizer"], tok)
+    (tok / "chat_template.jinja").unlink()
+    with pytest.raises(BonsaiCheckpointError, match="chat template"):
+        import_model(work["gguf"], tmp_path / "m", text_encoder=p["text_encoder"], vae=p["vae"], tokenizer=tok,
+                     **QUIET)
+    assert no_leftovers(tmp_path, "m")
+
+
+def test_existing_destination_is_refused_unless_overwrite(work, tmp_path):
+    p = work["parts"]
+    dst = tmp_path / "m"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    kw = dict(text_encoder=p["text_encoder"], vae=p["vae"], tokenizer=p["tokenizer"], **QUIET)
+    with pytest.raises(BonsaiCheckpointError, match="already exists"):
+        import_model(work["gguf"], dst, **kw)
+    assert (dst / "keep.txt").read_text() == "mine"
+    import_model(work["gguf"], dst, overwrite=True, **kw)
+    assert not (dst / "keep.txt").exists() and (dst / "model_index.json").is_file()
+    assert [q.name for q in tmp_path.iterdir() if q.name.startswith(".")] == []
+
+
+def test_bad_text_encoder_out_layers_are_refused(work, tmp_path):
+    dst = tmp_path / "m"
+    shutil.copytree(work["bonsai"], dst)
+    (dst / "bonsai.json").unlink()  # default (9, 18, 27) on a 3-layer encoder
+    with pytest.raises(BonsaiCheckpointError, match="3 layers"):
+        BonsaiImageEngine.from_pretrained(dst, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# (f) guardrail counts klein tokens against 512
+# ---------------------------------------------------------------------------------------------
+def test_guardrail_counts_chat_templated_tokens_against_512(eng):
+    fam = eng.family
+    assert fam.defaults.max_tokens == 512
+    text = fam.tokenizer().apply_chat_template([{"role": "user", "content": "a cat"}], tokenize=False,
+                                               add_generation_prompt=True, enable_thinking=False)
+    assert fam.count_tokens("a cat") == len(fam.tokenizer()(text).input_ids) > len(fam.tokenizer()("a cat").input_ids)
+    long = "x y " * 150  # 600 byte-level tokens before the template
+    assert fam.count_tokens(long) > 600
+    report = eng.check(long, width=64, height=64, steps=4, mode="warn")
+    assert any("512" in w for w in report.warnings)
+    with pytest.raises(BonsaiRequestError, match="512"):
+        eng.generate(long, guardrail="refuse", **SMALL)
+    clamped = eng.check(long, width=64, height=64, steps=4, mode="clamp")
+    assert fam.count_tokens(clamped.request.prompt) <= 512
+
+
+# ---------------------------------------------------------------------------------------------
+# (g) the text encoder is not on the device while denoising
+# ---------------------------------------------------------------------------------------------
+def test_text_encoder_is_kept_out_of_the_denoising_set(eng):
+    fam = eng.family
+    assert set(fam.denoising_modules()) == {"transformer", "vae"}
+    assert set(fam.modules()) == {"text_encoder", "transformer", "vae"}
+    fam.encode(["a fresh prompt for the cache"])
+    assert all(p.device.type == "cpu" for p in fam.text_encoder.parameters())
+
+
+def test_encode_moves_the_text_encoder_to_the_device_and_back(eng, monkeypatch):
+    fam = eng.family
+
+    class FakeTE:
+        def __init__(self):
+            self.where, self.moves = "cpu", []
+
+        def to(self, device):
+            self.where = str(device)
+            self.moves.append(self.where)
+            return self
+
+    class FakePipe:
+        @staticmethod
+        def _get_qwen3_prompt_embeds(te, tok, prompts, **kw):
+            FakePipe.seen = (te.where, kw["device"], kw["hidden_states_layers"], kw["max_sequence_length"])
+            return torch.zeros(1, 512, 192)
+
+    fake = FakeTE()
+    monkeypatch.setattr(fam, "text_encoder", fake)
+    monkeypatch.setattr(fam, "device", torch.device("cuda"))
+    monkeypatch.setattr(klein_mod, "_pipeline", lambda: FakePipe)
+    fam._encode("anything")
+    assert FakePipe.seen == ("cuda", torch.device("cuda"), OUT_LAYERS, 512)
+    assert fake.moves == ["cuda", "cpu"] and fake.where == "cpu"
