@@ -206,6 +206,9 @@ def convert_pipeline(src: str | Path, dst: str | Path, *, quantize_text_encoder:
             result.bytes_before += before
             result.bytes_after += after
             del model
+        for extra in src.iterdir():  # top-level files beside the components (bonsai.json, chat templates, licences)
+            if extra.is_file() and extra.name != "model_index.json":
+                shutil.copy2(extra, tmp / extra.name)
         new_index[BONSAI_INDEX_KEY] = {"format_version": checkpoint.FORMAT_VERSION, "family": family,
                                        "quantized": sorted(result.reports)}
         (tmp / "model_index.json").write_text(json.dumps(new_index, indent=2))

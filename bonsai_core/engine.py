@@ -154,8 +154,14 @@ class BonsaiImageEngine:
                 "Import a single-file checkpoint first with `bonsai import`")
         index = read_model_index(folder)
         family_name, _ = family_of(index, folder)
+        family_cls = _family_class(family_name)
+        if (dtype is None or str(dtype).lower() == "auto") and choice.device.type == "cuda" \
+                and family_cls.cuda_dtype != choice.dtype and devices._bf16_supported(choice.device):
+            name = str(family_cls.cuda_dtype).replace("torch.", "")
+            choice = devices.DeviceChoice(choice.device, family_cls.cuda_dtype,
+                                          f"{choice.device} / {name} (the {family_name} family's dtype on CUDA)")
         try:
-            family = _family_class(family_name)(folder, index, choice.device, choice.dtype)
+            family = family_cls(folder, index, choice.device, choice.dtype)
         except BaseException as exc:
             devices.free_cache(choice.device)
             if _is_oom(exc):

@@ -194,7 +194,7 @@ def test_convert_full_precision_klein_with_the_flux2_policy(work, gt):
         make_full_pipeline(src, gt=gt)
     dst = work["root"] / "converted"
     convert_pipeline(src, dst, **QUIET)
-    write_bonsai_json(dst)  # convert_pipeline carries model_index components only
+    assert (dst / "bonsai.json").read_text() == (src / "bonsai.json").read_text()  # top-level files carried
     cf = read_tensors(find_weights(dst / "transformer"))
     assert cf.family == "flux2_klein" and cf.policy["name"] == "flux2_klein_default"
     packed = {n for n, t in cf.tensors.items() if isinstance(t, PackedWeight)}
@@ -357,7 +357,19 @@ def test_encode_moves_the_text_encoder_to_the_device_and_back(eng, monkeypatch):
     fake = FakeTE()
     monkeypatch.setattr(fam, "text_encoder", fake)
     monkeypatch.setattr(fam, "device", torch.device("cuda"))
+    monkeypatch.setattr(fam, "_fits_on_device", lambda nbytes: True)
     monkeypatch.setattr(klein_mod, "_pipeline", lambda: FakePipe)
+    monkeypatch.setattr("bonsai_core.quant.layers.module_nbytes", lambda m: 8 * 2**30)
     fam._encode("anything")
     assert FakePipe.seen == ("cuda", torch.device("cuda"), OUT_LAYERS, 512)
     assert fake.moves == ["cuda", "cpu"] and fake.where == "cpu"
+
+    # a text encoder bigger than the free device memory is streamed layer by layer instead
+    import accelerate
+    offloaded = []
+    monkeypatch.setattr(fam, "_fits_on_device", lambda nbytes: False)
+    monkeypatch.setattr(accelerate, "cpu_offload", lambda m, execution_device: offloaded.append(execution_device))
+    fake.moves.clear()
+    fam._encode("another prompt")
+    assert offloaded == [torch.device("cuda")] and fake.moves == [] and fam._te_offloaded
+    fam._te_offloaded = False

@@ -84,3 +84,12 @@ def test_from_signs_is_lossless_for_sign_times_scale_weights():
 def test_packed_weight_refuses_mismatched_parts():
     with pytest.raises(ValueError, match="do not fit"):
         PackedWeight(torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(2, 2, dtype=torch.float16), (2, 128))
+
+
+def test_transposed_single_group_scales_are_stored_row_major():
+    # a [rows, 1] view of a transposed tensor counts as contiguous but has a last stride != 1
+    scales = torch.rand(1, 6).half().t()
+    assert scales.is_contiguous() and scales.stride(-1) != 1
+    p = PackedWeight(torch.zeros(6, 16, dtype=torch.uint8), scales, (6, 128))
+    assert p.d.stride() == (1, 1) and torch.equal(p.d, scales)
+    assert torch.equal(PackedWeight.from_blocks(p.to_blocks(), p.shape).d, scales)

@@ -34,6 +34,14 @@ class Family:
     def modules(self) -> dict[str, nn.Module]:
         raise NotImplementedError
 
+    def denoising_modules(self) -> dict[str, nn.Module]:
+        """What sits on the device while the sampler runs (a family that parks its text encoder
+        elsewhere leaves it out)."""
+        return self.modules()
+
+    #: the compute dtype this family prefers on CUDA when the user asked for none
+    cuda_dtype: torch.dtype = torch.float16
+
     def tokenizer(self):
         """The text encoder's tokenizer (for counting prompt tokens)."""
         raise NotImplementedError
@@ -83,9 +91,10 @@ class Family:
         return torch.cat(out, dim=0)
 
     def weight_bytes(self) -> int:
+        """Bytes of the weights on the device during denoising (what the memory guardrail counts)."""
         from ..quant.layers import module_nbytes
 
-        return sum(module_nbytes(m) for m in self.modules().values())
+        return sum(module_nbytes(m) for m in self.denoising_modules().values())
 
     def release(self) -> None:
         """Drop every module and cached embedding (the engine frees device memory after)."""

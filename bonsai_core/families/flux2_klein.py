@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .. import cuda_graph
 from .. import device as devices
 from .. import sampling
 from ..config import FAMILY_DEFAULTS
@@ -40,6 +41,7 @@ TEXT_ENCODER_OUT_LAYERS = (9, 18, 27)
 MAX_SEQUENCE_LENGTH = 512
 SETTINGS_FILE = "bonsai.json"
 REQUIRED = ("transformer", "text_encoder", "tokenizer", "vae")
+LARGE_TEXT_ENCODER_BYTES = 2 * 2**30  # above this, a CPU run keeps the text encoder in bf16
 
 
 def _pipeline():
@@ -85,6 +87,7 @@ def text_encoder_out_layers(folder: Path) -> tuple[int, ...]:
 class Flux2KleinFamily(Family):
     name = "flux2_klein"
     defaults = FAMILY_DEFAULTS["flux2_klein"]
+    cuda_dtype = torch.bfloat16  # FLUX.2 and Qwen3 are bf16 models; fp16 activations can overflow
     max_sequence_length = MAX_SEQUENCE_LENGTH
 
     def __init__(self, folder: Path, index: dict, device: torch.device, dtype: torch.dtype):
@@ -101,7 +104,13 @@ class Flux2KleinFamily(Family):
                 f"{folder / 'tokenizer'}: the tokenizer has no chat template; FLUX.2 [klein] prompts are "
                 "written with Qwen3's (copy chat_template.jinja from the model's repo into tokenizer/)")
         # The text encoder stays on the CPU; _encode moves it to the device for the forward only.
-        self.text_encoder = load_component(folder, "text_encoder", index["text_encoder"], dtype, "cpu")
+        # On a CPU-only run a large one stays in 16-bit (Qwen3-4B is 8 GB in bf16, 16 GB in fp32):
+        # its embeddings are cast to the compute dtype after encoding.
+        te_file_bytes = sum(p.stat().st_size for p in (folder / "text_encoder").glob("*.safetensors"))
+        big = te_file_bytes > LARGE_TEXT_ENCODER_BYTES
+        self.te_dtype = torch.bfloat16 if (device.type == "cpu" and dtype == torch.float32 and big) else dtype
+        self.text_encoder = load_component(folder, "text_encoder", index["text_encoder"], self.te_dtype, "cpu")
+        self._te_offloaded = False
         n_layers = getattr(self.text_encoder.config, "num_hidden_layers", None)
         if n_layers is not None and max(abs(v) for v in self.out_layers) > n_layers:
             raise BonsaiCheckpointError(
@@ -114,6 +123,7 @@ class Flux2KleinFamily(Family):
                 f"{folder / 'vae'}: {type(self.vae).__name__} has no batch-norm statistics; FLUX.2 [klein] needs "
                 "AutoencoderKLFlux2")
         self.scheduler_config = read_scheduler_config(folder)
+        self._graph = None  # cuda_graph.GraphedStep once used; False after a failed capture
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_factor = self.vae_scale * 2  # VAE downsampling x 2x2 patches: 16 for FLUX.2
 
@@ -138,9 +148,24 @@ class Flux2KleinFamily(Family):
         """Tokens of the chat-templated prompt: what is truncated at 512."""
         return len(self._tokenizer(self.chat_text(text), verbose=False).input_ids)
 
+    def _fits_on_device(self, nbytes: int) -> bool:
+        if self.device.type != "cuda":
+            return True  # MPS shares memory with the CPU
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return nbytes < 0.85 * free
+
     def _encode(self, prompt: str) -> torch.Tensor:
+        from ..quant.layers import module_nbytes
+
         te = self.text_encoder
-        moved = self.device.type != "cpu"
+        moved = self.device.type != "cpu" and not self._te_offloaded
+        if moved and not self._fits_on_device(module_nbytes(te)):
+            # Too big for what the card has free: stream it layer by layer (accelerate's hooks move
+            # each layer's weights to the device for its forward and back), slower but it fits.
+            from accelerate import cpu_offload
+
+            cpu_offload(te, execution_device=self.device)
+            self._te_offloaded, moved = True, False
         try:
             if moved:
                 te.to(self.device)
@@ -183,8 +208,8 @@ class Flux2KleinFamily(Family):
                 tokens, ids, t = torch.cat([tokens, tokens]), torch.cat([img_ids, img_ids]), torch.cat([t, t])
             else:
                 ids = img_ids
-            v = self.transformer(hidden_states=tokens, encoder_hidden_states=context, timestep=t, img_ids=ids,
-                                 txt_ids=txt_ids, guidance=None, return_dict=False)[0]
+            v = self._step(hidden_states=tokens, encoder_hidden_states=context, timestep=t, img_ids=ids,
+                           txt_ids=txt_ids)
             v = v[:, : h * w].float()
             if use_cfg:
                 v_u, v_c = v.chunk(2)
@@ -193,6 +218,25 @@ class Flux2KleinFamily(Family):
             return sampling.to_x0(schedule, x, v.to(x.dtype), i)
 
         return denoise
+
+    def _forward(self, **inputs) -> torch.Tensor:
+        return self.transformer(**inputs, guidance=None, return_dict=False)[0]
+
+    def _step(self, **inputs) -> torch.Tensor:
+        """One transformer forward; on CUDA replayed as a CUDA graph (captured once per input shape),
+        falling back to eager if capture fails."""
+        if self._graph is None and cuda_graph.enabled(self.device):
+            self._graph = cuda_graph.GraphedStep(self._forward)
+        if self._graph:
+            try:
+                return self._graph(**inputs)
+            except RuntimeError as exc:  # capture refused (a sync inside the forward, say): stay eager
+                import warnings
+
+                warnings.warn(f"CUDA graph capture failed, running eagerly: {exc}")
+                self._graph = False
+                torch.cuda.synchronize(self.device)
+        return self._forward(**inputs)
 
     def decode(self, latents, width, height):
         pipe = _pipeline()
@@ -213,4 +257,5 @@ class Flux2KleinFamily(Family):
 
     def release(self):
         super().release()
+        self._graph = None
         self.text_encoder = self.transformer = self.vae = None

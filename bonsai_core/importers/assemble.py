@@ -214,18 +214,6 @@ def _policy_reason(name: str) -> str | None:
     return None
 
 
-def _dense_strides(tensors: dict) -> dict:
-    """The same tensors with row-major strides: an importer may hand over views (a transposed
-    ``[out, 1]`` scale tensor counts as contiguous yet has a last stride != 1, which byte views
-    refuse). Bits and values are unchanged."""
-    out = {}
-    for name, t in tensors.items():
-        if isinstance(t, PackedWeight):
-            t = PackedWeight(t.qs.flatten().clone().view(t.qs.shape), t.d.flatten().clone().view(t.d.shape), t.shape)
-        out[name] = t
-    return out
-
-
 def _transformer_config(imported: ImportedTransformer, notes: list[str]) -> dict:
     import diffusers
 
@@ -264,7 +252,7 @@ def _write_transformer(imported: ImportedTransformer, out: Path, result: ImportR
             result.kept += 1
             result.kept_bytes += t.numel() * t.element_size()
     config = _transformer_config(imported, result.notes)
-    checkpoint.save_tensors(out / checkpoint.WEIGHTS_NAME, _dense_strides(imported.tensors), family=FAMILY,
+    checkpoint.save_tensors(out / checkpoint.WEIGHTS_NAME, imported.tensors, family=FAMILY,
                             component="transformer",
                             policy=default_policy(FAMILY).to_dict(), reasons=reasons,
                             extra={"source_layout": layout})

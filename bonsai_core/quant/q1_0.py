@@ -111,10 +111,18 @@ def dequantize(qs: torch.Tensor, d: torch.Tensor, cols: int,
     return w if cols == nb * GROUP_SIZE else w[:, :cols]
 
 
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with plain row-major strides. ``contiguous()`` alone is not enough: a tensor with a
+    size-1 dimension (a transposed ``[rows, 1]``) counts as contiguous with a last stride != 1,
+    which byte views and kernels that assume stride 1 refuse or misread."""
+    t = t.contiguous()
+    return t.reshape(-1).view(t.shape)
+
+
 def to_blocks(qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """Interleave into GGUF's 18-byte blocks: uint8 ``[rows, n_blocks*18]`` (d little-endian, then qs)."""
     rows, nb = d.shape
-    d_bytes = d.contiguous().view(torch.uint8).view(rows, nb, 2)  # torch is little-endian on every platform we run
+    d_bytes = row_major(d).view(torch.uint8).view(rows, nb, 2)  # torch is little-endian on every platform we run
     return torch.cat([d_bytes, qs.reshape(rows, nb, QS_BYTES)], dim=-1).reshape(rows, nb * BLOCK_BYTES)
 
 
@@ -139,8 +147,8 @@ class PackedWeight:
     __slots__ = ("qs", "d", "shape")
 
     def __init__(self, qs: torch.Tensor, d: torch.Tensor, shape):
-        self.qs = qs
-        self.d = d
+        self.qs = row_major(qs)
+        self.d = row_major(d)
         self.shape = tuple(int(s) for s in shape)
         rows, cols = self.rows, self.cols
         nb = n_blocks(cols)
@@ -178,7 +186,7 @@ class PackedWeight:
         pad = n_blocks(cols) * GROUP_SIZE - cols
         if pad:
             positive = torch.nn.functional.pad(positive.to(torch.uint8), (0, pad), value=1)
-        return cls(pack_bits(positive), scales.to(torch.float16).contiguous(), shape)
+        return cls(pack_bits(positive), scales.to(torch.float16), shape)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.qs, self.d, self.cols, dtype).reshape(self.shape)
