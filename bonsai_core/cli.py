@@ -24,9 +24,12 @@ def _cmd_convert(args) -> int:
 
 
 def _cmd_import(args) -> int:
+    from .hub import resolve_model
     from .importers.assemble import import_model
 
-    result = import_model(args.src, args.dst, layout=args.layout, text_encoder=args.text_encoder, vae=args.vae,
+    # SRC may be a Hub repo id (e.g. prism-ml/bonsai-image-binary-4B-mlx-1bit): fetched into the cache
+    src = resolve_model(args.src, args.cache_dir)
+    result = import_model(src, args.dst, layout=args.layout, text_encoder=args.text_encoder, vae=args.vae,
                           tokenizer=args.tokenizer, scheduler=args.scheduler,
                           allow_dequantize=args.allow_dequantize, overwrite=args.overwrite,
                           log=lambda m: print(m, file=sys.stderr))
@@ -192,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--allow-dequantize", action="store_true",
                     help="store ternary linears dense instead of refusing them (large)")
     im.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    im.add_argument("--cache-dir", default=None, help="Hub download cache when SRC is a repo id (default: BONSAI_CACHE)")
     im.set_defaults(func=_cmd_import)
 
     eg = sub.add_parser("export-gguf", help="write the transformer of a Bonsai FLUX.2 [klein] folder as a Q1_0 .gguf")

@@ -373,3 +373,19 @@ def test_encode_moves_the_text_encoder_to_the_device_and_back(eng, monkeypatch):
     fam._encode("another prompt")
     assert offloaded == [torch.device("cuda")] and fake.moves == [] and fam._te_offloaded
     fam._te_offloaded = False
+
+
+def test_import_by_hub_repo_id_reads_the_cache_in_offline_mode(work, gt, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    repo, _ = make_mlx_repo(work["root"] / "repo-hub", gt, te="dense")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "cache"
+    assert cli.main(["import", "prism-ml/tiny-klein-mlx", str(tmp_path / "a"), "--cache-dir", str(cache)]) == 2
+    assert "offline mode" in capsys.readouterr().err
+    commit = "fedcba9876543210fedcba9876543210fedcba98"  # the cache layout huggingface_hub reads
+    shutil.copytree(repo, cache / "models--prism-ml--tiny-klein-mlx" / "snapshots" / commit)
+    (cache / "models--prism-ml--tiny-klein-mlx" / "refs").mkdir()
+    (cache / "models--prism-ml--tiny-klein-mlx" / "refs" / "main").write_text(commit)
+    assert cli.main(["import", "prism-ml/tiny-klein-mlx", str(tmp_path / "b"), "--cache-dir", str(cache)]) == 0
+    assert_transformer_is(tmp_path / "b", gt.tensors)
