@@ -389,3 +389,20 @@ def test_import_by_hub_repo_id_reads_the_cache_in_offline_mode(work, gt, tmp_pat
     (cache / "models--prism-ml--tiny-klein-mlx" / "refs" / "main").write_text(commit)
     assert cli.main(["import", "prism-ml/tiny-klein-mlx", str(tmp_path / "b"), "--cache-dir", str(cache)]) == 0
     assert_transformer_is(tmp_path / "b", gt.tensors)
+
+
+def test_vae_in_another_layout_is_refused_at_import(work, gt, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    repo, _ = make_mlx_repo(work["root"] / "repo-badvae", gt, te="dense")
+    vae_file = next((repo / "vae").glob("*.safetensors"))
+    tensors = load_file(str(vae_file))
+    conv = next(k for k, v in tensors.items() if v.dim() == 4 and v.shape[2] == 3)
+    tensors[conv] = tensors[conv].permute(0, 2, 3, 1).contiguous()  # channels-last, as MLX stores convs
+    save_file(tensors, str(vae_file))
+    with pytest.raises(BonsaiCheckpointError, match=f"not in diffusers' AutoencoderKLFlux2 layout.*{conv}"):
+        import_model(repo, tmp_path / "out", **QUIET)
+    assert not (tmp_path / "out").exists()
+    shutil.rmtree(repo)

@@ -343,6 +343,32 @@ def _write_tokenizer(tok_dir: Path, out: Path, templates: list[Path], result: Im
     return tok_class
 
 
+def _check_vae_layout(vae_dir: Path) -> None:
+    """The VAE's tensors must be what diffusers' AutoencoderKLFlux2 expects, name for name and shape
+    for shape: a VAE in another layout (an MLX conversion stores conv weights channels-last, say)
+    is refused here, at import, rather than failing when the first image is decoded."""
+    from safetensors import safe_open
+
+    from ..convert import build_skeleton
+
+    want = {k: tuple(v.shape) for k, v in build_skeleton(vae_dir, "diffusers", VAE_CLASS).state_dict().items()}
+    have: dict[str, tuple] = {}
+    for f in sorted(vae_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                have.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
+        except Exception as exc:
+            raise BonsaiCheckpointError(f"{f}: not a readable safetensors file ({exc})") from exc
+    missing = sorted(set(want) - set(have))
+    wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    if missing or wrong:
+        detail = (f"tensor {wrong[0]!r} has shape {list(have[wrong[0]])}, diffusers expects {list(want[wrong[0]])}"
+                  if wrong else f"{len(missing)} tensors missing, e.g. {missing[:3]}")
+        raise BonsaiCheckpointError(
+            f"{vae_dir}: the VAE weights are not in diffusers' {VAE_CLASS} layout ({detail}); pass --vae with a "
+            f"diffusers {VAE_CLASS} folder (config.json + safetensors)")
+
+
 def _write_vae(vae_dir: Path, out: Path, result: ImportResult) -> None:
     cfg_path = vae_dir / "config.json"
     if not cfg_path.is_file():
@@ -354,6 +380,7 @@ def _write_vae(vae_dir: Path, out: Path, result: ImportResult) -> None:
     if not any(vae_dir.glob("*.safetensors")):
         raise BonsaiCheckpointError(
             f"{vae_dir}: the VAE has no .safetensors weights (pickled weights are never loaded)")
+    _check_vae_layout(vae_dir)
     _copy_files(vae_dir, out, "VAE")
     result.parts["vae"] = f"{vae_dir} (copied)"
 
