@@ -406,3 +406,18 @@ def test_vae_in_another_layout_is_refused_at_import(work, gt, tmp_path):
         import_model(repo, tmp_path / "out", **QUIET)
     assert not (tmp_path / "out").exists()
     shutil.rmtree(repo)
+
+
+def test_host_parked_module_lends_its_weights_and_takes_them_back_without_copies():
+    from bonsai_core.families.flux2_klein import HostParked
+
+    m = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    ref = m(x)
+    parked = HostParked(m)
+    host = [t.data for t in parked.tensors]
+    parked.lend(torch.device("cpu"))
+    assert torch.equal(m(x), ref)
+    parked.park()
+    assert all(t.data.data_ptr() == h.data_ptr() for t, h in zip(parked.tensors, host))
+    assert torch.equal(m(x), ref)

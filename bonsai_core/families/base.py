@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import cuda_graph
 from ..config import FamilyDefaults
 from ..sampling import Schedule
 
@@ -29,6 +30,7 @@ class Family:
         self.device = device
         self.dtype = dtype
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._graph = None  # cuda_graph.GraphedStep once a step ran on CUDA; False after a failed capture
 
     # --- what a family must provide -------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
@@ -73,7 +75,27 @@ class Family:
         """A cheap RGB preview ``[B, 3, h, w]`` in [0, 1] of a data prediction, or None."""
         return None
 
+    def _forward(self, **inputs) -> torch.Tensor:
+        """One raw network forward (the denoiser's model call) for ``_step``."""
+        raise NotImplementedError
+
     # --- shared -----------------------------------------------------------------------------
+    def _step(self, **inputs) -> torch.Tensor:
+        """One network forward; on CUDA replayed as a CUDA graph (captured once per input shape,
+        ``BONSAI_CUDA_GRAPH=0`` turns it off), falling back to eager if capture fails."""
+        if self._graph is None and cuda_graph.enabled(self.device):
+            self._graph = cuda_graph.GraphedStep(self._forward)
+        if self._graph:
+            try:
+                return self._graph(**inputs)
+            except RuntimeError as exc:  # capture refused (a sync inside the forward, say): stay eager
+                import warnings
+
+                warnings.warn(f"CUDA graph capture failed, running eagerly: {exc}")
+                self._graph = False
+                torch.cuda.synchronize(self.device)
+        return self._forward(**inputs)
+
     def encode(self, prompts: list[str], cache_size: int = 32) -> torch.Tensor:
         """Encode prompts, caching each prompt's conditioning (repeated prompts cost nothing)."""
         out = []
@@ -99,3 +121,4 @@ class Family:
     def release(self) -> None:
         """Drop every module and cached embedding (the engine frees device memory after)."""
         self._prompt_cache.clear()
+        self._graph = None

@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import cuda_graph
 from .. import device as devices
 from .. import sampling
 from ..config import FAMILY_DEFAULTS
@@ -84,6 +83,33 @@ def text_encoder_out_layers(folder: Path) -> tuple[int, ...]:
     return layers
 
 
+class HostParked:
+    """A module whose weights live in pinned host memory and are lent to the GPU for a forward.
+
+    Lending is one fast copy per tensor (pinned memory streams at full PCIe speed); parking costs
+    nothing, because the host copy was never dropped: no copy back, no fresh host allocation.
+    Where pinning is refused (locked-memory limits), the plain host tensors are used.
+    """
+
+    def __init__(self, module: nn.Module):
+        self.tensors = list(module.parameters()) + list(module.buffers())
+        self.host = []
+        for t in self.tensors:
+            try:
+                t.data = t.data.pin_memory()
+            except RuntimeError:
+                pass
+            self.host.append(t.data)
+
+    def lend(self, device: torch.device) -> None:
+        for t, h in zip(self.tensors, self.host):
+            t.data = h.to(device, non_blocking=True)
+
+    def park(self) -> None:
+        for t, h in zip(self.tensors, self.host):
+            t.data = h
+
+
 class Flux2KleinFamily(Family):
     name = "flux2_klein"
     defaults = FAMILY_DEFAULTS["flux2_klein"]
@@ -111,6 +137,7 @@ class Flux2KleinFamily(Family):
         self.te_dtype = torch.bfloat16 if (device.type == "cpu" and dtype == torch.float32 and big) else dtype
         self.text_encoder = load_component(folder, "text_encoder", index["text_encoder"], self.te_dtype, "cpu")
         self._te_offloaded = False
+        self._te_parked: HostParked | None = None
         n_layers = getattr(self.text_encoder.config, "num_hidden_layers", None)
         if n_layers is not None and max(abs(v) for v in self.out_layers) > n_layers:
             raise BonsaiCheckpointError(
@@ -123,7 +150,6 @@ class Flux2KleinFamily(Family):
                 f"{folder / 'vae'}: {type(self.vae).__name__} has no batch-norm statistics; FLUX.2 [klein] needs "
                 "AutoencoderKLFlux2")
         self.scheduler_config = read_scheduler_config(folder)
-        self._graph = None  # cuda_graph.GraphedStep once used; False after a failed capture
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_factor = self.vae_scale * 2  # VAE downsampling x 2x2 patches: 16 for FLUX.2
 
@@ -166,15 +192,25 @@ class Flux2KleinFamily(Family):
 
             cpu_offload(te, execution_device=self.device)
             self._te_offloaded, moved = True, False
+        parked = None
+        if moved and self.device.type == "cuda" and isinstance(te, nn.Module):
+            if self._te_parked is None:
+                self._te_parked = HostParked(te)
+            parked = self._te_parked
         try:
-            if moved:
+            if parked is not None:
+                parked.lend(self.device)
+            elif moved:
                 te.to(self.device)
             return _pipeline()._get_qwen3_prompt_embeds(
                 te, self._tokenizer, [prompt], dtype=self.dtype, device=self.device,
                 max_sequence_length=self.max_sequence_length, hidden_states_layers=self.out_layers)
         finally:
-            if moved:
+            if parked is not None:
+                parked.park()
+            elif moved:
                 te.to("cpu")
+            if moved:
                 devices.free_cache(self.device)
 
     # --- sampling -----------------------------------------------------------------------------
@@ -222,22 +258,6 @@ class Flux2KleinFamily(Family):
     def _forward(self, **inputs) -> torch.Tensor:
         return self.transformer(**inputs, guidance=None, return_dict=False)[0]
 
-    def _step(self, **inputs) -> torch.Tensor:
-        """One transformer forward; on CUDA replayed as a CUDA graph (captured once per input shape),
-        falling back to eager if capture fails."""
-        if self._graph is None and cuda_graph.enabled(self.device):
-            self._graph = cuda_graph.GraphedStep(self._forward)
-        if self._graph:
-            try:
-                return self._graph(**inputs)
-            except RuntimeError as exc:  # capture refused (a sync inside the forward, say): stay eager
-                import warnings
-
-                warnings.warn(f"CUDA graph capture failed, running eagerly: {exc}")
-                self._graph = False
-                torch.cuda.synchronize(self.device)
-        return self._forward(**inputs)
-
     def decode(self, latents, width, height):
         pipe = _pipeline()
         bn = self.vae.bn
@@ -257,5 +277,5 @@ class Flux2KleinFamily(Family):
 
     def release(self):
         super().release()
-        self._graph = None
+        self._te_parked = None
         self.text_encoder = self.transformer = self.vae = None

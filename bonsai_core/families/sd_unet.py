@@ -79,14 +79,17 @@ class SDUNetFamily(Family):
             x_in = (x * sampling.model_input_scale(schedule, i)).to(self.dtype)
             t = sampling.model_timestep(schedule, i).to(self.device)
             if use_cfg:
-                out = self.unet(torch.cat([x_in, x_in]), t, encoder_hidden_states=context).sample
+                out = self._step(sample=torch.cat([x_in, x_in]), timestep=t, encoder_hidden_states=context)
                 out_u, out_c = out.float().chunk(2)
                 out = out_u + guidance * (out_c - out_u)
             else:
-                out = self.unet(x_in, t, encoder_hidden_states=context).sample.float()
+                out = self._step(sample=x_in, timestep=t, encoder_hidden_states=context).float()
             return sampling.to_x0(schedule, x, out, i)
 
         return denoise
+
+    def _forward(self, **inputs):
+        return self.unet(**inputs).sample
 
     def decode(self, latents, width, height):
         cfg = self.vae.config
