@@ -96,7 +96,7 @@ def main() -> int:
                 print(f"{size:<7} {name:<28} m={m:<5} dense {t['dense']:.3f} ms | reference x{t['reference'] / t['dense']:.2f}"
                       f" | dequant x{t['dequant'] / t['dense']:.2f} | fused x{t['fused'] / t['dense']:.2f}"
                       f" | rel err {err['dequant']:.1e}/{err['fused']:.1e}")
-                del wd, qs, d, x, ref
+                wd = qs = d = x = ref = None  # free before the next shape
                 torch.cuda.empty_cache()
     print("\n# sum over all 100 packed linears of one step (ms) and ratio to dense")
     summary = {}

@@ -89,6 +89,20 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def replace_dir(tmp: Path, dst: Path) -> None:
+    """Move a finished folder ``tmp`` onto ``dst`` (replacing an old ``dst`` only once the new one
+    is complete): at no moment is a half-written model at ``dst``."""
+    import shutil
+
+    if dst.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+        dst.rename(trash / dst.name)
+        tmp.rename(dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        tmp.rename(dst)
+
+
 def save_tensors(path: str | os.PathLike, tensors: dict[str, "torch.Tensor | PackedWeight"], *,
                  family: str, component: str, policy: dict | None = None,
                  reasons: dict[str, str] | None = None, extra: dict | None = None) -> None:

@@ -212,13 +212,7 @@ def convert_pipeline(src: str | Path, dst: str | Path, *, quantize_text_encoder:
         new_index[BONSAI_INDEX_KEY] = {"format_version": checkpoint.FORMAT_VERSION, "family": family,
                                        "quantized": sorted(result.reports)}
         (tmp / "model_index.json").write_text(json.dumps(new_index, indent=2))
-        if dst.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-            dst.rename(trash / dst.name)
-            tmp.rename(dst)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(dst)
+        checkpoint.replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

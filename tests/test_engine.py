@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bonsai_core import cli, engine as engine_mod
+from bonsai_core import cli
 from bonsai_core.convert import convert_pipeline
 from bonsai_core.engine import BonsaiImageEngine, load_engine, unload_current
 from bonsai_core.errors import BonsaiCancelledError, BonsaiCheckpointError, BonsaiMemoryError, BonsaiRequestError

@@ -22,7 +22,7 @@ from bonsai_core.quant.q1_0 import PackedWeight
 from tests.flux2_fixtures import packed_names
 from tests.klein_fixtures import (
     OUT_LAYERS, build_pipeline, klein_ground_truth, make_full_pipeline, make_gemlite_repo, make_gguf_and_parts,
-    make_mlx_repo, write_bonsai_json,
+    make_mlx_repo,
 )
 
 gguf = pytest.importorskip("gguf")

@@ -19,6 +19,7 @@ own dtype; binary linears as ``PackedWeight`` (Q1_0, group 128, exact sign bits,
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,35 @@ def refuse(path, what: str, tensor: str | None = None, expected: str | None = No
     if fix:
         msg += f". {fix}"
     return BonsaiCheckpointError(msg)
+
+
+def _load_error_line(e: Exception) -> str:
+    """The informative line of a torch.load error (for a forbidden object: 'Unsupported global: GLOBAL x.Y ...')."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        m = re.search(r"Unsupported global: GLOBAL \S+", ln)
+        if m:
+            return f"{m.group(0)} (an object that is not a tensor, number, string or container)"
+    return lines[0] if lines else type(e).__name__
+
+
+def load_pt_weights_only(path: Path, *, what: str, expected: str) -> dict:
+    """Read a public ``.pt`` payload with ``torch.load(weights_only=True)`` only: PyTorch's
+    restricted loader admits tensors and plain containers and refuses any other object, so
+    nothing is ever unpickled. Any refusal becomes a ``BonsaiCheckpointError`` naming the file."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise refuse(path, "file not found", expected=what) from None
+    except Exception as e:  # UnpicklingError for a forbidden object, RuntimeError/EOFError for a broken file
+        raise refuse(path, f"refused by torch.load(weights_only=True): {type(e).__name__}: {_load_error_line(e)}",
+                     expected=expected,
+                     fix="Bonsai never unpickles arbitrary objects; re-download the file from its original repository"
+                     ) from None
+    if not isinstance(obj, dict):
+        raise refuse(path, f"holds a {type(obj).__name__}", expected=expected)
+    return obj
 
 
 def read_json(path: Path) -> dict:

@@ -402,16 +402,6 @@ def _write_scheduler(sch_dir: Path | None, out: Path, result: ImportResult) -> s
     return SCHEDULER_CLASS
 
 
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    if dst.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-        dst.rename(trash / dst.name)
-        tmp.rename(dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(dst)
-
-
 # ---------------------------------------------------------------------------------------------
 # The two entry points
 # ---------------------------------------------------------------------------------------------
@@ -480,7 +470,7 @@ def import_model(src, dst, *, layout: str | None = None, text_encoder=None, vae=
                             "quantized": ["transformer"] if result.packed else [],
                             "source_layout": layout, "notes": list(result.notes)}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        _replace_dir(tmp, dst)
+        checkpoint.replace_dir(tmp, dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from ..quant.q1_0 import GROUP_SIZE, PackedWeight
-from . import GEMLITE_DIRS, ImportedTransformer, read_json, refuse, scales_to_fp16, validate_or_infer
+from . import (GEMLITE_DIRS, ImportedTransformer, load_pt_weights_only, read_json, refuse, scales_to_fp16,
+               validate_or_infer)
 
 LEAVES = ("W_q", "scales", "zeros", "metadata", "orig_shape", "bias")
 META_W_NBITS, META_GROUP_SIZE, META_W_GROUP_MODE = 1, 2, 10
@@ -52,19 +53,8 @@ def resolve_dir(path) -> Path:
 
 
 def _load_pt(path: Path) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise refuse(path, "file not found", expected="a gemlite state_dict.pt") from None
-    except Exception as e:  # UnpicklingError for a forbidden object, RuntimeError/EOFError for a broken zip
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise refuse(path, f"refused by torch.load(weights_only=True): {type(e).__name__}: {first}",
-                     expected="a state dict of tensors and plain containers only",
-                     fix="Bonsai never unpickles arbitrary objects; re-download the file from its original repository"
-                     ) from None
-    if not isinstance(obj, dict):
-        raise refuse(path, f"holds a {type(obj).__name__}", expected="a dict (state dict)")
-    return obj
+    return load_pt_weights_only(path, what="a gemlite state_dict.pt",
+                                expected="a state dict of tensors and plain containers only")
 
 
 def _int_list(v, path, tensor) -> list[int]:

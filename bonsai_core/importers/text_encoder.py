@@ -46,14 +46,13 @@ and HQQ kernels compute in 16-bit arithmetic themselves, which can differ from t
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import BonsaiCheckpointError, BonsaiRequestError
-from . import load_safetensors_dir, read_json, read_safetensors_header, refuse
+from . import load_pt_weights_only, load_safetensors_dir, read_json, read_safetensors_header, refuse
 
 LAYOUTS = ("mlx_4bit", "hqq_4bit", "dense")
 MLX_DIR = "text_encoder-mlx-4bit"
@@ -467,30 +466,10 @@ def unpack_hqq(W_q: torch.Tensor, packing: str) -> torch.Tensor:
     return torch.cat([(W_q >> (bits * (per - 1 - k))) & mask for k in range(per)], dim=0)
 
 
-def _why(e: Exception) -> str:
-    """The informative line of a torch.load error (for a forbidden object: 'Unsupported global: GLOBAL x.Y ...')."""
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for ln in lines:
-        m = re.search(r"Unsupported global: GLOBAL \S+", ln)
-        if m:
-            return f"{m.group(0)} (an object that is not a tensor, number, string or container)"
-    return lines[0] if lines else type(e).__name__
-
-
 def _load_pt(path: Path) -> dict:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise refuse(path, "file not found", expected="an HQQ qmodel.pt") from None
-    except Exception as e:  # UnpicklingError for a forbidden object, RuntimeError/EOFError for a broken file
-        raise refuse(path, f"refused by torch.load(weights_only=True): {type(e).__name__}: {_why(e)}",
-                     expected="a dict of module state dicts holding tensors, numbers, strings and dtypes only",
-                     fix="Bonsai never unpickles arbitrary objects; re-download the file from its original repository"
-                     ) from None
-    if not isinstance(obj, dict):
-        raise refuse(path, f"holds a {type(obj).__name__}", expected="a dict {module_name: state_dict} (hqq save)")
-    return obj
+    return load_pt_weights_only(
+        path, what="an HQQ qmodel.pt",
+        expected="a dict {module_name: state_dict} of tensors, numbers, strings and dtypes only (hqq save)")
 
 
 def _scalar(v):
