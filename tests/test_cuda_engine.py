@@ -1,0 +1,63 @@
+"""The engine on CUDA (runs only where a CUDA device exists): the Triton kernels and the CUDA-graph
+step give the same images as the eager path, for both families."""
+
+import pytest
+import torch
+
+from bonsai_core.convert import convert_pipeline
+from bonsai_core.engine import BonsaiImageEngine
+from bonsai_core.quant.backends import active_backend
+from tests.sd_fixtures import make_tiny_sd_pipeline
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def sd_bonsai(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cuda")
+    make_tiny_sd_pipeline(root / "fp")
+    convert_pipeline(root / "fp", root / "bonsai", log=lambda m: None)
+    return root / "bonsai"
+
+
+def _generate(folder, monkeypatch, graph: str, **kw):
+    monkeypatch.setenv("BONSAI_CUDA_GRAPH", graph)
+    eng = BonsaiImageEngine.from_pretrained(folder, device="cuda")
+    try:
+        return eng.generate("a lantern", seed=3, steps=4, width=64, height=64, **kw), eng
+    finally:
+        eng.unload()
+
+
+def test_sd_cuda_graph_step_equals_eager(sd_bonsai, monkeypatch):
+    eager, _ = _generate(sd_bonsai, monkeypatch, "0")
+    graphed, eng = _generate(sd_bonsai, monkeypatch, "1")
+    assert eager.metadata["device"].startswith("cuda") and eager.metadata["dtype"] == "float16"
+    assert torch.isfinite(graphed.tensor).all()
+    assert (graphed.tensor - eager.tensor).abs().max() < 2e-3
+
+
+def test_sd_cuda_uses_the_triton_path_and_matches_the_cpu(sd_bonsai, monkeypatch):
+    from bonsai_core.quant import triton_q1
+
+    if not triton_q1.available():
+        pytest.skip("no Triton")
+    gpu, _ = _generate(sd_bonsai, monkeypatch, "1")
+    x = torch.zeros(1, 128, device="cuda", dtype=torch.float16)
+    assert active_backend(x, torch.zeros(1, 16, dtype=torch.uint8, device="cuda")).startswith("triton")
+    cpu = BonsaiImageEngine.from_pretrained(sd_bonsai, device="cpu").generate(
+        "a lantern", seed=3, steps=4, width=64, height=64)
+    assert (gpu.tensor - cpu.tensor).abs().mean() < 2e-2  # fp16 on the GPU, fp32 on the CPU
+
+
+def test_klein_cuda_graph_step_equals_eager(tmp_path, monkeypatch):
+    from tests.klein_fixtures import klein_ground_truth, make_gguf_and_parts
+    from bonsai_core.importers.assemble import import_model
+
+    gguf, parts = make_gguf_and_parts(tmp_path / "src", klein_ground_truth())
+    import_model(gguf, tmp_path / "klein", log=lambda m: None, **parts)
+    eager, _ = _generate(tmp_path / "klein", monkeypatch, "0")
+    graphed, _ = _generate(tmp_path / "klein", monkeypatch, "1")
+    assert eager.metadata["dtype"] == "bfloat16"  # the klein family's dtype on CUDA
+    assert torch.isfinite(graphed.tensor).all()
+    assert (graphed.tensor - eager.tensor).abs().max() < 1e-2
