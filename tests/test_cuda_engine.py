@@ -51,11 +51,11 @@ def test_sd_cuda_uses_the_triton_path_and_matches_the_cpu(sd_bonsai, monkeypatch
 
 
 def test_klein_cuda_graph_step_equals_eager(tmp_path, monkeypatch):
-    from tests.klein_fixtures import klein_ground_truth, make_gguf_and_parts
     from bonsai_core.importers.assemble import import_model
+    from tests.klein_fixtures import klein_ground_truth, make_mlx_repo
 
-    gguf, parts = make_gguf_and_parts(tmp_path / "src", klein_ground_truth())
-    import_model(gguf, tmp_path / "klein", log=lambda m: None, **parts)
+    repo, _ = make_mlx_repo(tmp_path / "src", klein_ground_truth(), te="dense")
+    import_model(repo, tmp_path / "klein", log=lambda m: None)
     eager, _ = _generate(tmp_path / "klein", monkeypatch, "0")
     graphed, _ = _generate(tmp_path / "klein", monkeypatch, "1")
     assert eager.metadata["dtype"] == "bfloat16"  # the klein family's dtype on CUDA
