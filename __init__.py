@@ -4,7 +4,10 @@ ComfyUI imports this folder as a package under its own folder name, so imports h
 relative. Outside ComfyUI (pytest, pip-installed ``bonsai_core``) this file is not needed.
 """
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
-
+if __package__:  # imported as a package: ComfyUI, or anything that loads the folder by name
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+else:  # loaded as a lone module (pytest collecting a checkout whose folder name is not an identifier)
+    NODE_CLASS_MAPPINGS: dict = {}
+    NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
