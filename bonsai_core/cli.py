@@ -125,7 +125,8 @@ def _cmd_generate(args) -> int:
         result = engine.generate(args.prompt, args.negative, steps=args.steps, guidance=args.cfg, width=args.width,
                                  height=args.height, seed=args.seed, sampler=args.sampler, karras=args.karras,
                                  batch=args.batch, guardrail=args.guardrail, style_prefix=args.style_prefix or None,
-                                 default_negative=not args.no_default_negative, callback=progress)
+                                 default_negative=not args.no_default_negative,
+                                 true_cfg=True if args.true_cfg else None, callback=progress)
     finally:
         bar.close()
     for w in result.warnings:
@@ -166,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guardrail", choices=["warn", "clamp", "refuse"], default="warn")
     g.add_argument("--style-prefix", action="store_true", help="prepend the config's style prefix")
     g.add_argument("--no-default-negative", action="store_true", help="leave an empty negative prompt empty")
+    g.add_argument("--true-cfg", action="store_true",
+                   help="classifier-free guidance with the negative prompt also for guidance-distilled models "
+                        "(FLUX.2 klein; needs --cfg other than 1; two passes a step)")
     g.add_argument("--out", default="bonsai.png", help="PNG to write (a batch adds _00, _01, ...)")
     g.set_defaults(func=_cmd_generate)
 

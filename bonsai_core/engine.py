@@ -148,10 +148,8 @@ class BonsaiImageEngine:
         t0 = time.perf_counter()
         choice = devices.pick(device if device is not None else config.device, dtype)
         folder = resolve_model(src, cache_dir or config.cache_dir)
-        if folder.is_file():
-            raise BonsaiCheckpointError(
-                f"{folder} is a single file; the engine loads a model folder (model_index.json ...). "
-                "Import a single-file checkpoint first with `bonsai import`")
+        if folder.is_file() or not (folder / "model_index.json").is_file():
+            _refuse_unimported(folder)
         index = read_model_index(folder)
         family_name, _ = family_of(index, folder)
         family_cls = _family_class(family_name)
@@ -221,20 +219,25 @@ class BonsaiImageEngine:
                  guidance: float | None = None, width: int | None = None, height: int | None = None,
                  seed: int | None = None, sampler: str | None = None, karras: bool = False, batch: int = 1,
                  guardrail: str = "warn", max_side: int | None = None, style_prefix: bool | None = None,
-                 default_negative: bool = True, callback: ProgressFn | None = None,
+                 default_negative: bool = True, true_cfg: bool | None = None, callback: ProgressFn | None = None,
                  cancel: Callable[[], bool] | None = None) -> GenerationResult:
         """Generate ``batch`` images. Image ``i`` uses seed ``seed + i``, so any image of a batch
         can be made again alone. ``callback(step, total, preview)`` runs after every step and
-        ``cancel()`` before every step (True raises ``BonsaiCancelledError``)."""
+        ``cancel()`` before every step (True raises ``BonsaiCancelledError``).
+
+        ``true_cfg``: classifier-free guidance with the negative prompt (two network passes a step).
+        None follows the family: on for SD UNets, off for guidance-distilled FLUX.2 [klein], where
+        asking for it (with ``guidance`` != 1) runs real CFG on top of the distilled model."""
         fam = self._family()
         d = fam.defaults
+        cfg_wanted = d.use_cfg if true_cfg is None else bool(true_cfg)
         t_start = time.perf_counter()
         sampler = sampler or d.sampler
         if sampler not in sampling.SAMPLERS:
             raise BonsaiRequestError(f"unknown sampler {sampler!r}: choose one of {', '.join(sampling.SAMPLERS)}")
         prompt, negative = apply_prompt_defaults(prompt, negative_prompt or "", config=self.config,
                                                  use_style_prefix=style_prefix,
-                                                 use_default_negative=default_negative and d.use_cfg)
+                                                 use_default_negative=default_negative and cfg_wanted)
         report = self.check(prompt, negative, steps=steps, guidance=guidance, width=width, height=height,
                             batch=batch, mode=guardrail, max_side=max_side)
         r = report.request
@@ -242,7 +245,7 @@ class BonsaiImageEngine:
         if not 0 <= seed < 2**64:
             raise BonsaiRequestError(f"seed {seed} is out of range 0..2^64-1")
         seeds = [(seed + i) % 2**64 for i in range(r.batch)]
-        use_cfg = d.use_cfg and r.guidance != 1.0
+        use_cfg = cfg_wanted and r.guidance != 1.0
         peak = _PeakMemory(self.device)
         try:
             t0 = time.perf_counter()
@@ -303,6 +306,23 @@ class BonsaiImageEngine:
         if self.family is None:
             raise BonsaiRequestError("this engine was unloaded; load the model again")
         return self.family
+
+
+def _refuse_unimported(path: Path) -> None:
+    """A file, or a folder without model_index.json: say what it is and how to make it loadable."""
+    from .importers import detect_layout
+
+    try:
+        layout = detect_layout(path)
+    except BonsaiCheckpointError:
+        layout = None
+    if layout and layout != "bonsai":
+        raise BonsaiCheckpointError(
+            f"{path} is a Bonsai Image 4B payload in the public {layout!r} layout; import it once into a model "
+            f"folder (no re-quantization): bonsai import {path} models/bonsai/<name>")
+    raise BonsaiCheckpointError(
+        f"{path}: the engine loads a model folder with a model_index.json (a Bonsai folder from `bonsai convert` "
+        "or `bonsai import`, or a diffusers pipeline folder)")
 
 
 def _to_pil(image_hwc: torch.Tensor):

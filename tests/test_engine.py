@@ -174,3 +174,10 @@ def test_hub_repo_id_loads_from_the_cache_in_offline_mode(models, tmp_path, monk
 def test_not_a_path_nor_a_repo_id_is_refused(tmp_path):
     with pytest.raises(BonsaiCheckpointError, match="neither an existing file or folder nor a Hub repo id"):
         BonsaiImageEngine.from_pretrained(str(tmp_path / "missing" / "deep" / "x"), device="cpu")
+
+
+def test_cli_info_config_shows_each_setting_and_its_source(monkeypatch, capsys):
+    monkeypatch.setenv("BONSAI_MAX_VRAM_GB", "4")
+    assert cli.main(["info", "--config"]) == 0
+    out = capsys.readouterr().out
+    assert "max_vram_gb" in out and "BONSAI_MAX_VRAM_GB" in out and "negative_default" in out

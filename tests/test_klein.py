@@ -421,3 +421,18 @@ def test_host_parked_module_lends_its_weights_and_takes_them_back_without_copies
     parked.park()
     assert all(t.data.data_ptr() == h.data_ptr() for t, h in zip(parked.tensors, host))
     assert torch.equal(m(x), ref)
+
+
+def test_engine_runs_true_cfg_on_klein_only_when_asked(eng):
+    plain = eng.generate("a red cat", seed=4, guidance=3.0, **SMALL)
+    assert plain.metadata["cfg"] is False and plain.metadata["negative_prompt"] == ""
+    cfg = eng.generate("a red cat", "blurry", seed=4, guidance=3.0, true_cfg=True, **SMALL)
+    assert cfg.metadata["cfg"] is True and cfg.metadata["negative_prompt"] == "blurry"
+    assert not torch.equal(plain.tensor, cfg.tensor)
+    same = eng.generate("a red cat", "blurry", seed=4, guidance=1.0, true_cfg=True, **SMALL)
+    assert same.metadata["cfg"] is False and torch.equal(same.tensor, plain.tensor)  # guidance 1: one pass
+
+
+def test_engine_points_a_public_payload_at_bonsai_import(work):
+    with pytest.raises(BonsaiCheckpointError, match="public 'gguf_q1' layout.*bonsai import"):
+        BonsaiImageEngine.from_pretrained(work["gguf"], device="cpu")
