@@ -105,8 +105,10 @@ def replace_dir(tmp: Path, dst: Path) -> None:
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, "torch.Tensor | PackedWeight"], *,
                  family: str, component: str, policy: dict | None = None,
-                 reasons: dict[str, str] | None = None, extra: dict | None = None) -> None:
-    """Write tensors (dense or ``PackedWeight``) as a Bonsai component file, atomically."""
+                 reasons: dict[str, str] | None = None, extra: dict | None = None,
+                 tied: dict[str, str] | None = None) -> None:
+    """Write tensors (dense or ``PackedWeight``) as a Bonsai component file, atomically.
+    ``tied`` (``{name: stored name}``) records weights the model shares between two names."""
     reasons = reasons or {}
     flat: dict[str, torch.Tensor] = {}
     index: dict[str, dict] = {}
@@ -124,9 +126,30 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, "torch.Tensor | Pac
         "family": family, "component": component,
         "policy": json.dumps(policy or {}), "tensors": json.dumps(index),
     }
+    if tied:
+        unknown = sorted(v for v in tied.values() if v not in tensors)
+        if unknown:
+            raise ValueError(f"tied names point at tensors that are not saved: {unknown}")
+        meta["tied"] = json.dumps(tied)
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
     atomic_write(Path(path), lambda tmp: save_file(flat, str(tmp), metadata=meta))
+
+
+def tied_names(model: nn.Module) -> dict[str, str]:
+    """State-dict names that are the very same tensor as an earlier name (``lm_head.weight`` tied to
+    ``model.embed_tokens.weight``, say): ``{later name: first name}``. Stored once, tied again on load."""
+    first: dict[tuple, str] = {}
+    tied: dict[str, str] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if t.numel() == 0:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in first:
+            tied[name] = first[key]
+        else:
+            first[key] = name
+    return tied
 
 
 def model_tensors(model: nn.Module) -> tuple[dict[str, "torch.Tensor | PackedWeight"], dict[str, str]]:
@@ -136,7 +159,10 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, "torch.Tensor | PackedWei
     qlayers = quantized_layers(model)
     out: dict[str, torch.Tensor | PackedWeight] = {}
     reasons: dict[str, str] = {}
+    tied = tied_names(model)
     for name, t in model.state_dict().items():
+        if name in tied:  # the same tensor under a second name (tied embeddings): stored once
+            continue
         mod, _, leaf = name.rpartition(".")
         if mod in qlayers and leaf in ("qs", "d"):
             if leaf == "qs":
@@ -181,6 +207,7 @@ def read_tensors(path: str | os.PathLike) -> ComponentFile:
         try:
             index = json.loads(meta_raw["tensors"])
             policy = json.loads(meta_raw.get("policy", "{}"))
+            tied = json.loads(meta_raw.get("tied", "{}"))
         except (KeyError, json.JSONDecodeError) as exc:
             raise _fail(path, f"header 'tensors'/'policy' entry missing or not JSON ({exc})") from exc
         keys = set(f.keys())
@@ -220,7 +247,11 @@ def read_tensors(path: str | os.PathLike) -> ComponentFile:
     meta = dict(meta_raw)
     meta["policy"] = policy
     meta["tensors"] = index
+    meta["tied"] = tied
     meta["format_version"] = version
+    bad = sorted(k for k, v in tied.items() if v not in tensors)
+    if bad:
+        raise _fail(path, f"header ties {bad[:3]} to tensors the file does not hold")
     return ComponentFile(path, tensors, meta)
 
 
@@ -254,6 +285,8 @@ def load_into(model: nn.Module, cf: ComponentFile, dtype: torch.dtype | None = N
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
             state[name] = t.to(device)
+    for name, source in cf.meta.get("tied", {}).items():
+        state[name] = state[source]  # same tensor: the tie costs no memory; tie_weights() below restores it
     expected = model.state_dict()
     for name, t in state.items():
         if name in expected and tuple(expected[name].shape) != tuple(t.shape):
@@ -267,6 +300,14 @@ def load_into(model: nn.Module, cf: ComponentFile, dtype: torch.dtype | None = N
                              f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
                              f"{' ...' if len(unexpected) > 6 else ''}")
     model.load_state_dict(state, strict=True, assign=True)
+    if cf.meta.get("tied") and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    # Buffers that are not in files (non-persistent: CLIP's position_ids, rotary tables) were made by
+    # the skeleton on the CPU: move them where the model runs, keeping their dtype.
+    for mod in model.modules():
+        for bname, buf in list(mod.named_buffers(recurse=False)):
+            if buf is not None and not buf.is_meta and buf.device != torch.device(device):
+                mod._buffers[bname] = buf.to(device)
     for t in list(model.parameters()) + list(model.buffers()):
         if t.is_meta:
             raise _fail(cf.path, "a tensor of the model was not filled from the file")

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .errors import BonsaiError
+from .errors import BonsaiError, BonsaiRequestError
 
 
 def _cmd_convert(args) -> int:
@@ -111,6 +111,11 @@ def _cmd_generate(args) -> int:
     config = BonsaiConfig.from_env(model=args.model, device=args.device, cache_dir=args.cache_dir)
     if config.model is None:
         raise BonsaiError("no model given: pass --model DIR_OR_REPO (or set BONSAI_MODEL)")
+    out = Path(args.out)
+    if out.is_dir():  # say so now, not after the whole generation
+        raise BonsaiRequestError(f"--out {args.out} is a folder; give a file name such as {out / 'bonsai.png'}")
+    if out.suffix == "":
+        out = out.with_suffix(".png")
     engine = BonsaiImageEngine.from_pretrained(config.model, device=config.device, dtype=args.dtype,
                                                cache_dir=config.cache_dir, config=config)
     print(f"loaded {engine.model_name} ({engine.family.name}) on {engine.choice.reason} "
@@ -131,7 +136,6 @@ def _cmd_generate(args) -> int:
         bar.close()
     for w in result.warnings:
         print(f"bonsai: warning: {w}", file=sys.stderr)
-    out = Path(args.out)
     written = []
     for i in range(len(result.images)):
         target = out if len(result.images) == 1 else out.with_name(f"{out.stem}_{i:02d}{out.suffix or '.png'}")

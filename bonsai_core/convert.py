@@ -143,7 +143,7 @@ def _quantize_and_save(model: nn.Module, out_dir: Path, src_dir: Path, *, family
                                         "the source holds NaN/inf or values beyond fp16 range")
     tensors, reasons = checkpoint.model_tensors(model)
     checkpoint.save_tensors(out_dir / weights_name, tensors, family=family, component=component,
-                            policy=policy.to_dict(), reasons=reasons)
+                            policy=policy.to_dict(), reasons=reasons, tied=checkpoint.tied_names(model))
     for f in src_dir.glob("*.json"):
         shutil.copy2(f, out_dir / f.name)
     return report

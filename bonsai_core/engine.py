@@ -241,6 +241,14 @@ class BonsaiImageEngine:
         report = self.check(prompt, negative, steps=steps, guidance=guidance, width=width, height=height,
                             batch=batch, mode=guardrail, max_side=max_side)
         r = report.request
+        m = d.multiple_of
+        if r.width % m or r.height % m:  # warn mode lets these through: make the image at the size we report
+            w, h = r.width - r.width % m, r.height - r.height % m
+            if w < m or h < m:
+                raise BonsaiRequestError(f"{r.width}x{r.height} is smaller than one {m}-pixel tile of this model; "
+                                         f"use at least {m}x{m}")
+            report.warnings.append(f"{r.width}x{r.height} is not a multiple of {m}: the image is made at {w}x{h}")
+            r.width, r.height = w, h
         seed = random.randint(0, 2**32 - 1) if seed is None else int(seed)
         if not 0 <= seed < 2**64:
             raise BonsaiRequestError(f"seed {seed} is out of range 0..2^64-1")

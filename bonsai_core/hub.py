@@ -32,7 +32,7 @@ def resolve_model(src: str | os.PathLike, cache_dir: str | os.PathLike | None = 
             f"model {text!r} is neither an existing file or folder nor a Hub repo id (owner/name); "
             "check the path")
     import huggingface_hub
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     cache = Path(cache_dir or os.environ.get("BONSAI_CACHE") or "./models/bonsai_cache")
     try:
@@ -50,3 +50,7 @@ def resolve_model(src: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     except RepositoryNotFoundError as exc:
         raise BonsaiCheckpointError(
             f"Hub repo {text!r} does not exist or is private (log in with `hf auth login`)") from exc
+    except (HfHubHTTPError, OSError, ValueError) as exc:  # revision not found, network, disk full...
+        raise BonsaiCheckpointError(
+            f"model {text!r} could not be fetched into {cache} ({type(exc).__name__}: {exc}); check the name, "
+            "the revision and the network, or point --model at a local folder") from exc

@@ -61,3 +61,12 @@ def test_klein_cuda_graph_step_equals_eager(tmp_path, monkeypatch):
     assert eager.metadata["dtype"] == "bfloat16"  # the klein family's dtype on CUDA
     assert torch.isfinite(graphed.tensor).all()
     assert (graphed.tensor - eager.tensor).abs().max() < 1e-2
+
+
+def test_sd_with_a_1bit_text_encoder_runs_on_cuda(tmp_path):
+    # CLIP's position_ids is a non-persistent buffer: not in the file, made on the CPU by the skeleton
+    make_tiny_sd_pipeline(tmp_path / "fp")
+    convert_pipeline(tmp_path / "fp", tmp_path / "b", quantize_text_encoder=True, log=lambda m: None)
+    eng = BonsaiImageEngine.from_pretrained(tmp_path / "b", device="cuda")
+    assert {b.device.type for b in eng.family.text_encoder.buffers()} == {"cuda"}
+    assert torch.isfinite(eng.generate("a lantern", seed=1, steps=2, width=64, height=64).tensor).all()

@@ -181,3 +181,18 @@ def test_cli_info_config_shows_each_setting_and_its_source(monkeypatch, capsys):
     assert cli.main(["info", "--config"]) == 0
     out = capsys.readouterr().out
     assert "max_vram_gb" in out and "BONSAI_MAX_VRAM_GB" in out and "negative_default" in out
+
+
+def test_warn_mode_makes_the_image_at_the_size_it_reports(eng):
+    r = eng.generate("a cat", width=68, height=64, steps=2, seed=0, guardrail="warn")
+    assert (r.metadata["width"], r.metadata["height"]) == (64, 64) and r.tensor.shape == (1, 64, 64, 3)
+    assert any("made at 64x64" in w for w in r.warnings)
+
+
+def test_cli_out_gets_a_png_suffix_and_a_folder_is_refused_before_loading(models, tmp_path, capsys):
+    args = ["generate", "a cat", "--model", str(models["bonsai"]), "--device", "cpu", "--steps", "1",
+            "--width", "64", "--height", "64", "--seed", "1"]
+    assert cli.main(args + ["--out", str(tmp_path / "single")]) == 0
+    assert (tmp_path / "single.png").is_file()
+    assert cli.main(args + ["--out", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err

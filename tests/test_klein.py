@@ -436,3 +436,19 @@ def test_engine_runs_true_cfg_on_klein_only_when_asked(eng):
 def test_engine_points_a_public_payload_at_bonsai_import(work):
     with pytest.raises(BonsaiCheckpointError, match="public 'gguf_q1' layout.*bonsai import"):
         BonsaiImageEngine.from_pretrained(work["gguf"], device="cpu")
+
+
+def test_convert_with_a_1bit_tied_text_encoder_stores_the_tie_once_and_loads(work, gt, tmp_path):
+    src = work["root"] / "unpacked-repo"
+    if not src.exists():
+        make_full_pipeline(src, gt=gt)
+    dst = tmp_path / "te1bit"
+    convert_pipeline(src, dst, quantize_text_encoder=True, **QUIET)
+    cf = read_tensors(find_weights(dst / "text_encoder"))
+    assert cf.meta["tied"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert "lm_head.weight" not in cf.tensors
+    e = BonsaiImageEngine.from_pretrained(dst, device="cpu")
+    te = e.family.text_encoder
+    assert te.lm_head.weight is te.model.embed_tokens.weight  # tied again, one tensor in memory
+    assert any(isinstance(m, BonsaiLinear) for m in te.modules())
+    assert torch.isfinite(e.generate("a lantern", seed=0, **SMALL).tensor).all()

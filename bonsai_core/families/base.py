@@ -89,6 +89,8 @@ class Family:
             try:
                 return self._graph(**inputs)
             except RuntimeError as exc:  # capture refused (a sync inside the forward, say): stay eager
+                if "out of memory" in str(exc).lower():
+                    raise  # the engine turns this into BonsaiMemoryError; eager would not fit either
                 import warnings
 
                 warnings.warn(f"CUDA graph capture failed, running eagerly: {exc}")
