@@ -24,7 +24,6 @@ defaults; ``--baseline-dtype`` forces one). The Bonsai model computes in the sam
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -49,10 +48,10 @@ def write_sd15_pipeline(folder: Path, seed: int = 0, log=print) -> Path:
     encoder's vocabulary is ~520 tokens instead of 49408 (its embedding is 0.4 M instead of 38 M
     parameters; every other shape is SD1.5's). Weights are stored in fp16.
     """
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.sd_fixtures import SD15_UNET_CONFIG, tiny_clip_tokenizer
+    from tests.sd_fixtures import SD15_UNET_CONFIG, tiny_clip_tokenizer, write_sd_scheduler_and_index
 
     folder = Path(folder)
     torch.manual_seed(seed)
@@ -75,17 +74,7 @@ def write_sd15_pipeline(folder: Path, seed: int = 0, log=print) -> Path:
                                       pad_token_id=tok.pad_token_id))
     te.to(torch.float16).save_pretrained(folder / "text_encoder", safe_serialization=True)
     del te
-    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                           prediction_type="epsilon", timestep_spacing="leading", steps_offset=1
-                           ).save_pretrained(folder / "scheduler")
-    index = {
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.36.0",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    write_sd_scheduler_and_index(folder)
     log(f"  written in {time.perf_counter() - t0:.1f} s")
     return folder
 

@@ -70,7 +70,7 @@ def tiny_clip_tokenizer(folder: Path):
 
 def make_tiny_sd_pipeline(folder: Path, seed: int = 0, unet_config: dict | None = None) -> Path:
     """Write a full-precision diffusers StableDiffusionPipeline folder with tiny random weights."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     folder = Path(folder)
@@ -88,6 +88,13 @@ def make_tiny_sd_pipeline(folder: Path, seed: int = 0, unet_config: dict | None 
                                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                       pad_token_id=tok.pad_token_id, projection_dim=128))
     te.save_pretrained(folder / "text_encoder", safe_serialization=True)
+    return write_sd_scheduler_and_index(folder)
+
+
+def write_sd_scheduler_and_index(folder: Path) -> Path:
+    """The SD1.5 scheduler config and a StableDiffusionPipeline model_index.json beside the components."""
+    from diffusers import EulerDiscreteScheduler
+
     EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                            prediction_type="epsilon", timestep_spacing="leading", steps_offset=1
                            ).save_pretrained(folder / "scheduler")
