@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,18 +90,28 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def replace_dir(tmp: Path, dst: Path) -> None:
-    """Move a finished folder ``tmp`` onto ``dst`` (replacing an old ``dst`` only once the new one
-    is complete): at no moment is a half-written model at ``dst``."""
+@contextmanager
+def staged_dir(dst: Path):
+    """Build a folder in a hidden temporary folder beside ``dst`` and move it onto ``dst`` only when
+    the ``with`` block completes (an old ``dst`` is replaced only then); on any failure the
+    temporary folder is removed. At no moment is a half-written model at ``dst``."""
     import shutil
 
-    if dst.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-        dst.rename(trash / dst.name)
-        tmp.rename(dst)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        tmp.rename(dst)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    try:
+        yield tmp
+        if dst.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
+            dst.rename(trash / dst.name)
+            tmp.rename(dst)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, "torch.Tensor | PackedWeight"], *,

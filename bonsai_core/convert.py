@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -165,10 +164,8 @@ def convert_pipeline(src: str | Path, dst: str | Path, *, quantize_text_encoder:
     if dst.exists() and not overwrite:
         raise BonsaiCheckpointError(f"{dst} already exists; pick another destination or pass --overwrite")
     policy = policy or default_policy(family)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     result = ConvertResult(dst=dst, family=family)
-    try:
+    with checkpoint.staged_dir(dst) as tmp:
         new_index = dict(index)
         for name, entry in index.items():
             if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2:
@@ -212,8 +209,4 @@ def convert_pipeline(src: str | Path, dst: str | Path, *, quantize_text_encoder:
         new_index[BONSAI_INDEX_KEY] = {"format_version": checkpoint.FORMAT_VERSION, "family": family,
                                        "quantized": sorted(result.reports)}
         (tmp / "model_index.json").write_text(json.dumps(new_index, indent=2))
-        checkpoint.replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result

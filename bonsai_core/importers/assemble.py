@@ -39,7 +39,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -426,10 +425,8 @@ def import_model(src, dst, *, layout: str | None = None, text_encoder=None, vae=
     layout = layout or detect_layout(src)
     parts = _find_parts(src, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer, scheduler=scheduler)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
     result = ImportResult(dst=dst, source_layout=layout)
-    try:
+    with checkpoint.staged_dir(dst) as tmp:
         log(f"importing the transformer ({layout}) from {src}")
         imported = import_transformer(src, layout=layout, allow_dequantize=allow_dequantize)
         result.notes += [f"transformer: {n}" for n in imported.notes]
@@ -470,10 +467,6 @@ def import_model(src, dst, *, layout: str | None = None, text_encoder=None, vae=
                             "quantized": ["transformer"] if result.packed else [],
                             "source_layout": layout, "notes": list(result.notes)}
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-        checkpoint.replace_dir(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 
