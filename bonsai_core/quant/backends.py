@@ -66,23 +66,22 @@ def linear_reference(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_feat
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
 
+def _select(x: torch.Tensor, qs: torch.Tensor) -> tuple[str, LinearFn]:
+    """The implementation ``linear_q1`` uses for these inputs: the first fast path that applies."""
+    _maybe_register_cuda(x)
+    if _FAST and kernel_mode() != "reference":
+        for name, applies, fn in _FAST:
+            if applies(x, qs):
+                return name, fn
+    return "reference", linear_reference
+
+
 def active_backend(x: torch.Tensor, qs: torch.Tensor) -> str:
     """Name of the implementation ``linear_q1`` would use for these inputs."""
-    _maybe_register_cuda(x)
-    if kernel_mode() != "reference":
-        for name, applies, _ in _FAST:
-            if applies(x, qs):
-                return name
-    return "reference"
+    return _select(x, qs)[0]
 
 
 def linear_q1(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int,
               bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ W.T + bias`` where ``W`` is the Q1_0 weight ``(qs, d)`` of ``in_features`` columns."""
-    if x.is_cuda:
-        _maybe_register_cuda(x)
-    if _FAST and kernel_mode() != "reference":
-        for _, applies, fn in _FAST:
-            if applies(x, qs):
-                return fn(x, qs, d, in_features, bias)
-    return linear_reference(x, qs, d, in_features, bias)
+    return _select(x, qs)[1](x, qs, d, in_features, bias)
