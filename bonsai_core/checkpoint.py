@@ -191,43 +191,64 @@ def _fail(path: Path, what: str) -> BonsaiCheckpointError:
     return BonsaiCheckpointError(f"{path}: {what}")
 
 
-def read_tensors(path: str | os.PathLike) -> ComponentFile:
-    """Read and check a Bonsai component file. Every inconsistency is a ``BonsaiCheckpointError``."""
-    path = Path(path)
+def _open(path: Path):
     if not path.is_file():
         raise _fail(path, "file not found")
     try:
-        handle = safe_open(str(path), framework="pt")
+        return safe_open(str(path), framework="pt")
     except Exception as exc:  # truncated or not safetensors at all
         raise _fail(path, f"not a readable safetensors file ({exc}); the file may be truncated: "
                           "download or convert it again") from exc
-    with handle as f:
-        meta_raw = f.metadata() or {}
-        if meta_raw.get("format") != FORMAT_NAME:
-            raise _fail(path, f"header format is {meta_raw.get('format')!r}, expected {FORMAT_NAME!r}: "
-                              "this is not a Bonsai file (convert it with `bonsai convert`)")
-        try:
-            version = int(meta_raw.get("format_version", "?"))
-        except ValueError:
-            raise _fail(path, f"format_version {meta_raw.get('format_version')!r} is not a number") from None
-        if version > FORMAT_VERSION:
-            raise _fail(path, f"format version {version} is newer than this ComfyUI-Bonsai reads "
-                              f"({FORMAT_VERSION}); upgrade comfyui-bonsai")
-        if meta_raw.get("group_size") != str(GROUP_SIZE):
-            raise _fail(path, f"group_size {meta_raw.get('group_size')!r}, expected {GROUP_SIZE}")
-        try:
-            index = json.loads(meta_raw["tensors"])
-            policy = json.loads(meta_raw.get("policy", "{}"))
-            tied = json.loads(meta_raw.get("tied", "{}"))
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise _fail(path, f"header 'tensors'/'policy' entry missing or not JSON ({exc})") from exc
-        keys = set(f.keys())
-        if keys != set(index):
-            extra, missing = sorted(keys - set(index)), sorted(set(index) - keys)
-            raise _fail(path, f"header and data disagree: tensors not in the header {extra[:5]}, "
-                              f"header entries with no data {missing[:5]}")
+
+
+def _checked_header(path: Path, f) -> dict:
+    """The header of an open Bonsai file, parsed and checked against the tensors it lists."""
+    meta_raw = f.metadata() or {}
+    if meta_raw.get("format") != FORMAT_NAME:
+        raise _fail(path, f"header format is {meta_raw.get('format')!r}, expected {FORMAT_NAME!r}: "
+                          "this is not a Bonsai file (convert it with `bonsai convert`)")
+    try:
+        version = int(meta_raw.get("format_version", "?"))
+    except ValueError:
+        raise _fail(path, f"format_version {meta_raw.get('format_version')!r} is not a number") from None
+    if version > FORMAT_VERSION:
+        raise _fail(path, f"format version {version} is newer than this ComfyUI-Bonsai reads "
+                          f"({FORMAT_VERSION}); upgrade comfyui-bonsai")
+    if meta_raw.get("group_size") != str(GROUP_SIZE):
+        raise _fail(path, f"group_size {meta_raw.get('group_size')!r}, expected {GROUP_SIZE}")
+    try:
+        index = json.loads(meta_raw["tensors"])
+        policy = json.loads(meta_raw.get("policy", "{}"))
+        tied = json.loads(meta_raw.get("tied", "{}"))
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise _fail(path, f"header 'tensors'/'policy' entry missing or not JSON ({exc})") from exc
+    keys = set(f.keys())
+    if keys != set(index):
+        extra, missing = sorted(keys - set(index)), sorted(set(index) - keys)
+        raise _fail(path, f"header and data disagree: tensors not in the header {extra[:5]}, "
+                          f"header entries with no data {missing[:5]}")
+    bad = sorted(k for k, v in tied.items() if v not in index)
+    if bad:
+        raise _fail(path, f"header ties {bad[:3]} to tensors the file does not hold")
+    meta = dict(meta_raw)
+    meta.update(policy=policy, tensors=index, tied=tied, format_version=version)
+    return meta
+
+
+def read_header(path: str | os.PathLike) -> dict:
+    """The checked header of a Bonsai component file, without reading its tensors (``bonsai info``)."""
+    path = Path(path)
+    with _open(path) as f:
+        return _checked_header(path, f)
+
+
+def read_tensors(path: str | os.PathLike) -> ComponentFile:
+    """Read and check a Bonsai component file. Every inconsistency is a ``BonsaiCheckpointError``."""
+    path = Path(path)
+    with _open(path) as f:
+        meta = _checked_header(path, f)
         tensors: dict[str, torch.Tensor | PackedWeight] = {}
-        for name, info in index.items():
+        for name, info in meta["tensors"].items():
             try:
                 t = f.get_tensor(name)
             except Exception as exc:
@@ -255,14 +276,6 @@ def read_tensors(path: str | os.PathLike) -> ComponentFile:
                     raise _fail(path, f"tensor {name!r} is labelled {qtype} {list(shape)} but holds "
                                       f"{_DTYPE_NAMES.get(t.dtype, t.dtype)} {list(t.shape)}")
                 tensors[name] = t
-    meta = dict(meta_raw)
-    meta["policy"] = policy
-    meta["tensors"] = index
-    meta["tied"] = tied
-    meta["format_version"] = version
-    bad = sorted(k for k, v in tied.items() if v not in tensors)
-    if bad:
-        raise _fail(path, f"header ties {bad[:3]} to tensors the file does not hold")
     return ComponentFile(path, tensors, meta)
 
 

@@ -74,18 +74,19 @@ def describe_model(path: Path) -> str:
             lines.append(f"  {name:<14} {entry[1]:<28} {kind:<12} {size / 2**20:9.1f} MB")
             files += [(name, p) for p in weights if checkpoint.is_bonsai_file(p)]
     for name, f in files:
-        cf = checkpoint.read_tensors(f)
-        q = {k: v for k, v in cf.meta["tensors"].items() if v["type"] == "Q1_0"}
-        dense = {k: v for k, v in cf.meta["tensors"].items() if v["type"] != "Q1_0"}
+        meta = checkpoint.read_header(f)  # the header says it all: no tensor is read
+        policy = meta["policy"]
+        q = {k: v for k, v in meta["tensors"].items() if v["type"] == "Q1_0"}
+        dense = {k: v for k, v in meta["tensors"].items() if v["type"] != "Q1_0"}
         by_type: dict[str, int] = {}
         for v in dense.values():
             by_type[v["type"]] = by_type.get(v["type"], 0) + 1
-        lines.append(f"{name}: {f.name}  format v{cf.meta['format_version']}, group {cf.meta['group_size']}, "
-                     f"family {cf.family}, policy {cf.policy.get('name', '?')}")
+        lines.append(f"{name}: {f.name}  format v{meta['format_version']}, group {meta['group_size']}, "
+                     f"family {meta.get('family', '')}, policy {policy.get('name', '?')}")
         lines.append(f"  Q1_0 tensors: {len(q)}   dense tensors: {len(dense)} "
                      f"({', '.join(f'{n} {t}' for t, n in sorted(by_type.items()))})")
-        if cf.policy.get("keep"):
-            lines.append(f"  kept in 16-bit by pattern: {', '.join(cf.policy['keep'])}")
+        if policy.get("keep"):
+            lines.append(f"  kept in 16-bit by pattern: {', '.join(policy['keep'])}")
     return "\n".join(lines)
 
 
