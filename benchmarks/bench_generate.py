@@ -180,11 +180,11 @@ def measure(label: str, folder: Path, device: torch.device, dtype: torch.dtype, 
         "image_finite": bool(torch.isfinite(image).all()), "image_mean": float(image.float().mean()),
     }
     if q:
-        from bonsai_core.quant import backends
+        from bonsai_core.quant import kernels
 
         layer = next(iter(q.values()))
         probe = torch.zeros(1, getattr(layer, "in_features", 128), dtype=dtype, device=device)
-        out["kernel"] = backends.active_backend(probe, layer.qs)
+        out["kernel"] = kernels.active(probe, layer.weight)
     unet = q = None  # noqa: F841 - drop our references before the engine frees its modules
     engine.unload()
     return out

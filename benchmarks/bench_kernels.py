@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bonsai_core.quant import q1_0, triton_q1  # noqa: E402
-from bonsai_core.quant.backends import linear_reference  # noqa: E402
+from bonsai_core.quant.kernels import REFERENCE  # noqa: E402
+from bonsai_core.quant.tensor import Q1Tensor  # noqa: E402
 
 # (name, out, in, count per step in klein-4B: 5 double blocks, 20 single blocks)
 SHAPES = [
@@ -76,14 +77,15 @@ def main() -> int:
                 wd = w.to(dtype)
                 del w
                 x = torch.randn(m, k, device="cuda", dtype=dtype)
-                ref = linear_reference(x.float(), qs, d, k, None)
+                wq = Q1Tensor(qs, d, (n, k))
+                ref = REFERENCE.linear(x.float(), wq, None)
                 err = {}
                 for path, fn in (("dequant", triton_q1.linear_dequant), ("fused", triton_q1.linear_fused)):
                     got = fn(x, qs, d, k, None).float()
                     err[path] = ((got - ref).abs().max() / ref.abs().max()).item()
                 t = {
                     "dense": timeit(lambda: torch.nn.functional.linear(x, wd)),
-                    "reference": timeit(lambda: linear_reference(x, qs, d, k, None)),
+                    "reference": timeit(lambda: REFERENCE.linear(x, wq, None)),
                     "dequant": timeit(lambda: triton_q1.linear_dequant(x, qs, d, k, None)),
                     "fused": timeit(lambda: triton_q1.linear_fused(x, qs, d, k, None)),
                 }

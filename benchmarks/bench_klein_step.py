@@ -184,10 +184,10 @@ def main(argv=None) -> int:
         quant_s = time.perf_counter() - t0
     weights_b = held_bytes(model, device)
     q = quantized_layers(model)
-    from bonsai_core.quant import backends
+    from bonsai_core.quant import kernels
 
     layer = next(iter(q.values()))
-    kernel = backends.active_backend(torch.zeros(1, layer.in_features, device=device, dtype=dtype), layer.qs)
+    kernel = kernels.active(torch.zeros(1, layer.in_features, device=device, dtype=dtype), layer.weight)
     print(f"  {len(q)} layers quantized in {fmt_s(quant_s)}, peak during quantization "
           f"{fmt_bytes(q_mem.result['peak_bytes'])} (bf16 model was {fmt_bytes(weights_a['module_bytes'])}); "
           f"now holds {fmt_bytes(weights_b['module_bytes'])}; kernel: {kernel}")

@@ -15,9 +15,8 @@ by tensor, what it holds:
 
 A Q1_0 tensor ``<module>.weight`` is stored as uint8 ``[rows, n_blocks*18]``: GGUF's 18-byte
 ``block_q1_0`` (fp16 scale, then 16 bytes of sign bits), so it moves to a ``.gguf`` unchanged.
-The loader trusts the file, not its own defaults: it builds the model skeleton on the meta
-device, swaps in a ``BonsaiLinear``/``BonsaiConv2d`` wherever the file says Q1_0, and assigns the
-file's tensors, so no full-precision copy of a quantized weight is ever built.
+In memory that tensor is a ``Q1Tensor`` (quant/tensor.py) under the same key. Building models
+from these files is ``loader.py``'s job; this module only reads and writes them.
 """
 
 from __future__ import annotations
@@ -35,8 +34,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import BonsaiCheckpointError
-from .quant.layers import QUANTIZED_TYPES, empty_like_float, quantized_layers
-from .quant.q1_0 import BLOCK_BYTES, GROUP_SIZE, PackedWeight, n_blocks
+from .quant.q1_0 import BLOCK_BYTES, GROUP_SIZE, n_blocks
+from .quant.tensor import Q1Tensor
 
 FORMAT_NAME = "bonsai"
 FORMAT_VERSION = 1
@@ -55,7 +54,7 @@ class ComponentFile:
     """One quantized component as read from disk: its tensors, checked against the header."""
 
     path: Path
-    tensors: dict[str, "torch.Tensor | PackedWeight"]
+    tensors: dict[str, torch.Tensor]  # dense tensors and Q1Tensor weights
     meta: dict = field(default_factory=dict)
 
     @property
@@ -114,17 +113,18 @@ def staged_dir(dst: Path):
         raise
 
 
-def save_tensors(path: str | os.PathLike, tensors: dict[str, "torch.Tensor | PackedWeight"], *,
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *,
                  family: str, component: str, policy: dict | None = None,
                  reasons: dict[str, str] | None = None, extra: dict | None = None,
                  tied: dict[str, str] | None = None) -> None:
-    """Write tensors (dense or ``PackedWeight``) as a Bonsai component file, atomically.
+    """Write tensors (dense or ``Q1Tensor``, which is stored as its 18-byte blocks) as a Bonsai
+    component file, atomically.
     ``tied`` (``{name: stored name}``) records weights the model shares between two names."""
     reasons = reasons or {}
     flat: dict[str, torch.Tensor] = {}
     index: dict[str, dict] = {}
     for name, t in tensors.items():
-        if isinstance(t, PackedWeight):
+        if isinstance(t, Q1Tensor):
             flat[name] = t.to_blocks().contiguous().cpu()
             index[name] = {"type": "Q1_0", "shape": list(t.shape)}
         else:
@@ -155,7 +155,8 @@ def tied_names(model: nn.Module) -> dict[str, str]:
     for name, t in model.state_dict(keep_vars=True).items():
         if t.numel() == 0:
             continue
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        inner = t.qs if isinstance(t, Q1Tensor) else t  # a Q1_0 weight has no storage of its own
+        key = (inner.untyped_storage().data_ptr(), inner.storage_offset(), tuple(t.shape), t.dtype)
         if key in first:
             tied[name] = first[key]
         else:
@@ -163,27 +164,21 @@ def tied_names(model: nn.Module) -> dict[str, str]:
     return tied
 
 
-def model_tensors(model: nn.Module) -> tuple[dict[str, "torch.Tensor | PackedWeight"], dict[str, str]]:
-    """A module's state as Bonsai tensors: each quantized layer's ``qs``/``d`` become one ``PackedWeight``."""
+def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A module's state as Bonsai tensors (each quantized layer's weight is its ``Q1Tensor``), and the
+    reason recorded for each weight layer."""
     report = getattr(model, "bonsai_report", None)
     decisions = report.decisions if report is not None else {}
-    qlayers = quantized_layers(model)
-    out: dict[str, torch.Tensor | PackedWeight] = {}
+    out: dict[str, torch.Tensor] = {}
     reasons: dict[str, str] = {}
     tied = tied_names(model)
     for name, t in model.state_dict().items():
         if name in tied:  # the same tensor under a second name (tied embeddings): stored once
             continue
-        mod, _, leaf = name.rpartition(".")
-        if mod in qlayers and leaf in ("qs", "d"):
-            if leaf == "qs":
-                layer = qlayers[mod]
-                out[f"{mod}.weight"] = PackedWeight(layer.qs, layer.d, layer.weight_shape)
-                reasons[f"{mod}.weight"] = decisions.get(mod, "quantized: Q1_0")
-            continue
         out[name] = t
-        if leaf == "weight" and mod in decisions:
-            reasons[name] = decisions[mod]
+        mod, _, leaf = name.rpartition(".")
+        if leaf == "weight" and (mod in decisions or isinstance(t, Q1Tensor)):
+            reasons[name] = decisions.get(mod, "quantized: Q1_0")
     return out, reasons
 
 
@@ -247,7 +242,7 @@ def read_tensors(path: str | os.PathLike) -> ComponentFile:
     path = Path(path)
     with _open(path) as f:
         meta = _checked_header(path, f)
-        tensors: dict[str, torch.Tensor | PackedWeight] = {}
+        tensors: dict[str, torch.Tensor] = {}
         for name, info in meta["tensors"].items():
             try:
                 t = f.get_tensor(name)
@@ -264,7 +259,7 @@ def read_tensors(path: str | os.PathLike) -> ComponentFile:
                 if t.dtype != torch.uint8 or tuple(t.shape) != want:
                     raise _fail(path, f"tensor {name!r} is labelled Q1_0 of shape {list(shape)}, so it should be "
                                       f"uint8 {list(want)}, but holds {t.dtype} {list(t.shape)}")
-                packed = PackedWeight.from_blocks(t, shape)
+                packed = Q1Tensor.from_blocks(t, shape)
                 del t
                 if not torch.isfinite(packed.d).all():
                     bad = (~torch.isfinite(packed.d)).nonzero()[0].tolist()
@@ -277,65 +272,6 @@ def read_tensors(path: str | os.PathLike) -> ComponentFile:
                                       f"{_DTYPE_NAMES.get(t.dtype, t.dtype)} {list(t.shape)}")
                 tensors[name] = t
     return ComponentFile(path, tensors, meta)
-
-
-def load_into(model: nn.Module, cf: ComponentFile, dtype: torch.dtype | None = None,
-              device: torch.device | str = "cpu") -> nn.Module:
-    """Fill a skeleton ``model`` (built on the meta device) with the tensors of ``cf``.
-
-    Layers the file holds as Q1_0 become ``BonsaiLinear``/``BonsaiConv2d``; dense floating tensors
-    are cast to ``dtype`` (when given). Shapes are checked against the skeleton.
-    """
-    modules = dict(model.named_modules())
-    state: dict[str, torch.Tensor] = {}
-    for name, t in cf.tensors.items():
-        mod_name, _, leaf = name.rpartition(".")
-        if isinstance(t, PackedWeight):
-            module = modules.get(mod_name)
-            if module is None or leaf != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d, *QUANTIZED_TYPES)):
-                raise _fail(cf.path, f"tensor {name!r} is Q1_0 but the model has no Linear/Conv2d "
-                                     f"named {mod_name!r}: wrong model for this file")
-            want = tuple(module.weight_shape if isinstance(module, QUANTIZED_TYPES) else module.weight.shape)
-            if want != t.shape:
-                raise _fail(cf.path, f"tensor {name!r} has shape {list(t.shape)}, the model expects {list(want)}")
-            if not isinstance(module, QUANTIZED_TYPES):
-                q = empty_like_float(module, device="meta")
-                parent_name, _, attr = mod_name.rpartition(".")
-                setattr(model.get_submodule(parent_name) if parent_name else model, attr, q)
-                modules[mod_name] = q
-            state[f"{mod_name}.qs"] = t.qs.to(device)
-            state[f"{mod_name}.d"] = t.d.to(device)
-        else:
-            if dtype is not None and t.is_floating_point():
-                t = t.to(dtype)
-            state[name] = t.to(device)
-    for name, source in cf.meta.get("tied", {}).items():
-        state[name] = state[source]  # same tensor: the tie costs no memory; tie_weights() below restores it
-    expected = model.state_dict()
-    for name, t in state.items():
-        if name in expected and tuple(expected[name].shape) != tuple(t.shape):
-            raise _fail(cf.path, f"tensor {name!r} has shape {list(t.shape)}, the model expects "
-                                 f"{list(expected[name].shape)}")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    # Non-persistent buffers and tied weights are not in files: allow what the skeleton recomputes.
-    if unexpected or missing:
-        raise _fail(cf.path, f"tensors do not match the model: missing {missing[:6]}"
-                             f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                             f"{' ...' if len(unexpected) > 6 else ''}")
-    model.load_state_dict(state, strict=True, assign=True)
-    if cf.meta.get("tied") and hasattr(model, "tie_weights"):
-        model.tie_weights()
-    # Buffers that are not in files (non-persistent: CLIP's position_ids, rotary tables) were made by
-    # the skeleton on the CPU: move them where the model runs, keeping their dtype.
-    for mod in model.modules():
-        for bname, buf in list(mod.named_buffers(recurse=False)):
-            if buf is not None and not buf.is_meta and buf.device != torch.device(device):
-                mod._buffers[bname] = buf.to(device)
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.is_meta:
-            raise _fail(cf.path, "a tensor of the model was not filled from the file")
-    return model.eval().requires_grad_(False)
 
 
 def find_weights(component_dir: Path) -> Path:

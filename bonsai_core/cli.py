@@ -49,7 +49,7 @@ def _cmd_export_gguf(args) -> int:
 def describe_model(path: Path) -> str:
     """What a Bonsai model folder or file holds: family, components, quantized layers, bytes."""
     from . import checkpoint
-    from .convert import family_of, read_model_index
+    from .loader import family_of, read_model_index
 
     lines = []
     path = Path(path)

@@ -1,4 +1,4 @@
-"""Turn a full-precision diffusers pipeline folder into a Bonsai folder, and load components back.
+"""Turn a full-precision diffusers pipeline folder into a Bonsai folder (loading is ``loader.py``).
 
 ``convert_pipeline(src, dst)``: the denoiser (``unet`` or ``transformer``) is quantized with the
 family's precision policy, the text encoder only when asked, the VAE stays fp16; tokenizer and
@@ -18,16 +18,9 @@ from torch import nn
 
 from . import checkpoint
 from .errors import BonsaiCheckpointError
+from .loader import component_class, family_of, read_model_index
 from .quant.layers import QuantReport, quantize_model
 from .quant.policy import PrecisionPolicy, default_policy
-
-# model_index.json `_class_name` -> (family, denoiser component)
-PIPELINE_FAMILIES = {
-    "StableDiffusionPipeline": ("sd_unet", "unet"),
-    "StableDiffusionXLPipeline": ("sd_unet", "unet"),
-    "Flux2KleinPipeline": ("flux2_klein", "transformer"),
-}
-DENOISER_CLASSES = {"UNet2DConditionModel": "sd_unet", "Flux2Transformer2DModel": "flux2_klein"}
 
 # Text encoders: embeddings, norms and the output projection stay 16-bit.
 TEXT_ENCODER_KEEP = ("*embed*", "*norm*", "text_projection", "lm_head")
@@ -52,84 +45,6 @@ class ConvertResult:
         parts.append(f"whole model: {self.bytes_before / 2**20:.1f} MB at fp16 -> {self.bytes_after / 2**20:.1f} MB "
                      f"(ratio 1/{self.bytes_before / max(self.bytes_after, 1):.2f})")
         return "\n".join(parts)
-
-
-def read_model_index(folder: Path) -> dict:
-    path = folder / "model_index.json"
-    if not path.is_file():
-        raise BonsaiCheckpointError(
-            f"{folder}: no model_index.json; expected a diffusers pipeline folder (unet/ or transformer/, "
-            "vae/, text_encoder/, tokenizer/, scheduler/)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BonsaiCheckpointError(f"{path}: not valid JSON ({exc})") from exc
-
-
-def family_of(index: dict, folder: Path) -> tuple[str, str]:
-    cls = index.get("_class_name", "")
-    if cls in PIPELINE_FAMILIES:
-        return PIPELINE_FAMILIES[cls]
-    for comp in ("unet", "transformer"):
-        entry = index.get(comp)
-        if isinstance(entry, list) and len(entry) == 2 and entry[1] in DENOISER_CLASSES:
-            return DENOISER_CLASSES[entry[1]], comp
-    raise BonsaiCheckpointError(
-        f"{folder}/model_index.json: pipeline {cls!r} is not a supported family; supported: "
-        f"{', '.join(PIPELINE_FAMILIES)}")
-
-
-def _component_class(library: str, class_name: str):
-    import importlib
-
-    if library not in ("diffusers", "transformers"):
-        raise BonsaiCheckpointError(f"component library {library!r} is not supported (diffusers or transformers)")
-    module = importlib.import_module(library)
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        raise BonsaiCheckpointError(
-            f"{library} {getattr(module, '__version__', '?')} has no class {class_name!r}; upgrade {library}")
-    return cls
-
-
-def build_skeleton(component_dir: Path, library: str, class_name: str) -> nn.Module:
-    """The component's module tree with parameters on the meta device (no memory for weights)."""
-    from accelerate import init_empty_weights
-
-    cls = _component_class(library, class_name)
-    with init_empty_weights():
-        if library == "diffusers":
-            model = cls.from_config(cls.load_config(component_dir))
-        else:
-            from transformers import AutoConfig
-
-            model = cls._from_config(AutoConfig.from_pretrained(component_dir))
-    return model
-
-
-def is_bonsai_component(component_dir: Path) -> bool:
-    return any(checkpoint.is_bonsai_file(p) for p in Path(component_dir).glob("*.safetensors"))
-
-
-def load_component(folder: Path, name: str, entry: list, dtype: torch.dtype | None,
-                   device: torch.device | str = "cpu") -> nn.Module:
-    """Load one pipeline component: a Bonsai file through the skeleton, anything else through
-    its library's ``from_pretrained`` (safetensors only)."""
-    library, class_name = entry
-    comp_dir = Path(folder) / name
-    if not comp_dir.is_dir():
-        raise BonsaiCheckpointError(f"{folder}: model_index.json names component {name!r} but {comp_dir} is missing")
-    if is_bonsai_component(comp_dir):
-        cf = checkpoint.read_tensors(checkpoint.find_weights(comp_dir))
-        model = build_skeleton(comp_dir, library, class_name)
-        return checkpoint.load_into(model, cf, dtype=dtype, device=device)
-    cls = _component_class(library, class_name)
-    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
-    try:
-        model = cls.from_pretrained(comp_dir, use_safetensors=True, **kwargs)
-    except (OSError, EnvironmentError, ValueError) as exc:
-        raise BonsaiCheckpointError(f"{comp_dir}: cannot load {class_name} ({exc})") from exc
-    return model.to(device).eval().requires_grad_(False)
 
 
 def _quantize_and_save(model: nn.Module, out_dir: Path, src_dir: Path, *, family: str, component: str,
@@ -181,7 +96,7 @@ def convert_pipeline(src: str | Path, dst: str | Path, *, quantize_text_encoder:
                 shutil.copytree(comp_src, comp_dst)
                 continue
             log(f"loading {name} ({entry[1]}) from {comp_src}")
-            cls = _component_class(*entry)
+            cls = component_class(*entry)
             try:
                 model = cls.from_pretrained(comp_src, torch_dtype=torch.float32)
             except (OSError, ValueError) as exc:

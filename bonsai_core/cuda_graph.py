@@ -5,6 +5,9 @@ becomes the bottleneck (Triton launches especially). Capturing one step into a C
 replaying it removes that cost. Inputs must keep their shapes between steps (they do inside one
 generation); each new input signature is captured once.
 
+A graph replays the kernels it captured, so a LoRA branch added, removed or re-weighted after the
+capture would be ignored: every capture is dropped when ``quant.layers.lora_epoch()`` changes.
+
 Used by the families on CUDA unless ``BONSAI_CUDA_GRAPH=0``.
 """
 
@@ -14,6 +17,8 @@ import os
 from typing import Callable
 
 import torch
+
+from .quant.layers import lora_epoch
 
 
 def enabled(device: torch.device) -> bool:
@@ -28,6 +33,7 @@ class GraphedStep:
         self.warmup = warmup
         self.max_graphs = max_graphs
         self._graphs: dict = {}
+        self._epoch = lora_epoch()
 
     @staticmethod
     def _signature(kwargs: dict) -> tuple:
@@ -35,6 +41,8 @@ class GraphedStep:
                      for k, v in sorted(kwargs.items()))
 
     def __call__(self, **kwargs) -> torch.Tensor:
+        if self._epoch != lora_epoch():  # a LoRA changed since the captures: they replay stale kernels
+            self.reset()
         key = self._signature(kwargs)
         entry = self._graphs.get(key)
         if entry is None:
@@ -64,3 +72,4 @@ class GraphedStep:
 
     def reset(self) -> None:
         self._graphs.clear()
+        self._epoch = lora_epoch()

@@ -20,7 +20,7 @@ import torch
 from . import device as devices
 from . import sampling
 from .config import BonsaiConfig
-from .convert import family_of, read_model_index
+from .loader import family_of, read_model_index
 from .errors import BonsaiCancelledError, BonsaiCheckpointError, BonsaiMemoryError, BonsaiRequestError
 from .families.base import Family
 from .guardrails import GuardrailReport, Request, apply_prompt_defaults, check_request, estimate_memory_bytes

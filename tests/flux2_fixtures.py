@@ -6,7 +6,7 @@ Importable by any test: ``from tests.flux2_fixtures import make_ground_truth, wr
 The writers here are deliberately independent of ``bonsai_core.importers``: BFL names, the fused
 qkv, the norm_out half swap, GGUF bytes, gemlite and MLX bit packing are all spelled out by hand,
 so the importers are tested against a second implementation of the spec, not against themselves.
-Only ``PackedWeight`` (the project's Q1_0 container) is shared, as the ground-truth type.
+Only ``Q1Tensor`` (the project's Q1_0 container) is shared, as the ground-truth type.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bonsai_core.quant.q1_0 import PackedWeight
+from bonsai_core.quant.tensor import Q1Tensor
 
 # num_layers 1, num_single_layers 2, 2 heads x 64 -> dim 128, hidden 384: every block linear's
 # in_features (128, 384, 512) is a multiple of 128. axes_dims_rope sums to head_dim 64.
@@ -85,7 +85,7 @@ def forward(model, seed: int = 0) -> torch.Tensor:
 
 @dataclass
 class GroundTruth:
-    """What every layout must import to: diffusers names; bf16 dense tensors; PackedWeight linears."""
+    """What every layout must import to: diffusers names; bf16 dense tensors; Q1Tensor linears."""
 
     config: dict
     tensors: dict
@@ -93,7 +93,7 @@ class GroundTruth:
     scales: dict = field(default_factory=dict)  # packed name -> fp16 [out, in/128]
 
     def dense(self, dtype=torch.float32) -> dict:
-        return {n: (t.dequantize(dtype) if isinstance(t, PackedWeight) else t.to(dtype)) for n, t in self.tensors.items()}
+        return {n: (t.dequantize(dtype) if isinstance(t, Q1Tensor) else t.to(dtype)) for n, t in self.tensors.items()}
 
 
 def make_ground_truth(seed: int = 0, config: dict = TINY_CONFIG) -> GroundTruth:
@@ -115,7 +115,7 @@ def make_ground_truth(seed: int = 0, config: dict = TINY_CONFIG) -> GroundTruth:
             if name == packed_names(config)[0]:
                 s[0, 0] = 0.0  # one all-zero group: the edge case of every convention
             gt.signs[name], gt.scales[name] = signs, s
-            gt.tensors[name] = PackedWeight.from_signs(signs, s, (out, cols))
+            gt.tensors[name] = Q1Tensor.from_signs(signs, s, (out, cols))
         else:
             gt.tensors[name] = p.to(torch.bfloat16)
     return gt
@@ -279,7 +279,7 @@ def write_gemlite_fixture(root, gt: GroundTruth, convention: str = "mode4", scal
     sd: dict = {}
     expected = dict(gt.tensors)
     for name, t in gt.tensors.items():
-        if not isinstance(t, PackedWeight):
+        if not isinstance(t, Q1Tensor):
             sd[name] = t.clone()
             continue
         fqn = name[:-len(".weight")]
@@ -352,7 +352,7 @@ def write_mlx_fixture(root, gt: GroundTruth, scale_dtype=torch.bfloat16, negativ
     st: dict = {}
     expected = dict(gt.tensors)
     for name, t in gt.tensors.items():
-        if not isinstance(t, PackedWeight):
+        if not isinstance(t, Q1Tensor):
             st[name] = t.contiguous()
             continue
         pre = name[:-len(".weight")]

@@ -7,17 +7,17 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from bonsai_core import checkpoint
+from bonsai_core import checkpoint, loader
 from bonsai_core.errors import BonsaiCheckpointError
 from bonsai_core.quant.layers import BonsaiConv2d, BonsaiLinear, quantize_model
-from bonsai_core.quant.q1_0 import PackedWeight
+from bonsai_core.quant.tensor import Q1Tensor
 
 
 def _tensors():
     torch.manual_seed(0)
     return {
-        "a.weight": PackedWeight.from_float(torch.randn(8, 300)),
-        "b.weight": PackedWeight.from_float(torch.randn(4, 3, 3, 3)),
+        "a.weight": Q1Tensor.from_float(torch.randn(8, 300)),
+        "b.weight": Q1Tensor.from_float(torch.randn(4, 3, 3, 3)),
         "a.bias": torch.randn(8).half(),
         "norm.weight": torch.randn(300).bfloat16(),
     }
@@ -46,7 +46,7 @@ def test_save_then_read_reproduces_every_tensor_bit_for_bit(tmp_path):
     assert set(cf.tensors) == set(src)
     for name, t in src.items():
         got = cf.tensors[name]
-        if isinstance(t, PackedWeight):
+        if isinstance(t, Q1Tensor):
             assert got.shape == t.shape and torch.equal(got.qs, t.qs) and torch.equal(got.d, t.d)
         else:
             assert got.dtype == t.dtype and torch.equal(got, t)
@@ -57,7 +57,7 @@ def test_save_then_read_reproduces_every_tensor_bit_for_bit(tmp_path):
 def test_model_save_load_round_trip_gives_same_outputs(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from bonsai_core.convert import build_skeleton
+    from bonsai_core.loader import build_skeleton
     from bonsai_core.quant.policy import default_policy
     from tests.sd_fixtures import TINY_UNET_CONFIG
 
@@ -68,7 +68,7 @@ def test_model_save_load_round_trip_gives_same_outputs(tmp_path):
     _write(tmp_path / "unet" / "diffusion_pytorch_model.safetensors", tensors, reasons=reasons)
     unet.save_config(tmp_path / "unet")
     skel = build_skeleton(tmp_path / "unet", "diffusers", "UNet2DConditionModel")
-    loaded = checkpoint.load_into(skel, checkpoint.read_tensors(tmp_path / "unet" / checkpoint.WEIGHTS_NAME))
+    loaded = loader.load_into(skel, checkpoint.read_tensors(tmp_path / "unet" / checkpoint.WEIGHTS_NAME))
     a, b = unet.state_dict(), loaded.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert isinstance(loaded.down_blocks[0].resnets[0].conv1, BonsaiConv2d)
@@ -144,13 +144,13 @@ def test_tensor_missing_from_header_is_refused(tmp_path):
 def test_file_for_another_model_is_refused_on_load(tmp_path):
     from diffusers import UNet2DConditionModel
 
-    from bonsai_core.convert import build_skeleton
+    from bonsai_core.loader import build_skeleton
     from tests.sd_fixtures import TINY_UNET_CONFIG
 
     UNet2DConditionModel(**TINY_UNET_CONFIG).save_config(tmp_path)
     cf = checkpoint.read_tensors(_write(tmp_path / "m.safetensors"))
     with pytest.raises(BonsaiCheckpointError, match="no Linear/Conv2d named 'a'"):
-        checkpoint.load_into(build_skeleton(tmp_path, "diffusers", "UNet2DConditionModel"), cf)
+        loader.load_into(build_skeleton(tmp_path, "diffusers", "UNet2DConditionModel"), cf)
 
 
 def test_failed_write_leaves_no_file(tmp_path, monkeypatch):

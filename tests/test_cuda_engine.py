@@ -6,7 +6,8 @@ import torch
 
 from bonsai_core.convert import convert_pipeline
 from bonsai_core.engine import BonsaiImageEngine
-from bonsai_core.quant.backends import active_backend
+from bonsai_core.quant import kernels
+from bonsai_core.quant.tensor import Q1Tensor
 from tests.sd_fixtures import make_tiny_sd_pipeline
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -44,7 +45,8 @@ def test_sd_cuda_uses_the_triton_path_and_matches_the_cpu(sd_bonsai, monkeypatch
         pytest.skip("no Triton")
     gpu, _ = _generate(sd_bonsai, monkeypatch, "1")
     x = torch.zeros(1, 128, device="cuda", dtype=torch.float16)
-    assert active_backend(x, torch.zeros(1, 16, dtype=torch.uint8, device="cuda")).startswith("triton")
+    w = Q1Tensor.from_float(torch.randn(4, 128)).cuda()
+    assert kernels.active(x, w) == "dequant" and kernels.active(x, w, "conv2d") == "dequant"
     cpu = BonsaiImageEngine.from_pretrained(sd_bonsai, device="cpu").generate(
         "a lantern", seed=3, steps=4, width=64, height=64)
     assert (gpu.tensor - cpu.tensor).abs().mean() < 2e-2  # fp16 on the GPU, fp32 on the CPU

@@ -12,7 +12,7 @@ import torch
 from bonsai_core.errors import BonsaiCheckpointError
 from bonsai_core.importers import ImportedTransformer, detect_layout, import_transformer
 from bonsai_core.importers import flux2_names as fn
-from bonsai_core.quant.q1_0 import PackedWeight
+from bonsai_core.quant.tensor import Q1Tensor
 from tests.flux2_fixtures import (
     GGML_BF16, GGML_Q1_0, TINY_CONFIG, build_model, forward, gemlite_pack, make_ground_truth,
     mlx_pack, packed_names, write_gemlite_fixture, write_gguf_fixture, write_mlx_fixture, write_raw_gguf,
@@ -36,8 +36,8 @@ def assert_same(imported: ImportedTransformer, expected: dict):
     assert set(imported.tensors) == set(expected)
     for name, want in expected.items():
         got = imported.tensors[name]
-        if isinstance(want, PackedWeight):
-            assert isinstance(got, PackedWeight), name
+        if isinstance(want, Q1Tensor):
+            assert isinstance(got, Q1Tensor), name
             assert got.shape == want.shape, name
             assert torch.equal(got.qs, want.qs), name
             assert torch.equal(got.d.view(torch.int16), want.d.view(torch.int16)), name  # same fp16 bits
@@ -57,7 +57,7 @@ def assert_forward_matches(imported, reference_output, config=TINY_CONFIG):
 # ---------------------------------------------------------------------------------------------
 def test_worked_example_gguf_block():
     block = torch.tensor([[0x00, 0x3C, 0x05] + [0] * 15], dtype=torch.uint8)
-    pw = PackedWeight.from_blocks(block, (1, 128))
+    pw = Q1Tensor.from_blocks(block, (1, 128))
     assert float(pw.d[0, 0]) == 1.0
     w = pw.dequantize()[0]
     assert w[0] == 1 and w[2] == 1
@@ -82,7 +82,7 @@ def test_worked_example_gemlite_byte():
     W_q = gemlite_pack(codes, 1)
     assert W_q.shape == (16, 1) and W_q[0, 0] == 0x05 and int(W_q[1:].sum()) == 0
     # and it is byte for byte the Q1_0 qs
-    pw = PackedWeight.from_signs(codes.bool(), torch.ones(1, 1), (1, 128))
+    pw = Q1Tensor.from_signs(codes.bool(), torch.ones(1, 1), (1, 128))
     assert torch.equal(pw.qs, W_q.t())
 
 
@@ -133,7 +133,7 @@ def test_state_dict_mapping_round_trips_with_swap_and_split(gt):
     h = nout.shape[0] // 2
     assert torch.equal(bfl["final_layer.adaLN_modulation.1.weight"][:h], nout[h:])  # halves swapped
     qkv = bfl["double_blocks.0.img_attn.qkv.weight"]
-    assert isinstance(qkv, PackedWeight) and qkv.shape == (3 * 128, 128)
+    assert isinstance(qkv, Q1Tensor) and qkv.shape == (3 * 128, 128)
     back, unknown = fn.bfl_to_diffusers(bfl)
     assert not unknown
     assert_same(ImportedTransformer(back, None, "x"), gt.tensors)

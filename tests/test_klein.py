@@ -18,7 +18,7 @@ from bonsai_core.errors import BonsaiCheckpointError, BonsaiRequestError
 from bonsai_core.families import flux2_klein as klein_mod
 from bonsai_core.importers.assemble import DEFAULT_SCHEDULER_CONFIG, export_gguf, import_model
 from bonsai_core.quant.layers import BonsaiLinear
-from bonsai_core.quant.q1_0 import PackedWeight
+from bonsai_core.quant.tensor import Q1Tensor
 from tests.flux2_fixtures import packed_names
 from tests.klein_fixtures import (
     OUT_LAYERS, build_pipeline, klein_ground_truth, make_full_pipeline, make_gemlite_repo, make_gguf_and_parts,
@@ -65,12 +65,12 @@ def assert_transformer_is(folder, expected: dict):
     assert set(cf.tensors) == set(expected)
     for name, want in expected.items():
         got = cf.tensors[name]
-        if isinstance(want, PackedWeight):
-            assert isinstance(got, PackedWeight) and got.shape == want.shape, name
+        if isinstance(want, Q1Tensor):
+            assert isinstance(got, Q1Tensor) and got.shape == want.shape, name
             assert torch.equal(got.qs, want.qs), name
             assert torch.equal(got.d.view(torch.int16), want.d.view(torch.int16)), name
         else:
-            assert not isinstance(got, PackedWeight), name
+            assert not isinstance(got, Q1Tensor), name
             assert got.dtype == want.dtype and torch.equal(got, want), name
     return cf
 
@@ -177,8 +177,8 @@ def test_import_unpacked_pipeline_folder(work, gt):
     cf = read_tensors(find_weights(dst / "transformer"))
     for name, want in gt.tensors.items():  # fp32 source: packed bits the same, dense values the same
         got = cf.tensors[name]
-        if isinstance(want, PackedWeight):
-            assert isinstance(got, PackedWeight) and torch.equal(got.qs[1:], want.qs[1:]), name
+        if isinstance(want, Q1Tensor):
+            assert isinstance(got, Q1Tensor) and torch.equal(got.qs[1:], want.qs[1:]), name
             assert torch.equal(got.dequantize(torch.float32), want.dequantize(torch.float32)), name
         else:
             assert torch.equal(got.float(), want.float()), name
@@ -197,7 +197,7 @@ def test_convert_full_precision_klein_with_the_flux2_policy(work, gt):
     assert (dst / "bonsai.json").read_text() == (src / "bonsai.json").read_text()  # top-level files carried
     cf = read_tensors(find_weights(dst / "transformer"))
     assert cf.family == "flux2_klein" and cf.policy["name"] == "flux2_klein_default"
-    packed = {n for n, t in cf.tensors.items() if isinstance(t, PackedWeight)}
+    packed = {n for n, t in cf.tensors.items() if isinstance(t, Q1Tensor)}
     assert packed == set(packed_names(gt.config))
     for kept in ("x_embedder.weight", "context_embedder.weight", "proj_out.weight", "norm_out.linear.weight",
                  "double_stream_modulation_img.linear.weight", "single_stream_modulation.linear.weight",

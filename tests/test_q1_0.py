@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bonsai_core.quant import q1_0
-from bonsai_core.quant.q1_0 import PackedWeight
+from bonsai_core.quant.tensor import Q1Tensor
 
 
 def test_hand_worked_block_decodes_to_plus_and_minus_d():
@@ -49,7 +49,7 @@ def test_zero_counts_as_positive_like_ggml():
 def test_round_trip_over_odd_shapes(shape):
     torch.manual_seed(1)
     w = torch.randn(*shape)
-    p = PackedWeight.from_float(w)
+    p = Q1Tensor.from_float(w)
     deq = p.dequantize()
     assert deq.shape == w.shape
     assert torch.equal(deq.sign(), torch.where(w >= 0, 1.0, -1.0))
@@ -59,14 +59,14 @@ def test_round_trip_over_odd_shapes(shape):
     for g in range(q1_0.n_blocks(cols)):
         real = flat[:, g * 128:(g + 1) * 128]
         torch.testing.assert_close(p.d[:, g].float(), real.abs().mean(1).half().float())
-    again = PackedWeight.from_blocks(p.to_blocks(), p.shape)
+    again = Q1Tensor.from_blocks(p.to_blocks(), p.shape)
     assert torch.equal(again.qs, p.qs) and torch.equal(again.d, p.d)
     assert p.nbytes == q1_0.packed_nbytes(shape[0], cols)
 
 
 def test_dequantize_in_half_precision_equals_fp32_path():
     w = torch.randn(8, 384)
-    p = PackedWeight.from_float(w)
+    p = Q1Tensor.from_float(w)
     assert torch.equal(p.dequantize(torch.float16).float(), p.dequantize(torch.float32))
 
 
@@ -74,22 +74,22 @@ def test_from_signs_is_lossless_for_sign_times_scale_weights():
     torch.manual_seed(2)
     scales = torch.rand(4, 3).half() + 0.1
     positive = torch.rand(4, 300) > 0.5
-    p = PackedWeight.from_signs(positive, scales, (4, 300))
+    p = Q1Tensor.from_signs(positive, scales, (4, 300))
     assert torch.equal(p.d, scales)
     dense = torch.where(positive, 1.0, -1.0) * scales.float().repeat_interleave(128, 1)[:, :300]
     assert torch.equal(p.dequantize(), dense)
-    assert torch.equal(PackedWeight.from_float(dense).qs, p.qs)
+    assert torch.equal(Q1Tensor.from_float(dense).qs, p.qs)
 
 
 def test_packed_weight_refuses_mismatched_parts():
     with pytest.raises(ValueError, match="do not fit"):
-        PackedWeight(torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(2, 2, dtype=torch.float16), (2, 128))
+        Q1Tensor(torch.zeros(2, 16, dtype=torch.uint8), torch.zeros(2, 2, dtype=torch.float16), (2, 128))
 
 
 def test_transposed_single_group_scales_are_stored_row_major():
     # a [rows, 1] view of a transposed tensor counts as contiguous but has a last stride != 1
     scales = torch.rand(1, 6).half().t()
     assert scales.is_contiguous() and scales.stride(-1) != 1
-    p = PackedWeight(torch.zeros(6, 16, dtype=torch.uint8), scales, (6, 128))
+    p = Q1Tensor(torch.zeros(6, 16, dtype=torch.uint8), scales, (6, 128))
     assert p.d.stride() == (1, 1) and torch.equal(p.d, scales)
-    assert torch.equal(PackedWeight.from_blocks(p.to_blocks(), p.shape).d, scales)
+    assert torch.equal(Q1Tensor.from_blocks(p.to_blocks(), p.shape).d, scales)

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from bonsai_core.quant import q1_0, triton_q1
-from bonsai_core.quant.backends import linear_reference
+from bonsai_core.quant import kernels, q1_0, triton_q1
+from bonsai_core.quant.tensor import Q1Tensor
+
 
 pytestmark = pytest.mark.skipif(not triton_q1.available(), reason="needs a CUDA device and Triton")
 
@@ -27,7 +28,7 @@ def test_triton_linear_matches_reference(m, n, k, dtype, path):
     qs, d = qs.cuda(), d.cuda()
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
-    ref = linear_reference(x.float(), qs, d, k, bias.float())
+    ref = kernels.REFERENCE.linear(x.float(), Q1Tensor(qs, d, (n, k)), bias.float())
     fn = triton_q1.linear_fused if path == "fused" else triton_q1.linear_dequant
     got = fn(x, qs, d, k, bias).float()
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3

@@ -31,7 +31,7 @@ from torch import nn
 from .. import device as devices
 from .. import sampling
 from ..config import FAMILY_DEFAULTS
-from ..convert import load_component
+from ..loader import load_component
 from ..errors import BonsaiCheckpointError, BonsaiRequestError
 from .base import Family
 from .sd_unet import load_tokenizer, read_scheduler_config

@@ -13,7 +13,7 @@ import torch
 
 from .. import sampling
 from ..config import FAMILY_DEFAULTS
-from ..convert import load_component
+from ..loader import load_component
 from ..errors import BonsaiCheckpointError
 from .base import Family
 

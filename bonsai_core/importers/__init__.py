@@ -13,7 +13,7 @@ Layouts (spec: /work/shared/BONSAI-IMAGE-4B.md):
 * ``bonsai``   — this project's own safetensors (metadata ``format == "bonsai"``); only detected here.
 
 The common form: diffusers ``Flux2Transformer2DModel`` state-dict names; 16-bit tensors in their
-own dtype; binary linears as ``PackedWeight`` (Q1_0, group 128, exact sign bits, fp16 scales).
+own dtype; binary linears as ``Q1Tensor`` (Q1_0, group 128, exact sign bits, fp16 scales).
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ from typing import Union
 import torch
 
 from ..errors import BonsaiCheckpointError
-from ..quant.q1_0 import PackedWeight
+from ..quant.tensor import Q1Tensor
 
-Tensorish = Union[torch.Tensor, PackedWeight]
+Tensorish = Union[torch.Tensor, Q1Tensor]
 
 LAYOUTS = ("gguf_q1", "gemlite", "mlx", "unpacked", "bonsai")
 
@@ -50,11 +50,11 @@ class ImportedTransformer:
     notes: list[str] = field(default_factory=list)
 
     def packed_names(self) -> list[str]:
-        return [n for n, t in self.tensors.items() if isinstance(t, PackedWeight)]
+        return [n for n, t in self.tensors.items() if isinstance(t, Q1Tensor)]
 
     def dense_state_dict(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Every tensor dense in ``dtype`` (packed ones dequantized): loadable into diffusers' model."""
-        return {n: (t.dequantize(dtype) if isinstance(t, PackedWeight) else t.to(dtype))
+        return {n: (t.dequantize(dtype) if isinstance(t, Q1Tensor) else t.to(dtype))
                 for n, t in self.tensors.items()}
 
 

@@ -48,7 +48,7 @@ import torch
 from .. import checkpoint
 from ..errors import BonsaiCheckpointError
 from ..quant.policy import FLUX2_KEEP, default_policy
-from ..quant.q1_0 import PackedWeight
+from ..quant.tensor import Q1Tensor
 from . import ImportedTransformer, detect_layout, import_transformer, read_json, read_safetensors_header
 
 FAMILY = "flux2_klein"
@@ -242,7 +242,7 @@ def _write_transformer(imported: ImportedTransformer, out: Path, result: ImportR
     layout = imported.source_layout
     reasons = {}
     for name, t in imported.tensors.items():
-        if isinstance(t, PackedWeight):
+        if isinstance(t, Q1Tensor):
             reasons[name] = f"imported from {layout}: binary sign x scale, Q1_0 bits copied (not re-quantized)"
             result.packed += 1
             result.packed_bytes += t.qs.numel() + t.d.numel() * 2
@@ -348,7 +348,7 @@ def _check_vae_layout(vae_dir: Path) -> None:
     is refused here, at import, rather than failing when the first image is decoded."""
     from safetensors import safe_open
 
-    from ..convert import build_skeleton
+    from ..loader import build_skeleton
 
     want = {k: tuple(v.shape) for k, v in build_skeleton(vae_dir, "diffusers", VAE_CLASS).state_dict().items()}
     have: dict[str, tuple] = {}
@@ -475,7 +475,7 @@ def export_gguf(model_dir, out, *, overwrite: bool = False, log: Callable[[str],
 
     Q1_0 tensors are written as ggml type 41 blocks byte for byte, dense ones as BF16/F16/F32.
     """
-    from ..convert import family_of, is_bonsai_component, read_model_index
+    from ..loader import family_of, is_bonsai_component, read_model_index
     from .gguf_q1 import write_gguf
 
     model_dir, out = Path(model_dir), Path(out)
@@ -490,7 +490,7 @@ def export_gguf(model_dir, out, *, overwrite: bool = False, log: Callable[[str],
         raise BonsaiCheckpointError(
             f"{comp}: not a Bonsai Q1_0 transformer (full precision?); run `bonsai convert` first, then export")
     cf = checkpoint.read_tensors(checkpoint.find_weights(comp))
-    packed = sum(isinstance(t, PackedWeight) for t in cf.tensors.values())
+    packed = sum(isinstance(t, Q1Tensor) for t in cf.tensors.values())
     log(f"writing {out}: {packed} Q1_0 tensors, {len(cf.tensors) - packed} dense")
     out.parent.mkdir(parents=True, exist_ok=True)
     return write_gguf(out, cf.tensors)

@@ -23,7 +23,7 @@ checkpoints use Black Forest Labs' original names. The correspondence below foll
 * ``single_blocks.N.linear1`` -> ``attn.to_qkv_mlp_proj``; ``linear2`` -> ``attn.to_out``;
   ``norm.{query,key}_norm.scale`` -> ``attn.norm_{q,k}.weight``.
 
-Row operations (split, concatenate, swap halves) work on dense tensors and on ``PackedWeight``
+Row operations (split, concatenate, swap halves) work on dense tensors and on ``Q1Tensor``
 alike, so a Q1_0 tensor is renamed without being dequantized.
 """
 
@@ -34,9 +34,9 @@ from typing import Union
 
 import torch
 
-from ..quant.q1_0 import PackedWeight
+from ..quant.tensor import Q1Tensor
 
-Tensorish = Union[torch.Tensor, PackedWeight]
+Tensorish = Union[torch.Tensor, Q1Tensor]
 
 # A prefix some single-file checkpoints put in front of every transformer tensor.
 BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
@@ -177,33 +177,33 @@ def diffusers_name_to_bfl(name: str) -> tuple[str, int] | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Row operations on dense tensors and PackedWeight
+# Row operations on dense tensors and Q1Tensor
 # ---------------------------------------------------------------------------------------------
 def shape_of(t: Tensorish) -> tuple[int, ...]:
-    return tuple(t.shape) if isinstance(t, PackedWeight) else tuple(int(s) for s in t.shape)
+    return tuple(t.shape) if isinstance(t, Q1Tensor) else tuple(int(s) for s in t.shape)
 
 
 def split_rows(t: Tensorish, parts: int) -> list[Tensorish]:
-    """Split along dim 0 into ``parts`` equal pieces (exact for PackedWeight: blocks never cross rows)."""
+    """Split along dim 0 into ``parts`` equal pieces (exact for Q1Tensor: blocks never cross rows)."""
     rows = shape_of(t)[0]
     if rows % parts:
         raise ValueError(f"{rows} rows do not split into {parts} equal parts")
     n = rows // parts
-    if isinstance(t, PackedWeight):
-        return [PackedWeight(t.qs[i * n:(i + 1) * n].clone(), t.d[i * n:(i + 1) * n].clone(),
+    if isinstance(t, Q1Tensor):
+        return [Q1Tensor(t.qs[i * n:(i + 1) * n].clone(), t.d[i * n:(i + 1) * n].clone(),
                              (n, *t.shape[1:])) for i in range(parts)]
     return [t[i * n:(i + 1) * n].clone() for i in range(parts)]
 
 
 def cat_rows(ts: list[Tensorish]) -> Tensorish:
     """Concatenate along dim 0; all parts must be of one kind (all packed, or all dense of one dtype)."""
-    if all(isinstance(t, PackedWeight) for t in ts):
+    if all(isinstance(t, Q1Tensor) for t in ts):
         tails = {t.shape[1:] for t in ts}
         if len(tails) != 1:
             raise ValueError(f"packed parts have different shapes {[t.shape for t in ts]}")
-        return PackedWeight(torch.cat([t.qs for t in ts]), torch.cat([t.d for t in ts]),
+        return Q1Tensor(torch.cat([t.qs for t in ts]), torch.cat([t.d for t in ts]),
                             (sum(t.shape[0] for t in ts), *ts[0].shape[1:]))
-    if any(isinstance(t, PackedWeight) for t in ts):
+    if any(isinstance(t, Q1Tensor) for t in ts):
         raise ValueError("cannot fuse packed and dense parts into one tensor")
     if len({t.dtype for t in ts}) != 1:
         raise ValueError(f"cannot fuse parts of different dtypes {[t.dtype for t in ts]}")

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from ..quant.q1_0 import GROUP_SIZE, PackedWeight
+from ..quant.q1_0 import GROUP_SIZE
+from ..quant.tensor import Q1Tensor
 from . import (GEMLITE_DIRS, ImportedTransformer, load_pt_weights_only, read_json, refuse, scales_to_fp16,
                validate_or_infer)
 
@@ -117,7 +118,7 @@ def import_gemlite(path, allow_dequantize: bool = False,
                    dequantize_dtype: torch.dtype = torch.bfloat16) -> ImportedTransformer:
     """Import a gemlite transformer folder (or the repo folder holding ``transformer-gemlite-int1/``).
 
-    1-bit linears become ``PackedWeight`` losslessly when every group is {-s, +s}. 2-bit (ternary)
+    1-bit linears become ``Q1Tensor`` losslessly when every group is {-s, +s}. 2-bit (ternary)
     linears are refused unless ``allow_dequantize=True``, which stores them dense in ``dequantize_dtype``.
     """
     d = resolve_dir(path)
@@ -148,7 +149,7 @@ def import_gemlite(path, allow_dequantize: bool = False,
         if extra:
             notes.append(f"{len(extra)} packed linears not listed in quantized_fqns (imported anyway): {extra[:3]}")
 
-    tensors: dict[str, torch.Tensor | PackedWeight] = {}
+    tensors: dict[str, torch.Tensor | Q1Tensor] = {}
     for name, t in plain.items():
         if not t.is_floating_point():
             raise refuse(sd_path, f"dtype {t.dtype}", tensor=name, expected="a 16/32-bit float tensor")
@@ -244,9 +245,9 @@ def import_gemlite(path, allow_dequantize: bool = False,
         flip = torch.signbit(scale_b).t()
         if flip.any():
             qs = (qs.view(out, G, 16) ^ (flip.to(torch.uint8) * 255).unsqueeze(-1)).view(out, G * 16)
-        tensors[name] = PackedWeight(qs, d16.t().contiguous(), (out, cols))
+        tensors[name] = Q1Tensor(qs, d16.t().contiguous(), (out, cols))
 
-    n_packed = sum(isinstance(t, PackedWeight) for t in tensors.values())
+    n_packed = sum(isinstance(t, Q1Tensor) for t in tensors.values())
     notes.append(f"{n_packed} binary linears moved bit for bit into Q1_0 (W_q transposed = qs); "
                  f"scale/zero stored as {sorted(scale_dtypes)}")
     if n_packed:

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 
 from ..errors import BonsaiCheckpointError
-from ..quant.q1_0 import BLOCK_BYTES, GGML_TYPE_Q1_0, GROUP_SIZE, PackedWeight
+from ..quant.q1_0 import BLOCK_BYTES, GGML_TYPE_Q1_0, GROUP_SIZE
+from ..quant.tensor import Q1Tensor
 from . import ImportedTransformer, refuse, validate_or_infer
 from .flux2_names import (
     bfl_to_diffusers, diffusers_name_to_bfl, diffusers_to_bfl, strip_bfl_prefix,
@@ -109,7 +110,7 @@ def read_gguf(path, allow_dequantize: bool = False) -> ImportedTransformer:
     arch = _kv_string(reader, "general.architecture")
     notes.append(f"GGUF general.architecture = {arch!r}" if arch is not None
                  else "GGUF has no general.architecture key (as stable-diffusion.cpp writes it)")
-    raw: dict[str, torch.Tensor | PackedWeight] = {}
+    raw: dict[str, torch.Tensor | Q1Tensor] = {}
     q8: list[str] = []
     stripped = 0
     for name, ne, ttype, offset in reader.raw_tensors:
@@ -140,7 +141,7 @@ def read_gguf(path, allow_dequantize: bool = False) -> ImportedTransformer:
                 raise refuse(path, f"is Q1_0 with {len(ne)} dimensions {list(torch_shape)}", tensor=name,
                              expected="a 2-D linear weight [out, in]")
             blocks = torch.from_numpy(buf).reshape(rows, nbytes // rows)
-            t = PackedWeight.from_blocks(blocks, torch_shape)
+            t = Q1Tensor.from_blocks(blocks, torch_shape)
         elif ttype == GGML_Q8_0:
             from gguf import GGMLQuantizationType
             from gguf.quants import dequantize
@@ -214,7 +215,7 @@ def write_gguf(path, tensors: dict, arch: str = "flux") -> Path:
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         for name, t in bfl.items():
-            if isinstance(t, PackedWeight):
+            if isinstance(t, Q1Tensor):
                 if len(t.shape) != 2 or t.cols % GROUP_SIZE:
                     raise refuse(path, f"packed shape {list(t.shape)}", tensor=name,
                                  expected="2-D [out, in] with in a multiple of 128 (GGUF Q1_0 rows hold whole blocks)")
@@ -227,7 +228,7 @@ def write_gguf(path, tensors: dict, arch: str = "flux") -> Path:
             elif t.dtype == torch.float32:
                 writer.add_tensor(name, t.contiguous().numpy())
             else:
-                raise refuse(path, f"dtype {t.dtype}", tensor=name, expected="PackedWeight, bf16, fp16 or fp32")
+                raise refuse(path, f"dtype {t.dtype}", tensor=name, expected="Q1Tensor, bf16, fp16 or fp32")
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

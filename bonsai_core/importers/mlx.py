@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ..quant.q1_0 import GROUP_SIZE, PackedWeight
+from ..quant.q1_0 import GROUP_SIZE
+from ..quant.tensor import Q1Tensor
 from . import (
     DIFFUSERS_WEIGHTS, MLX_DIR, ImportedTransformer, load_safetensors, read_json, refuse, scales_to_fp16,
     validate_or_infer,
@@ -62,7 +63,7 @@ def import_mlx(path, allow_dequantize: bool = False,
                dequantize_dtype: torch.dtype = torch.bfloat16) -> ImportedTransformer:
     """Import an MLX packed transformer folder (or the repo folder holding ``transformer-packed-mflux/``).
 
-    1-bit linears become ``PackedWeight`` losslessly when every group is {-s, +s}; otherwise, and for
+    1-bit linears become ``Q1Tensor`` losslessly when every group is {-s, +s}; otherwise, and for
     2-bit (ternary) files, the import is refused unless ``allow_dequantize=True`` (dense ``dequantize_dtype``).
     """
     d = resolve_dir(path)
@@ -83,7 +84,7 @@ def import_mlx(path, allow_dequantize: bool = False,
 
     prefixes = sorted(n[:-len(".scales")] for n in raw if n.endswith(".scales"))
     consumed: set[str] = set()
-    tensors: dict[str, torch.Tensor | PackedWeight] = {}
+    tensors: dict[str, torch.Tensor | Q1Tensor] = {}
     per = 32 // bits
     max_err, n_rounded, sdtypes, dense, flipped = 0.0, 0, set(), [], 0
     for pre in prefixes:
@@ -140,7 +141,7 @@ def import_mlx(path, allow_dequantize: bool = False,
             qs = (qs.view(out, G, 16) ^ (flip.to(torch.uint8) * 255).unsqueeze(-1)).view(out, G * 16)
         else:
             qs = qs.clone()
-        tensors[name] = PackedWeight(qs, d16, (out, cols))
+        tensors[name] = Q1Tensor(qs, d16, (out, cols))
 
     for n, t in raw.items():
         if n in consumed:
@@ -152,7 +153,7 @@ def import_mlx(path, allow_dequantize: bool = False,
                          expected="a float tensor (packed weights come with .scales and .biases)")
         tensors[n] = t
 
-    n_packed = sum(isinstance(t, PackedWeight) for t in tensors.values())
+    n_packed = sum(isinstance(t, Q1Tensor) for t in tensors.values())
     if n_packed:
         notes.append(f"{n_packed} binary linears moved bit for bit into Q1_0 (uint32 words as little-endian "
                      f"bytes = qs); every group checked: bias == -(scale+bias), i.e. values -s and +s")

@@ -7,7 +7,7 @@ a diffusers folder with a dense 16-bit ``transformer/diffusion_pytorch_model.saf
 each linear instead of trusting the assumption:
 
 * a packed linear whose every group of 128 is exactly {-s, +s} (same |value| everywhere in the
-  group) becomes a ``PackedWeight`` with d = s, bit = not signbit(w): lossless;
+  group) becomes a ``Q1Tensor`` with d = s, bit = not signbit(w): lossless;
 * if s is not exactly an fp16 value (a bf16/fp32 source can hold such scales), or a group is not
   sign x scale (e.g. the ternary model, or an ordinary dense model), the linear is kept dense in
   its own dtype and the notes say so. Nothing is ever re-quantized.
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..quant.q1_0 import GROUP_SIZE, PackedWeight
+from ..quant.q1_0 import GROUP_SIZE
+from ..quant.tensor import Q1Tensor
 from . import (
     DIFFUSERS_INDEX, DIFFUSERS_WEIGHTS, ImportedTransformer, load_safetensors, load_safetensors_dir, read_json,
     refuse, validate_or_infer,
@@ -86,7 +87,7 @@ def import_unpacked(path, allow_dequantize: bool = False) -> ImportedTransformer
         raw = {**{n: t for n, t in raw.items() if diffusers_name_to_bfl(n) is not None}, **mapped}
         notes.append("BFL names mapped to diffusers names (qkv split, norm_out halves swapped)")
 
-    tensors: dict[str, torch.Tensor | PackedWeight] = {}
+    tensors: dict[str, torch.Tensor | Q1Tensor] = {}
     dtypes: set[str] = set()
     not_binary: list[str] = []
     not_fp16: list[str] = []
@@ -108,9 +109,9 @@ def import_unpacked(path, allow_dequantize: bool = False) -> ImportedTransformer
             not_fp16.append(name)
             tensors[name] = t
             continue
-        tensors[name] = PackedWeight.from_signs(positive, d16, t.shape)
+        tensors[name] = Q1Tensor.from_signs(positive, d16, t.shape)
 
-    n_packed = sum(isinstance(t, PackedWeight) for t in tensors.values())
+    n_packed = sum(isinstance(t, Q1Tensor) for t in tensors.values())
     notes.append(f"dense source ({sorted(dtypes)}): {n_packed} linears found exactly sign x scale per 128-group "
                  f"and packed losslessly to Q1_0 (d = s, an exact fp16 value)")
     if not_binary:

@@ -1,14 +1,16 @@
-"""``BonsaiLinear`` and ``BonsaiConv2d``: layers that hold only packed bits, scales and a bias.
+"""``BonsaiLinear`` and ``BonsaiConv2d``: ``nn.Linear`` / ``nn.Conv2d`` whose ``weight`` is a ``Q1Tensor``.
 
-No full-precision copy of a quantized weight stays alive: the forward dequantizes into the input's
-dtype (through the kernel back-end, see ``backends.py``), uses it, and drops it.
+They are subclasses, so ``isinstance(m, nn.Linear)`` holds and every walker that looks for linears
+finds them; their ``weight`` is one object carrying the packed bits, the fp16 scales, the logical
+shape and the quant type (``tensor.py``), so ``state_dict()`` holds it under the file's own key
+``<module>.weight`` and ``load_state_dict`` takes it back (or the file's raw 18-byte blocks).
+No full-precision copy of a quantized weight is ever made: the forward goes through the kernel
+contract (``kernels.py``), for convs as for linears.
 
-Buffers (and so state-dict keys) of a quantized layer ``m``:
-    ``m.qs``  uint8   [out, n_blocks*16]   sign bits, GGUF Q1_0 order (see q1_0.py)
-    ``m.d``   float16 [out, n_blocks]      per-group scales
-    ``m.bias`` (parameter, optional)       in the dtype the model runs in
-The scales stay float16 whatever ``model.to(dtype)`` asks: they are part of the format, and a cast
-to bf16 would lose bits.
+Each layer also has a LoRA slot: low-rank side branches ``y = base(x) + sum(strength * up(down(x)))``
+(for a conv, ``down`` is a conv with the layer's kernel, stride and padding and ``up`` a 1x1 conv),
+attached and detached by name; the packed bits are never touched. Every change bumps
+``lora_epoch()``, so captured CUDA graphs know to capture again.
 """
 
 from __future__ import annotations
@@ -19,109 +21,182 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import backends
+from ..errors import BonsaiCheckpointError
+from . import kernels
 from .policy import Decision, PrecisionPolicy, tensor_nbytes
-from .q1_0 import QS_BYTES, PackedWeight, n_blocks
+from .q1_0 import BLOCK_BYTES, n_blocks
+from .tensor import Q1Tensor
+
+_LORA_EPOCH = [0]
 
 
-class _Q1Mixin:
-    """What both quantized layers share: the packed buffers, their protection, their size."""
+def lora_epoch() -> int:
+    """A counter that changes whenever any LoRA branch of any layer is added, removed or re-weighted."""
+    return _LORA_EPOCH[0]
 
-    def _init_packed(self, rows: int, cols: int, device=None) -> None:
-        nb = n_blocks(cols)
-        self.register_buffer("qs", torch.empty(rows, nb * QS_BYTES, dtype=torch.uint8, device=device))
-        self.register_buffer("d", torch.empty(rows, nb, dtype=torch.float16, device=device))
 
-    def _apply(self, fn, recurse=True):
-        # Follow device moves but never cast the scales: probe where fn sends a float16 tensor.
-        d = self.d
-        out = super()._apply(fn, recurse)
-        target = fn(torch.empty(0, dtype=torch.float16, device=d.device))
-        self.d = d.to(device=target.device)
-        return out
+class LoRABranch(nn.Module):
+    """One low-rank side branch: ``strength * up(down(x))``. Its tensors follow the layer's device
+    and dtype but are not part of the layer's state dict (LoRA files are not model files)."""
 
-    def set_packed(self, packed: PackedWeight) -> None:
-        if tuple(packed.qs.shape) != tuple(self.qs.shape) or tuple(packed.d.shape) != tuple(self.d.shape):
-            raise ValueError(f"packed weight {packed} does not fit layer with qs {tuple(self.qs.shape)}")
-        self.qs = packed.qs
-        self.d = packed.d
+    def __init__(self, name: str, down: torch.Tensor, up: torch.Tensor, strength: float):
+        super().__init__()
+        self.name = name
+        self.strength = float(strength)
+        self.register_buffer("down", down.detach(), persistent=False)
+        self.register_buffer("up", up.detach(), persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.name!r}, rank={self.down.shape[0]}, strength={self.strength}"
+
+
+class _Q1Layer:
+    """What both quantized layers share: the Q1_0 weight, its loading, its size, the LoRA slot."""
+
+    weight: Q1Tensor
+
+    def _set_weight(self, w: Q1Tensor) -> None:
+        if not isinstance(w, Q1Tensor) or w.shape != self._logical_shape():
+            raise ValueError(f"{type(self).__name__} needs a Q1_0 weight of shape {list(self._logical_shape())}, "
+                             f"got {type(w).__name__} {list(w.shape)}")
+        self.weight = nn.Parameter(w, requires_grad=False)
+        self.lora = nn.ModuleList()
 
     @property
     def packed_nbytes(self) -> int:
-        return tensor_nbytes(self.qs) + tensor_nbytes(self.d)
+        return self.weight.nbytes
 
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The dense weight in its own shape (for tests and conversions; forward never keeps it)."""
-        return PackedWeight(self.qs, self.d, self.weight_shape).dequantize(dtype)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A state dict straight from a Bonsai file holds the 18-byte blocks under the same key.
+        key = prefix + "weight"
+        t = state_dict.get(key)
+        if t is not None and not isinstance(t, Q1Tensor) and t.dtype == torch.uint8:
+            shape = self._logical_shape()
+            want = (shape[0], n_blocks(shape[1:].numel()) * BLOCK_BYTES)
+            if tuple(t.shape) == want:
+                state_dict = dict(state_dict)
+                state_dict[key] = Q1Tensor.from_blocks(t, shape, self.weight.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    # -- the LoRA slot ---------------------------------------------------------------------------
+
+    def lora_names(self) -> list[str]:
+        return [b.name for b in self.lora]
+
+    def add_lora(self, name: str, down: torch.Tensor, up: torch.Tensor, strength: float = 1.0) -> None:
+        """Attach a side branch ``name`` (replacing one of that name). Shapes: linear ``down [r, in]``,
+        ``up [out, r]``; conv ``down [r, in, kh, kw]``, ``up [out, r]`` or ``[out, r, 1, 1]``."""
+        down, up = self._check_lora(name, down, up)
+        self.remove_lora(name)
+        dtype = self.bias.dtype if self.bias is not None else self.weight.dtype
+        self.lora.append(LoRABranch(name, down.to(self.weight.device, dtype), up.to(self.weight.device, dtype),
+                                    strength))
+        _LORA_EPOCH[0] += 1
+
+    def remove_lora(self, name: str) -> bool:
+        """Detach branch ``name``; False when there was none of that name."""
+        for i, b in enumerate(self.lora):
+            if b.name == name:
+                del self.lora[i]
+                _LORA_EPOCH[0] += 1
+                return True
+        return False
+
+    def set_lora_strength(self, name: str, strength: float) -> None:
+        for b in self.lora:
+            if b.name == name:
+                b.strength = float(strength)
+                _LORA_EPOCH[0] += 1
+                return
+        raise KeyError(f"no LoRA branch {name!r} on this layer (has {self.lora_names()})")
+
+    def _with_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        for b in self.lora:
+            if b.strength:
+                y = y + b.strength * self._lora_delta(x, b.down.to(x.dtype), b.up.to(x.dtype))
+        return y
+
+    def _check_lora(self, name, down, up):
+        shape = self._logical_shape()
+        out, fan_in = shape[0], shape[1:]
+        r = down.shape[0] if down.dim() else 0
+        up = up.reshape(up.shape[0], -1) if up.dim() >= 2 else up
+        if tuple(down.shape[1:]) != tuple(fan_in) or tuple(up.shape) != (out, r):
+            raise BonsaiCheckpointError(
+                f"LoRA {name!r}: down {list(down.shape)} / up {list(up.shape)} do not fit a layer of weight "
+                f"{list(shape)} (expected down [r, {', '.join(map(str, fan_in))}] and up [{out}, r])")
+        return down, up
 
 
-class BonsaiLinear(_Q1Mixin, nn.Module):
-    """A ``Linear`` whose weight is Q1_0. ``y = x @ W.T + b`` with ``W`` = sign x group scale."""
+class BonsaiLinear(_Q1Layer, nn.Linear):
+    """An ``nn.Linear`` whose weight is Q1_0: ``y = x @ W.T + b`` with ``W`` = sign x group scale."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 device=None, bias_dtype: torch.dtype = torch.float16):
-        super().__init__()
-        self.in_features = in_features
-        self.out_features = out_features
-        self._init_packed(out_features, in_features, device)
-        self.bias = nn.Parameter(torch.empty(out_features, dtype=bias_dtype, device=device),
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
+                 dtype: torch.dtype | None = None):
+        dtype = dtype or torch.float16
+        nn.Linear.__init__(self, in_features, out_features, bias=False, device="meta", dtype=dtype)
+        self._set_weight(Q1Tensor.empty((out_features, in_features), device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
 
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return (self.out_features, self.in_features)
+    def _logical_shape(self) -> torch.Size:
+        return torch.Size((self.out_features, self.in_features))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "BonsaiLinear":
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None,
-                    device=linear.weight.device, bias_dtype=linear.weight.dtype)
-        layer.set_packed(PackedWeight.from_float(linear.weight))
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
+                    dtype=linear.weight.dtype)
+        layer._set_weight(Q1Tensor.from_float(linear.weight.detach()))
         if linear.bias is not None:
-            layer.bias.data.copy_(linear.bias.detach())
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return backends.linear_q1(x, self.qs, self.d, self.in_features, self.bias)
+        y = kernels.linear(x, self.weight, self.bias)
+        return self._with_lora(x, y) if len(self.lora) else y
+
+    def _lora_delta(self, x, down, up):
+        return F.linear(F.linear(x, down), up)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, Q1_0"
 
 
-class BonsaiConv2d(_Q1Mixin, nn.Module):
-    """A ``Conv2d`` whose weight ``[out, in, kh, kw]`` is Q1_0 as the matrix ``[out, in*kh*kw]``."""
+class BonsaiConv2d(_Q1Layer, nn.Conv2d):
+    """An ``nn.Conv2d`` whose weight ``[out, in, kh, kw]`` is Q1_0 as the matrix ``[out, in*kh*kw]``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
-                 dilation=1, bias: bool = True, device=None, bias_dtype: torch.dtype = torch.float16):
-        super().__init__()
-        kh, kw = (kernel_size, kernel_size) if isinstance(kernel_size, int) else tuple(kernel_size)
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size = (kh, kw)
-        self.stride, self.padding, self.dilation = stride, padding, dilation
-        self._init_packed(out_channels, in_channels * kh * kw, device)
-        self.bias = nn.Parameter(torch.empty(out_channels, dtype=bias_dtype, device=device),
+                 dilation=1, bias: bool = True, device=None, dtype: torch.dtype | None = None):
+        dtype = dtype or torch.float16
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation,
+                           groups=1, bias=False, device="meta", dtype=dtype)
+        self._set_weight(Q1Tensor.empty(self._logical_shape(), device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_channels, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
 
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        return (self.out_channels, self.in_channels, *self.kernel_size)
+    def _logical_shape(self) -> torch.Size:
+        return torch.Size((self.out_channels, self.in_channels, *self.kernel_size))
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> "BonsaiConv2d":
         if conv.groups != 1 or conv.padding_mode != "zeros":
             raise ValueError(f"BonsaiConv2d supports groups=1 and zero padding, got {conv}")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    conv.dilation, conv.bias is not None, device=conv.weight.device,
-                    bias_dtype=conv.weight.dtype)
-        layer.set_packed(PackedWeight.from_float(conv.weight))
+                    conv.dilation, conv.bias is not None, device="meta", dtype=conv.weight.dtype)
+        layer._set_weight(Q1Tensor.from_float(conv.weight.detach()))
         if conv.bias is not None:
-            layer.bias.data.copy_(conv.bias.detach())
+            layer.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = backends.dequantize(self.qs, self.d, self.in_channels * self.kernel_size[0] * self.kernel_size[1],
-                                x.dtype).view(self.weight_shape)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation)
+        y = kernels.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
+        return self._with_lora(x, y) if len(self.lora) else y
+
+    def _lora_delta(self, x, down, up):
+        h = F.conv2d(x, down, None, self.stride, self.padding, self.dilation)
+        return F.conv2d(h, up.reshape(*up.shape[:2], 1, 1))
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -131,16 +206,16 @@ class BonsaiConv2d(_Q1Mixin, nn.Module):
 QUANTIZED_TYPES = (BonsaiLinear, BonsaiConv2d)
 
 
-def empty_like_float(module: nn.Module, device=None) -> nn.Module:
-    """A quantized layer with the shape of ``module`` and empty buffers (for loading a checkpoint)."""
-    dtype = module.weight.dtype if module.weight.dtype.is_floating_point else torch.float16
+def empty_like_float(module: nn.Module, device=None, dtype: torch.dtype | None = None) -> nn.Module:
+    """A quantized layer with the shape of ``module`` and an unfilled weight (for loading a checkpoint)."""
+    dtype = dtype or (module.weight.dtype if module.weight.dtype.is_floating_point else torch.float16)
     if isinstance(module, nn.Linear):
         return BonsaiLinear(module.in_features, module.out_features, module.bias is not None,
-                            device=device, bias_dtype=dtype)
+                            device=device, dtype=dtype)
     if isinstance(module, nn.Conv2d):
         return BonsaiConv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
                             module.padding, module.dilation, module.bias is not None, device=device,
-                            bias_dtype=dtype)
+                            dtype=dtype)
     raise TypeError(f"cannot quantize {type(module).__name__}")
 
 
@@ -217,15 +292,15 @@ def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
 
 
 def module_nbytes_as(model: nn.Module, dtype: torch.dtype | None) -> int:
-    """Like ``module_nbytes`` but counting every floating tensor except Q1_0 scales as ``dtype``."""
+    """Like ``module_nbytes`` but counting every dense floating tensor as ``dtype`` (Q1_0 weights
+    count what they hold)."""
     if dtype is None:
         return module_nbytes(model)
     size = torch.empty(0, dtype=dtype).element_size()
-    scales = {id(m.d) for m in model.modules() if isinstance(m, QUANTIZED_TYPES)}
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
-        floating = t.is_floating_point() and id(t) not in scales
-        total += t.numel() * size if floating else tensor_nbytes(t)
+        dense_float = t.is_floating_point() and not isinstance(t, Q1Tensor)
+        total += t.numel() * size if dense_float else tensor_nbytes(t)
     return total
 
 
@@ -242,12 +317,13 @@ def quantize_model(model: nn.Module, policy: PrecisionPolicy | None = None,
     ref_size = None if reference_dtype is None else torch.empty(0, dtype=reference_dtype).element_size()
 
     def nbytes(t: torch.Tensor) -> int:
-        return t.numel() * ref_size if ref_size and t.is_floating_point() else tensor_nbytes(t)
+        return t.numel() * ref_size if ref_size and t.is_floating_point() and not isinstance(t, Q1Tensor) \
+            else tensor_nbytes(t)
 
     report = QuantReport(policy=policy, bytes_before=module_nbytes_as(model, reference_dtype))
     decisions: list[tuple[Decision, nn.Module]] = []
     for name, module in model.named_modules():
-        dec = policy.decide(name, module)
+        dec = None if isinstance(module, QUANTIZED_TYPES) else policy.decide(name, module)
         if dec is not None:
             decisions.append((dec, module))
     for dec, module in decisions:
@@ -294,7 +370,7 @@ def plan_report(model: nn.Module, policy: PrecisionPolicy | None = None,
         after = before
         if dec.quantize:
             w = module.weight
-            after = before - nbytes(w) + packed_nbytes(w.shape[0], w[0].numel())
+            after = before - nbytes(w) + packed_nbytes(w.shape[0], w.shape[1:].numel())
         report.bytes_after += after - before
         report.layers.append(LayerReport(name, type(module).__name__, tuple(module.weight.shape),
                                          dec.quantize, dec.reason, before, after))

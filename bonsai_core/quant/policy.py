@@ -58,7 +58,7 @@ class PrecisionPolicy:
                 return Decision(name, False, f"kept: matches policy pattern {pattern!r}")
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             return Decision(name, False, f"kept: grouped conv (groups={module.groups})")
-        fan_in = module.weight[0].numel()
+        fan_in = module.weight.shape[1:].numel()  # from the shape: never reads (or dequantizes) the weight
         if fan_in < self.min_in_features:
             return Decision(name, False, f"kept: {fan_in} inputs is less than one group of {GROUP_SIZE}")
         return Decision(name, True, "quantized: Q1_0")
@@ -92,4 +92,5 @@ def default_policy(family: str) -> PrecisionPolicy:
 
 
 def tensor_nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    """Bytes ``t`` holds (a ``Q1Tensor`` says so itself: bits + scales, not numel x element size)."""
+    return t.nbytes

@@ -8,7 +8,8 @@ tensor moves between a Bonsai safetensors file and a ``.gguf`` file without re-q
                                          w   = (2*bit - 1) * d                   # 1 -> +d, 0 -> -d
     blocks run along a row, rows one after another (row-major, like GGUF)
 
-In memory we keep the two halves of every block apart, because kernels want them apart:
+In memory we keep the two halves of every block apart, because kernels want them apart (the
+weight object that holds them, ``Q1Tensor``, is in ``tensor.py``; it says why they are apart):
 
 * ``qs``: uint8 ``[rows, n_blocks * 16]`` — the sign bits, block after block;
 * ``d``:  float16 ``[rows, n_blocks]`` — the scales.
@@ -60,6 +61,21 @@ def unpack_bits(qs: torch.Tensor) -> torch.Tensor:
     return ((qs.unsqueeze(-1) >> shifts) & 1).bool().reshape(rows, k * 8)
 
 
+def group_scales(weight: torch.Tensor) -> torch.Tensor:
+    """The fp16 scale of every group of a 2-D ``[rows, cols]`` weight: mean |w| over the group's real
+    weights (a padded last group has fewer), computed in float32. Shared by ``quantize`` and the QAT
+    fake quantizer, so the two agree bit for bit."""
+    rows, cols = weight.shape
+    nb = n_blocks(cols)
+    w = weight.detach().to(torch.float32)
+    pad = nb * GROUP_SIZE - cols
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    counts = torch.full((nb,), GROUP_SIZE, dtype=torch.float32, device=w.device)
+    counts[-1] = GROUP_SIZE - pad
+    return (w.reshape(rows, nb, GROUP_SIZE).abs().sum(-1) / counts).to(torch.float16)
+
+
 def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a 2-D weight ``[rows, cols]`` to Q1_0.
 
@@ -70,17 +86,11 @@ def quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"quantize takes a 2-D weight, got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
     nb = n_blocks(cols)
-    w = weight.detach().to(torch.float32)
+    positive = (weight.detach() >= 0).to(torch.uint8)
     pad = nb * GROUP_SIZE - cols
-    if pad:
-        w = torch.nn.functional.pad(w, (0, pad))
-    groups = w.reshape(rows, nb, GROUP_SIZE)
-    # mean |w| over the real weights of each group (a padded last group has fewer of them)
-    counts = torch.full((nb,), GROUP_SIZE, dtype=torch.float32, device=w.device)
-    counts[-1] = GROUP_SIZE - pad
-    d = (groups.abs().sum(-1) / counts).to(torch.float16)
-    qs = pack_bits((w >= 0).reshape(rows, nb * GROUP_SIZE))
-    return qs, d
+    if pad:  # padding reads as weight 0, and 0 >= 0: its bits are set (as the first files wrote them)
+        positive = torch.nn.functional.pad(positive, (0, pad), value=1)
+    return pack_bits(positive), group_scales(weight)
 
 
 def _sign_lut(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -135,69 +145,3 @@ def from_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     d = b[..., :2].contiguous().view(torch.float16).reshape(rows, -1)
     qs = b[..., 2:].contiguous().reshape(rows, -1)
     return qs, d
-
-
-class PackedWeight:
-    """A Q1_0 weight as it travels between files and modules: bits, scales and the original shape.
-
-    ``shape`` is the weight's own shape (``[out, in]`` for a linear, ``[out, in, kh, kw]`` for a
-    conv); the matrix that was quantized is ``[shape[0], prod(shape[1:])]``.
-    """
-
-    __slots__ = ("qs", "d", "shape")
-
-    def __init__(self, qs: torch.Tensor, d: torch.Tensor, shape):
-        self.qs = row_major(qs)
-        self.d = row_major(d)
-        self.shape = tuple(int(s) for s in shape)
-        rows, cols = self.rows, self.cols
-        nb = n_blocks(cols)
-        if tuple(d.shape) != (rows, nb) or tuple(qs.shape) != (rows, nb * QS_BYTES):
-            raise ValueError(f"packed tensors qs {tuple(qs.shape)} / d {tuple(d.shape)} do not fit "
-                             f"shape {self.shape} (expected qs {(rows, nb * QS_BYTES)}, d {(rows, nb)})")
-        if qs.dtype != torch.uint8 or d.dtype != torch.float16:
-            raise ValueError(f"packed tensors must be uint8 bits and float16 scales, got {qs.dtype} / {d.dtype}")
-
-    @property
-    def rows(self) -> int:
-        return self.shape[0]
-
-    @property
-    def cols(self) -> int:
-        n = 1
-        for s in self.shape[1:]:
-            n *= s
-        return n
-
-    @property
-    def nbytes(self) -> int:
-        return self.qs.numel() + 2 * self.d.numel()
-
-    @classmethod
-    def from_float(cls, weight: torch.Tensor) -> "PackedWeight":
-        qs, d = quantize(weight.reshape(weight.shape[0], -1))
-        return cls(qs, d, weight.shape)
-
-    @classmethod
-    def from_signs(cls, positive: torch.Tensor, scales: torch.Tensor, shape) -> "PackedWeight":
-        """Build from already-binary weights: ``positive`` bool ``[rows, cols]`` (True = +scale) and
-        per-group scales ``[rows, n_blocks]`` — the lossless path for importing sign x scale files."""
-        rows, cols = positive.shape
-        pad = n_blocks(cols) * GROUP_SIZE - cols
-        if pad:
-            positive = torch.nn.functional.pad(positive.to(torch.uint8), (0, pad), value=1)
-        return cls(pack_bits(positive), scales.to(torch.float16), shape)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.qs, self.d, self.cols, dtype).reshape(self.shape)
-
-    def to_blocks(self) -> torch.Tensor:
-        return to_blocks(self.qs, self.d)
-
-    @classmethod
-    def from_blocks(cls, blocks: torch.Tensor, shape) -> "PackedWeight":
-        qs, d = from_blocks(blocks)
-        return cls(qs, d, shape)
-
-    def __repr__(self) -> str:
-        return f"PackedWeight(shape={self.shape}, {self.nbytes} bytes)"

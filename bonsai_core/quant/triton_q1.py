@@ -130,21 +130,36 @@ def linear_fused(x, qs, d, in_features, bias):
     return y.reshape(*shape[:-1], n)
 
 
-def _applies(x: torch.Tensor, qs: torch.Tensor) -> bool:
-    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and qs.is_contiguous()
+class TritonKernel:
+    """A CUDA kernel of the contract in ``kernels.py``; convs dequantize in one Triton pass, then cuDNN."""
+
+    def __init__(self, name: str, linear_fn):
+        self.name = name
+        self._linear = linear_fn
+
+    def supports(self, x: torch.Tensor, w) -> bool:
+        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and w.qs.is_cuda
+
+    def linear(self, x, w, bias):
+        return self._linear(x, w.qs, w.d, w.cols, bias)
+
+    def conv2d(self, x, w, bias, stride, padding, dilation):
+        dense = dequantize_triton(w.qs, w.d, w.cols, x.dtype).view(w.shape)
+        return torch.nn.functional.conv2d(x, dense, None if bias is None else bias.to(x.dtype),
+                                          stride, padding, dilation)
 
 
-def register(mode: str = "auto") -> None:
-    """Register the CUDA fast path with the back-end table (``backends.register``).
+def register() -> None:
+    """Register the CUDA kernels with the contract (``kernels.register``).
 
-    ``mode``: "dequant" (Triton dequantize + cuBLAS), "fused" (the fused kernel), or "auto".
-    Auto is dequantize + cuBLAS: on an H200 it measured 1.40x / 1.16x dense bf16 over klein-4B's
-    linears at 512^2 / 1024^2, the fused kernel 3.75x / 3.27x (benchmarks/bench_kernels.py), so the
-    fused kernel stays opt-in until it is faster.
+    ``dequant`` (Triton dequantize + cuBLAS) takes part in the auto choice; ``fused`` (the fused
+    kernel) runs only when named: on an H200 dequantize + cuBLAS measured 1.40x / 1.16x dense bf16
+    over klein-4B's linears at 512^2 / 1024^2, the fused kernel 3.75x / 3.27x
+    (benchmarks/bench_kernels.py), so the fused kernel stays opt-in until it is faster.
     """
-    from . import backends
+    from . import kernels
 
     if not available():
         return
-    fn = {"dequant": linear_dequant, "fused": linear_fused, "auto": linear_dequant}[mode]
-    backends.register(f"triton-{mode}", _applies, fn)
+    kernels.register(TritonKernel("dequant", linear_dequant), auto=True)
+    kernels.register(TritonKernel("fused", linear_fused), auto=False)

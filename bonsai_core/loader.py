@@ -1,0 +1,176 @@
+"""Load Bonsai models: from a folder's ``model_index.json`` to modules on a device.
+
+The path a newcomer follows is ``checkpoint.py`` (the file format) -> this module (folders,
+skeletons, filling them) -> ``quant/layers.py`` (the Q1_0 layers) -> ``families/`` (how a model
+family runs its modules) -> ``sampling.py`` (the denoising loop).
+
+A component stored as a Bonsai file is built as a skeleton on the meta device (no memory for
+weights); every layer the file holds as Q1_0 becomes a ``BonsaiLinear`` / ``BonsaiConv2d``, and the
+file's tensors are assigned through ``load_state_dict`` under their own keys (a Q1_0 weight is one
+``Q1Tensor`` at ``<module>.weight``), so no full-precision copy of a quantized weight ever exists
+and no key is renamed. The loader trusts the file, not its own defaults: the file says, tensor by
+tensor, what it holds. Any other component loads through its library's ``from_pretrained``
+(safetensors only: nothing is unpickled).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .checkpoint import ComponentFile
+from .errors import BonsaiCheckpointError
+from .quant.layers import QUANTIZED_TYPES, empty_like_float
+from .quant.tensor import Q1Tensor
+
+# model_index.json `_class_name` -> (family, denoiser component)
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": ("sd_unet", "unet"),
+    "StableDiffusionXLPipeline": ("sd_unet", "unet"),
+    "Flux2KleinPipeline": ("flux2_klein", "transformer"),
+}
+DENOISER_CLASSES = {"UNet2DConditionModel": "sd_unet", "Flux2Transformer2DModel": "flux2_klein"}
+
+
+
+def read_model_index(folder: Path) -> dict:
+    path = folder / "model_index.json"
+    if not path.is_file():
+        raise BonsaiCheckpointError(
+            f"{folder}: no model_index.json; expected a diffusers pipeline folder (unet/ or transformer/, "
+            "vae/, text_encoder/, tokenizer/, scheduler/)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BonsaiCheckpointError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def family_of(index: dict, folder: Path) -> tuple[str, str]:
+    cls = index.get("_class_name", "")
+    if cls in PIPELINE_FAMILIES:
+        return PIPELINE_FAMILIES[cls]
+    for comp in ("unet", "transformer"):
+        entry = index.get(comp)
+        if isinstance(entry, list) and len(entry) == 2 and entry[1] in DENOISER_CLASSES:
+            return DENOISER_CLASSES[entry[1]], comp
+    raise BonsaiCheckpointError(
+        f"{folder}/model_index.json: pipeline {cls!r} is not a supported family; supported: "
+        f"{', '.join(PIPELINE_FAMILIES)}")
+
+
+def component_class(library: str, class_name: str):
+    """The diffusers / transformers class a ``model_index.json`` entry names."""
+    if library not in ("diffusers", "transformers"):
+        raise BonsaiCheckpointError(f"component library {library!r} is not supported (diffusers or transformers)")
+    module = importlib.import_module(library)
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise BonsaiCheckpointError(
+            f"{library} {getattr(module, '__version__', '?')} has no class {class_name!r}; upgrade {library}")
+    return cls
+
+
+def build_skeleton(component_dir: Path, library: str, class_name: str) -> nn.Module:
+    """The component's module tree with parameters on the meta device (no memory for weights)."""
+    from accelerate import init_empty_weights
+
+    cls = component_class(library, class_name)
+    with init_empty_weights():
+        if library == "diffusers":
+            model = cls.from_config(cls.load_config(component_dir))
+        else:
+            from transformers import AutoConfig
+
+            model = cls._from_config(AutoConfig.from_pretrained(component_dir))
+    return model
+
+
+def is_bonsai_component(component_dir: Path) -> bool:
+    return any(checkpoint.is_bonsai_file(p) for p in Path(component_dir).glob("*.safetensors"))
+
+
+def _fail(path: Path, what: str) -> BonsaiCheckpointError:
+    return BonsaiCheckpointError(f"{path}: {what}")
+
+
+def load_into(model: nn.Module, cf: ComponentFile, dtype: torch.dtype | None = None,
+              device: torch.device | str = "cpu") -> nn.Module:
+    """Fill a skeleton ``model`` (built on the meta device) with the tensors of ``cf``.
+
+    Layers the file holds as Q1_0 become ``BonsaiLinear``/``BonsaiConv2d`` computing in ``dtype``;
+    dense floating tensors are cast to ``dtype`` (when given). Shapes are checked against the skeleton.
+    """
+    modules = dict(model.named_modules())
+    state: dict[str, torch.Tensor] = {}
+    for name, t in cf.tensors.items():
+        mod_name, _, leaf = name.rpartition(".")
+        if isinstance(t, Q1Tensor):
+            module = modules.get(mod_name)
+            if module is None or leaf != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
+                raise _fail(cf.path, f"tensor {name!r} is Q1_0 but the model has no Linear/Conv2d "
+                                     f"named {mod_name!r}: wrong model for this file")
+            if tuple(module.weight.shape) != tuple(t.shape):
+                raise _fail(cf.path, f"tensor {name!r} has shape {list(t.shape)}, the model expects "
+                                     f"{list(module.weight.shape)}")
+            if not isinstance(module, QUANTIZED_TYPES):
+                q = empty_like_float(module, device="meta", dtype=dtype)
+                parent_name, _, attr = mod_name.rpartition(".")
+                setattr(model.get_submodule(parent_name) if parent_name else model, attr, q)
+                modules[mod_name] = q
+            state[name] = t.to(device=device, dtype=dtype or t.dtype)  # dtype: compute dtype; scales stay fp16
+        else:
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            state[name] = t.to(device)
+    for name, source in cf.meta.get("tied", {}).items():
+        state[name] = state[source]  # same tensor: the tie costs no memory; tie_weights() below restores it
+    expected = model.state_dict()
+    for name, t in state.items():
+        if name in expected and tuple(expected[name].shape) != tuple(t.shape):
+            raise _fail(cf.path, f"tensor {name!r} has shape {list(t.shape)}, the model expects "
+                                 f"{list(expected[name].shape)}")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected or missing:
+        raise _fail(cf.path, f"tensors do not match the model: missing {missing[:6]}"
+                             f"{' ...' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+                             f"{' ...' if len(unexpected) > 6 else ''}")
+    model.load_state_dict(state, strict=True, assign=True)
+    if cf.meta.get("tied") and hasattr(model, "tie_weights"):
+        model.tie_weights()
+    # Buffers that are not in files (non-persistent: CLIP's position_ids, rotary tables) were made by
+    # the skeleton on the CPU: move them where the model runs, keeping their dtype.
+    for mod in model.modules():
+        for bname, buf in list(mod.named_buffers(recurse=False)):
+            if buf is not None and not buf.is_meta and buf.device != torch.device(device):
+                mod._buffers[bname] = buf.to(device)
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.is_meta:
+            raise _fail(cf.path, "a tensor of the model was not filled from the file")
+    return model.eval().requires_grad_(False)
+
+
+def load_component(folder: Path, name: str, entry: list, dtype: torch.dtype | None,
+                   device: torch.device | str = "cpu") -> nn.Module:
+    """Load one pipeline component: a Bonsai file through the skeleton, anything else through
+    its library's ``from_pretrained`` (safetensors only)."""
+    library, class_name = entry
+    comp_dir = Path(folder) / name
+    if not comp_dir.is_dir():
+        raise BonsaiCheckpointError(f"{folder}: model_index.json names component {name!r} but {comp_dir} is missing")
+    if is_bonsai_component(comp_dir):
+        cf = checkpoint.read_tensors(checkpoint.find_weights(comp_dir))
+        model = build_skeleton(comp_dir, library, class_name)
+        return load_into(model, cf, dtype=dtype, device=device)
+    cls = component_class(library, class_name)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        model = cls.from_pretrained(comp_dir, use_safetensors=True, **kwargs)
+    except (OSError, EnvironmentError, ValueError) as exc:
+        raise BonsaiCheckpointError(f"{comp_dir}: cannot load {class_name} ({exc})") from exc
+    return model.to(device).eval().requires_grad_(False)

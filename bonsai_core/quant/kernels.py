@@ -1,0 +1,162 @@
+"""One kernel contract for every Q1_0 product, linear and conv.
+
+A kernel is an object with a ``name`` and three members:
+
+* ``supports(x, w) -> bool``: can it compute with input ``x`` and ``Q1Tensor`` weight ``w``;
+* ``linear(x, w, bias) -> Tensor``: ``x @ W.T + bias``;
+* ``conv2d(x, w, bias, stride, padding, dilation) -> Tensor``, or ``conv2d = None`` for a kernel
+  that does no convs (the reference then computes them).
+
+The reference kernel (dequantize into the input's dtype, then the dense op) runs on every device
+and is what every other kernel is tested against. Others ``register`` themselves; the CUDA ones
+(``triton_q1.py``) do so the first time a CUDA tensor comes through, so CPU-only installs never
+import Triton.
+
+Which kernel runs is chosen once per process from ``BONSAI_KERNEL``:
+``auto`` (default: the first registered kernel that takes part in auto and supports the inputs,
+else the reference), ``reference``, or a kernel's name (``dequant``, ``fused`` on CUDA). A name
+that no kernel has is refused on every device with a ``BonsaiDeviceError``. A named kernel that
+cannot take some inputs (``fused`` on a CPU tensor) leaves them to the reference, with one warning.
+``forced(name)`` overrides the choice inside a ``with`` block (tests, benchmarks), strictly: there
+an input the kernel does not support is an error, so a benchmark never measures the wrong path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BonsaiDeviceError
+from .tensor import Q1Tensor
+
+log = logging.getLogger(__name__)
+
+ENV = "BONSAI_KERNEL"
+# Kernel names provided by modules imported only when a CUDA tensor first arrives.
+LAZY_NAMES = {"dequant": "cuda", "fused": "cuda"}
+
+
+class ReferenceKernel:
+    """Dequantize into the input's dtype and run the dense op: every device, every dtype."""
+
+    name = "reference"
+
+    def supports(self, x: torch.Tensor, w: Q1Tensor) -> bool:
+        return True
+
+    def linear(self, x, w, bias):
+        return F.linear(x, w.dequantize(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    def conv2d(self, x, w, bias, stride, padding, dilation):
+        return F.conv2d(x, w.dequantize(x.dtype), None if bias is None else bias.to(x.dtype),
+                        stride, padding, dilation)
+
+
+REFERENCE = ReferenceKernel()
+_REGISTRY: dict[str, object] = {}      # name -> kernel, in priority order for auto
+_IN_AUTO: dict[str, bool] = {}
+_STATE = {"choice": None, "cuda_loaded": False, "warned": set()}
+_LOCAL = threading.local()
+
+
+def register(kernel, auto: bool = True) -> None:
+    """Add a kernel; ``auto=False`` keeps it out of the auto choice (it runs only when named)."""
+    _REGISTRY.pop(kernel.name, None)
+    _REGISTRY[kernel.name] = kernel
+    _IN_AUTO[kernel.name] = auto
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+    _IN_AUTO.pop(name, None)
+
+
+def known_names() -> list[str]:
+    return ["auto", REFERENCE.name, *sorted(set(_REGISTRY) | set(LAZY_NAMES))]
+
+
+def _check(name: str, where: str) -> str:
+    name = name.strip().lower() or "auto"
+    if name not in known_names():
+        raise BonsaiDeviceError(f"{where}{name!r} is not a kernel; use one of {', '.join(known_names())}")
+    return name
+
+
+def choice() -> str:
+    """The process-wide choice: read from ``BONSAI_KERNEL`` once, then kept."""
+    if _STATE["choice"] is None:
+        _STATE["choice"] = _check(os.environ.get(ENV, "auto"), f"{ENV}=")
+    return _STATE["choice"]
+
+
+def reload() -> str:
+    """Read ``BONSAI_KERNEL`` again (tests; a process that changed its environment on purpose)."""
+    _STATE["choice"] = None
+    _STATE["warned"].clear()
+    return choice()
+
+
+@contextmanager
+def forced(name: str):
+    """Inside the block every Q1_0 product uses kernel ``name``; an input it cannot take is an error."""
+    name = _check(name, "forced kernel ")
+    stack = _LOCAL.__dict__.setdefault("forced", [])
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _load_cuda_kernels(x: torch.Tensor) -> None:
+    if x.is_cuda and not _STATE["cuda_loaded"]:
+        _STATE["cuda_loaded"] = True
+        from . import triton_q1
+
+        triton_q1.register()
+
+
+def select(x: torch.Tensor, w: Q1Tensor, op: str = "linear"):
+    """The kernel that computes ``op`` ("linear" or "conv2d") for these inputs."""
+    _load_cuda_kernels(x)
+    stack = getattr(_LOCAL, "forced", None)
+    strict = bool(stack)
+    name = stack[-1] if strict else choice()
+    if name == "auto":
+        for kname, kernel in _REGISTRY.items():
+            if _IN_AUTO[kname] and getattr(kernel, op) is not None and kernel.supports(x, w):
+                return kernel
+        return REFERENCE
+    if name == REFERENCE.name:
+        return REFERENCE
+    kernel = _REGISTRY.get(name)
+    if kernel is not None and kernel.supports(x, w):
+        if getattr(kernel, op) is not None:
+            return kernel
+        return REFERENCE  # a kernel without convs: the contract says the reference computes them
+    why = (f"kernel {name!r} is not available here" if kernel is None else
+           f"kernel {name!r} does not take {x.device.type} {x.dtype} inputs")
+    if strict:
+        raise BonsaiDeviceError(f"{why}; use another kernel or move the inputs")
+    if (name, x.device.type, x.dtype) not in _STATE["warned"]:
+        _STATE["warned"].add((name, x.device.type, x.dtype))
+        log.warning("%s=%s: %s; those run on the reference kernel", ENV, name, why)
+    return REFERENCE
+
+
+def active(x: torch.Tensor, w: Q1Tensor, op: str = "linear") -> str:
+    """Name of the kernel that would compute ``op`` for these inputs."""
+    return select(x, w, op).name
+
+
+def linear(x: torch.Tensor, w: Q1Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return select(x, w, "linear").linear(x, w, bias)
+
+
+def conv2d(x: torch.Tensor, w: Q1Tensor, bias: torch.Tensor | None, stride=1, padding=0, dilation=1):
+    return select(x, w, "conv2d").conv2d(x, w, bias, stride, padding, dilation)

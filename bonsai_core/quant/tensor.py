@@ -1,0 +1,212 @@
+"""``Q1Tensor``: a Q1_0 weight as one tensor object.
+
+Outside it looks like the weight it stands for: ``.shape`` is the logical shape (``[out, in]`` for
+a linear, ``[out, in, kh, kw]`` for a conv), ``.dtype`` is the dtype it computes in, and it is the
+``weight`` parameter of ``BonsaiLinear`` / ``BonsaiConv2d``, so ``state_dict()`` holds it under the
+file's own key ``<module>.weight``. Inside it keeps the packed data of ``q1_0.py``:
+
+* ``qs``: uint8 ``[rows, n_blocks * 16]`` -- the sign bits of every group, GGUF's bit order;
+* ``d``:  float16 ``[rows, n_blocks]``     -- the group scales, float16 whatever ``.dtype`` says.
+
+Why bits and scales apart rather than GGUF's interleaved 18-byte blocks: an 18-byte block puts
+every group's bits at an odd 2-byte offset, so no kernel can load them as aligned 16-byte vectors,
+and reading the scales becomes a strided gather; apart, a row of bits and a row of scales are each
+one contiguous run, which is what the Triton kernels read. Measured (``benchmarks/bench_q1_layout.py``,
+``benchmarks/results/cpu/q1_layout.json``, 2-core CPU): the reference dequantization of a klein-4B
+weight takes 69 / 154 / 163 ms from bits and scales apart and 87 / 172 / 169 ms from the blocks,
+which must be split first. The file keeps GGUF's blocks; ``from_blocks`` / ``to_blocks`` convert
+at the edge, bit for bit, once per load.
+
+Behaviour as a tensor (ComfyUI-GGUF's ``GGMLTensor`` and comfy_kitchen's ``QuantizedTensor`` do
+the same):
+* ``.to(device)`` moves bits and scales; ``.to(dtype)`` changes only the compute dtype, the scales
+  stay float16 (a cast to bf16 would lose bits of the format);
+* ``detach``, ``clone``, ``copy_`` from another ``Q1Tensor`` and pinning keep it packed;
+* ``F.linear`` / ``F.conv2d`` with it as the weight run through the kernel contract (``kernels.py``);
+* any other operation sees the dequantized dense weight (correct, but it materialises the weight:
+  the layers never do that); in-place changes to the packed weight are refused.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_map
+
+from . import q1_0
+from .q1_0 import QS_BYTES, n_blocks, row_major
+
+aten = torch.ops.aten
+
+
+class Q1Tensor(torch.Tensor):
+    """A Q1_0 weight: packed sign bits + fp16 group scales behind the weight's own shape and dtype."""
+
+    qs: torch.Tensor
+    d: torch.Tensor
+
+    @staticmethod
+    def __new__(cls, qs: torch.Tensor, d: torch.Tensor, shape, dtype: torch.dtype | None = None):
+        shape = torch.Size(int(s) for s in shape)
+        if len(shape) < 2:
+            raise ValueError(f"a Q1_0 weight is at least 2-D, got shape {list(shape)}")
+        rows, cols = shape[0], shape[1:].numel()
+        nb = n_blocks(cols)
+        if tuple(d.shape) != (rows, nb) or tuple(qs.shape) != (rows, nb * QS_BYTES):
+            raise ValueError(f"packed tensors qs {tuple(qs.shape)} / d {tuple(d.shape)} do not fit "
+                             f"shape {list(shape)} (expected qs {(rows, nb * QS_BYTES)}, d {(rows, nb)})")
+        if qs.dtype != torch.uint8 or d.dtype != torch.float16:
+            raise ValueError(f"packed tensors must be uint8 bits and float16 scales, got {qs.dtype} / {d.dtype}")
+        if qs.device != d.device:
+            raise ValueError(f"bits on {qs.device} and scales on {d.device}: both must be on one device")
+        dtype = dtype or torch.float16
+        if not dtype.is_floating_point:
+            raise ValueError(f"a Q1_0 weight computes in a floating dtype, not {dtype}")
+        self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qs.device, requires_grad=False)
+        self.qs = row_major(qs)
+        self.d = row_major(d)
+        return self
+
+    def __init__(self, *args, **kwargs):  # everything happens in __new__
+        super().__init__()
+
+    # -- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def empty(cls, shape, device=None, dtype: torch.dtype | None = None) -> "Q1Tensor":
+        """An unfilled weight of logical ``shape`` (``device="meta"`` costs no memory)."""
+        rows, cols = int(shape[0]), int(torch.Size(shape[1:]).numel())
+        nb = n_blocks(cols)
+        return cls(torch.empty(rows, nb * QS_BYTES, dtype=torch.uint8, device=device),
+                   torch.empty(rows, nb, dtype=torch.float16, device=device), shape, dtype)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, dtype: torch.dtype | None = None) -> "Q1Tensor":
+        """Quantize a dense weight (any shape of 2+ dims) with the reference quantizer."""
+        qs, d = q1_0.quantize(weight.reshape(weight.shape[0], -1))
+        return cls(qs, d, weight.shape, dtype or (weight.dtype if weight.dtype.is_floating_point else None))
+
+    @classmethod
+    def from_signs(cls, positive: torch.Tensor, scales: torch.Tensor, shape) -> "Q1Tensor":
+        """Build from already-binary weights: ``positive`` bool ``[rows, cols]`` (True = +scale) and
+        per-group scales ``[rows, n_blocks]`` -- the lossless path for importing sign x scale files."""
+        rows, cols = positive.shape
+        pad = n_blocks(cols) * q1_0.GROUP_SIZE - cols
+        if pad:
+            positive = F.pad(positive.to(torch.uint8), (0, pad), value=1)
+        return cls(q1_0.pack_bits(positive), scales.to(torch.float16), shape)
+
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, shape, dtype: torch.dtype | None = None) -> "Q1Tensor":
+        """From GGUF's 18-byte blocks, uint8 ``[rows, n_blocks * 18]``, as files store them."""
+        qs, d = q1_0.from_blocks(blocks)
+        return cls(qs, d, shape, dtype)
+
+    # -- what it is ----------------------------------------------------------------------------
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        """Length of a row of the quantized matrix (``in`` for a linear, ``in*kh*kw`` for a conv)."""
+        return self.shape[1:].numel()
+
+    @property
+    def qtype(self) -> str:
+        return "Q1_0"
+
+    @property
+    def nbytes(self) -> int:  # what it holds, not numel x element_size
+        return self.qs.numel() + 2 * self.d.numel()
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight in its own shape, in ``dtype`` (default: the tensor's compute dtype)."""
+        return q1_0.dequantize(self.qs, self.d, self.cols, dtype or self.dtype).reshape(self.shape)
+
+    def to_blocks(self) -> torch.Tensor:
+        """GGUF's 18-byte blocks, uint8 ``[rows, n_blocks * 18]``: what a file stores."""
+        return q1_0.to_blocks(self.qs, self.d)
+
+    def _same(self, qs: torch.Tensor, d: torch.Tensor, dtype: torch.dtype | None = None) -> "Q1Tensor":
+        return Q1Tensor(qs, d, self.shape, dtype or self.dtype)
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return (f"Q1Tensor(shape={list(self.shape)}, dtype={self.dtype}, device={self.device}, "
+                f"{self.nbytes} bytes)")
+
+    # -- torch integration ---------------------------------------------------------------------
+
+    def __tensor_flatten__(self):
+        return ["qs", "d"], (tuple(self.shape), self.dtype)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
+        shape, dtype = ctx
+        return Q1Tensor(inner["qs"], inner["d"], shape, dtype)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.linear or func is F.conv2d:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(w, Q1Tensor) and not isinstance(x, Q1Tensor):
+                from . import kernels
+
+                if func is F.linear:
+                    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                    return kernels.linear(x, w, bias)
+                names = ("bias", "stride", "padding", "dilation", "groups")
+                rest = dict(zip(names, args[2:]), **kwargs)
+                if rest.get("groups", 1) == 1:
+                    return kernels.conv2d(x, w, rest.get("bias"), rest.get("stride", 1),
+                                          rest.get("padding", 0), rest.get("dilation", 1))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten.detach.default:
+            return args[0]._same(args[0].qs.detach(), args[0].d.detach())
+        if func is aten.clone.default:
+            return args[0]._same(args[0].qs.clone(), args[0].d.clone())
+        if func is aten._to_copy.default:
+            src = args[0]
+            device = kwargs.get("device") or src.device
+            dtype = kwargs.get("dtype") or src.dtype
+            if not dtype.is_floating_point:
+                raise TypeError(f"a Q1_0 weight cannot become {dtype}; dequantize() it first")
+            pin = bool(kwargs.get("pin_memory"))
+            nb = bool(kwargs.get("non_blocking"))
+            qs, d = src.qs.to(device, non_blocking=nb), src.d.to(device, non_blocking=nb)
+            if pin:
+                qs, d = qs.pin_memory(), d.pin_memory()
+            return src._same(qs, d, dtype)
+        if func is aten._pin_memory.default:
+            return args[0]._same(args[0].qs.pin_memory(), args[0].d.pin_memory())
+        if func is aten.is_pinned.default:
+            return args[0].qs.is_pinned()
+        if func is aten.copy_.default:
+            dst, src = args[0], args[1]
+            if isinstance(dst, Q1Tensor):
+                if not isinstance(src, Q1Tensor) or src.shape != dst.shape:
+                    raise TypeError(f"copy_ into a Q1_0 weight {list(dst.shape)} needs a Q1_0 weight of the "
+                                    f"same shape, got {type(src).__name__} {list(src.shape)}; quantize it first "
+                                    "(Q1Tensor.from_float)")
+                dst.qs.copy_(src.qs)
+                dst.d.copy_(src.d)
+                return dst
+        if func._schema.is_mutable or func.__name__.endswith("_"):
+            raise TypeError(f"{func} would change a Q1_0 weight in place; its packed bits are read-only "
+                            "(a LoRA goes beside it: BonsaiLinear.add_lora)")
+
+        def dense(t):
+            return t.dequantize() if isinstance(t, Q1Tensor) else t
+
+        return func(*tree_map(dense, args), **tree_map(dense, kwargs))
+
+
+def is_q1(t) -> bool:
+    return isinstance(t, Q1Tensor)

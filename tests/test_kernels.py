@@ -1,0 +1,130 @@
+"""The kernel contract: one choice per process from BONSAI_KERNEL, forcing, refusal, both layers."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+from bonsai_core.errors import BonsaiDeviceError
+from bonsai_core.quant import kernels
+from bonsai_core.quant.layers import BonsaiConv2d, BonsaiLinear
+
+
+class FakeKernel:
+    """Takes float64 inputs only; counts calls; answers with the reference's numbers plus one."""
+
+    def __init__(self, name="fake", convs=True):
+        self.name = name
+        self.calls = []
+        if not convs:
+            self.conv2d = None
+
+    def supports(self, x, w):
+        return x.dtype == torch.float64
+
+    def linear(self, x, w, bias):
+        self.calls.append("linear")
+        return kernels.REFERENCE.linear(x, w, bias) + 1
+
+    def conv2d(self, x, w, bias, stride, padding, dilation):
+        self.calls.append("conv2d")
+        return kernels.REFERENCE.conv2d(x, w, bias, stride, padding, dilation) + 1
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    monkeypatch.delenv("BONSAI_KERNEL", raising=False)
+    kernel = FakeKernel()
+    kernels.register(kernel)
+    kernels.reload()
+    yield kernel
+    kernels.unregister(kernel.name)
+    monkeypatch.delenv("BONSAI_KERNEL", raising=False)
+    kernels.reload()
+
+
+def _layers():
+    torch.manual_seed(0)
+    return BonsaiLinear.from_linear(nn.Linear(256, 8)), BonsaiConv2d.from_conv(nn.Conv2d(16, 4, 3))
+
+
+def test_auto_picks_a_registered_kernel_only_where_it_supports_the_inputs(fake):
+    lin, conv = _layers()
+    x = torch.randn(2, 256)
+    assert kernels.active(x, lin.weight) == "reference"
+    assert kernels.active(x.double(), lin.weight) == "fake"
+    lin.double()
+    conv.double()
+    ref = kernels.REFERENCE.linear(x.double(), lin.weight, lin.bias)
+    assert torch.equal(lin(x.double()), ref + 1)
+    conv(torch.randn(1, 16, 5, 5, dtype=torch.float64))
+    assert fake.calls == ["linear", "conv2d"]  # the conv goes through the contract too
+
+
+def test_a_kernel_without_convs_leaves_them_to_the_reference(monkeypatch):
+    kernel = FakeKernel("linear-only", convs=False)
+    kernels.register(kernel)
+    try:
+        lin, conv = _layers()
+        conv.double()
+        x = torch.randn(1, 16, 5, 5, dtype=torch.float64)
+        assert kernels.active(x, conv.weight, "conv2d") == "reference"
+        assert kernels.active(torch.randn(1, 256, dtype=torch.float64), lin.weight) == "linear-only"
+    finally:
+        kernels.unregister(kernel.name)
+
+
+def test_forcing_a_kernel_uses_it_and_refuses_inputs_it_cannot_take(fake):
+    lin, _ = _layers()
+    with kernels.forced("reference"):
+        assert kernels.active(torch.randn(1, 256, dtype=torch.float64), lin.weight) == "reference"
+    with kernels.forced("fake"):
+        assert kernels.active(torch.randn(1, 256, dtype=torch.float64), lin.weight) == "fake"
+        with pytest.raises(BonsaiDeviceError, match="does not take cpu torch.float32"):
+            lin(torch.randn(1, 256))
+    assert kernels.active(torch.randn(1, 256, dtype=torch.float64), lin.weight) == "fake"  # auto again
+
+
+def test_the_environment_chooses_once_per_process(fake, monkeypatch):
+    lin, _ = _layers()
+    x = torch.randn(1, 256, dtype=torch.float64)
+    monkeypatch.setenv("BONSAI_KERNEL", "reference")
+    kernels.reload()
+    assert kernels.active(x, lin.weight) == "reference"
+    monkeypatch.setenv("BONSAI_KERNEL", "fake")
+    assert kernels.active(x, lin.weight) == "reference"  # the choice was made; the env is read once
+    assert kernels.reload() == "fake" and kernels.active(x, lin.weight) == "fake"
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_an_unknown_kernel_name_is_refused_on_every_device(fake, monkeypatch, device):
+    lin, _ = _layers()
+    lin.to(device)
+    monkeypatch.setenv("BONSAI_KERNEL", "foo")
+    with pytest.raises(BonsaiDeviceError, match="'foo' is not a kernel; use one of auto, reference"):
+        kernels.reload()
+    with pytest.raises(BonsaiDeviceError, match="BONSAI_KERNEL='foo'"):
+        lin(torch.randn(1, 256, device=device))
+    with pytest.raises(BonsaiDeviceError, match="'bar' is not a kernel"):
+        with kernels.forced("bar"):
+            pass
+
+
+def test_a_cuda_kernel_named_on_a_cpu_runs_the_reference_and_says_so(fake, monkeypatch, caplog):
+    lin, _ = _layers()
+    monkeypatch.setenv("BONSAI_KERNEL", "fused")
+    kernels.reload()
+    with caplog.at_level(logging.WARNING, logger="bonsai_core.quant.kernels"):
+        assert kernels.active(torch.randn(1, 256), lin.weight) == "reference"
+        lin(torch.randn(1, 256))
+    assert sum("BONSAI_KERNEL=fused" in r.getMessage() for r in caplog.records) == 1  # said once
+
+
+def test_functional_linear_and_conv_with_a_packed_weight_go_through_the_contract(fake):
+    lin, conv = _layers()
+    lin.double()
+    conv.double()
+    torch.nn.functional.linear(torch.randn(1, 256, dtype=torch.float64), lin.weight, lin.bias)
+    torch.nn.functional.conv2d(torch.randn(1, 16, 5, 5, dtype=torch.float64), conv.weight, conv.bias)
+    assert fake.calls == ["linear", "conv2d"]
