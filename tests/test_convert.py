@@ -154,7 +154,8 @@ def test_loading_peak_ram_stays_under_1_5x_the_file(tmp_path):
         print(json.dumps({{"peak": rss()['VmHWM'] - before}}))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, PYTHONPATH=os.getcwd()))
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                             [os.getcwd(), *filter(None, [os.environ.get("PYTHONPATH")])])))
     peak = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
     assert fp32_size > 8 * file_size  # the test would notice a full-precision copy
     assert peak < 1.5 * file_size, f"peak {peak / 2**20:.1f} MB for a {file_size / 2**20:.1f} MB file"

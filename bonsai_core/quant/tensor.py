@@ -65,6 +65,9 @@ class Q1Tensor(torch.Tensor):
         self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qs.device, requires_grad=False)
         self.qs = row_major(qs)
         self.d = row_major(d)
+        # Plain copies of what the hot path asks: on a tensor subclass every .shape / .dtype read
+        # goes through __torch_function__. A Q1Tensor never changes them (a cast makes a new one).
+        self._shape, self._cols, self._dtype = shape, cols, dtype
         return self
 
     def __init__(self, *args, **kwargs):  # everything happens in __new__
@@ -106,12 +109,12 @@ class Q1Tensor(torch.Tensor):
 
     @property
     def rows(self) -> int:
-        return self.shape[0]
+        return self._shape[0]
 
     @property
     def cols(self) -> int:
         """Length of a row of the quantized matrix (``in`` for a linear, ``in*kh*kw`` for a conv)."""
-        return self.shape[1:].numel()
+        return self._cols
 
     @property
     def qtype(self) -> str:
@@ -123,14 +126,14 @@ class Q1Tensor(torch.Tensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight in its own shape, in ``dtype`` (default: the tensor's compute dtype)."""
-        return q1_0.dequantize(self.qs, self.d, self.cols, dtype or self.dtype).reshape(self.shape)
+        return q1_0.dequantize(self.qs, self.d, self._cols, dtype or self._dtype).reshape(self._shape)
 
     def to_blocks(self) -> torch.Tensor:
         """GGUF's 18-byte blocks, uint8 ``[rows, n_blocks * 18]``: what a file stores."""
         return q1_0.to_blocks(self.qs, self.d)
 
     def _same(self, qs: torch.Tensor, d: torch.Tensor, dtype: torch.dtype | None = None) -> "Q1Tensor":
-        return Q1Tensor(qs, d, self.shape, dtype or self.dtype)
+        return Q1Tensor(qs, d, self._shape, dtype or self._dtype)
 
     def __repr__(self, *, tensor_contents=None) -> str:
         return (f"Q1Tensor(shape={list(self.shape)}, dtype={self.dtype}, device={self.device}, "

@@ -144,7 +144,7 @@ class TritonKernel:
         return self._linear(x, w.qs, w.d, w.cols, bias)
 
     def conv2d(self, x, w, bias, stride, padding, dilation):
-        dense = dequantize_triton(w.qs, w.d, w.cols, x.dtype).view(w.shape)
+        dense = dequantize_triton(w.qs, w.d, w.cols, x.dtype).view(w._shape)
         return torch.nn.functional.conv2d(x, dense, None if bias is None else bias.to(x.dtype),
                                           stride, padding, dilation)
 
