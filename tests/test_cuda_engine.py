@@ -46,7 +46,7 @@ def test_sd_cuda_uses_the_triton_path_and_matches_the_cpu(sd_bonsai, monkeypatch
     gpu, _ = _generate(sd_bonsai, monkeypatch, "1")
     x = torch.zeros(1, 128, device="cuda", dtype=torch.float16)
     w = Q1Tensor.from_float(torch.randn(4, 128)).cuda()
-    assert kernels.active(x, w) == "dequant" and kernels.active(x, w, "conv2d") == "dequant"
+    assert kernels.active(x, w) == "triton" and kernels.active(x, w, "conv2d") == "triton"
     cpu = BonsaiImageEngine.from_pretrained(sd_bonsai, device="cpu").generate(
         "a lantern", seed=3, steps=4, width=64, height=64)
     assert (gpu.tensor - cpu.tensor).abs().mean() < 2e-2  # fp16 on the GPU, fp32 on the CPU

@@ -52,7 +52,7 @@ def _layers():
 def test_auto_picks_a_registered_kernel_only_where_it_supports_the_inputs(fake):
     lin, conv = _layers()
     x = torch.randn(2, 256)
-    assert kernels.active(x, lin.weight) == "reference"
+    assert kernels.active(x, lin.weight) == "cpu-cache"  # registered before the fake: after it in auto
     assert kernels.active(x.double(), lin.weight) == "fake"
     lin.double()
     conv.double()
@@ -69,7 +69,8 @@ def test_a_kernel_without_convs_leaves_them_to_the_reference(monkeypatch):
         lin, conv = _layers()
         conv.double()
         x = torch.randn(1, 16, 5, 5, dtype=torch.float64)
-        assert kernels.active(x, conv.weight, "conv2d") == "reference"
+        with kernels.forced("linear-only"):
+            assert kernels.active(x, conv.weight, "conv2d") == "reference"
         assert kernels.active(torch.randn(1, 256, dtype=torch.float64), lin.weight) == "linear-only"
     finally:
         kernels.unregister(kernel.name)
@@ -128,3 +129,55 @@ def test_functional_linear_and_conv_with_a_packed_weight_go_through_the_contract
     torch.nn.functional.linear(torch.randn(1, 256, dtype=torch.float64), lin.weight, lin.bias)
     torch.nn.functional.conv2d(torch.randn(1, 16, 5, 5, dtype=torch.float64), conv.weight, conv.bias)
     assert fake.calls == ["linear", "conv2d"]
+
+
+def _cache_kernel(budget):
+    from bonsai_core.quant.cpu_cache import CpuCacheKernel
+
+    return CpuCacheKernel(budget_bytes=budget)
+
+
+def test_the_cpu_cache_computes_exactly_what_the_reference_does_and_keeps_one_copy():
+    lin, conv = _layers()
+    cache = _cache_kernel(2**20)
+    x, xi = torch.randn(3, 256), torch.randn(1, 16, 5, 5)
+    assert torch.equal(cache.linear(x, lin.weight, lin.bias), kernels.REFERENCE.linear(x, lin.weight, lin.bias))
+    assert torch.equal(cache.conv2d(xi, conv.weight, conv.bias, 1, 0, 1),
+                       kernels.REFERENCE.conv2d(xi, conv.weight, conv.bias, 1, 0, 1))
+    cache.linear(x, lin.weight, lin.bias)
+    assert cache.used_bytes == (8 * 256 + 4 * 16 * 9) * 4  # one fp32 copy per weight, however many calls
+
+
+def test_the_cpu_cache_keeps_to_its_budget_and_leaves_the_rest_to_the_reference():
+    lin, conv = _layers()
+    cache = _cache_kernel(8 * 256 * 4)  # room for the linear's fp32 weight only
+    assert cache.supports(torch.randn(1, 256), lin.weight)
+    assert not cache.supports(torch.randn(1, 16, 5, 5), conv.weight)
+    assert cache.used_bytes == 8 * 256 * 4
+
+
+def test_the_cpu_cache_forgets_a_weight_written_in_place_or_freed():
+    torch.manual_seed(3)
+    lin = BonsaiLinear.from_linear(nn.Linear(256, 8))
+    other = BonsaiLinear.from_linear(nn.Linear(256, 8))
+    cache = _cache_kernel(2**20)
+    x = torch.randn(2, 256)
+    cache.linear(x, lin.weight, None)
+    lin.load_state_dict(other.state_dict())  # copy_ into the packed weight
+    assert torch.equal(cache.linear(x, lin.weight, None), kernels.REFERENCE.linear(x, other.weight, None))
+    del lin
+    import gc
+
+    gc.collect()
+    assert cache.used_bytes == 0
+
+
+def test_a_zero_cpu_cache_budget_turns_it_off(monkeypatch):
+    from bonsai_core.quant.cpu_cache import CpuCacheKernel
+
+    lin, _ = _layers()
+    monkeypatch.setenv("BONSAI_CPU_CACHE_MB", "0")
+    assert not CpuCacheKernel().supports(torch.randn(1, 256), lin.weight)
+    monkeypatch.setenv("BONSAI_CPU_CACHE_MB", "lots")
+    with pytest.raises(BonsaiDeviceError, match="BONSAI_CPU_CACHE_MB='lots' is not a number"):
+        CpuCacheKernel().supports(torch.randn(1, 256), lin.weight)

@@ -21,7 +21,7 @@ def test_triton_dequantize_is_bit_exact(rows, cols, dtype):
 
 @pytest.mark.parametrize("m,n,k", [(1, 256, 384), (77, 300, 1000), (1536, 3072, 3072), (5, 64, 128)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("path", ["fused", "dequant"])
+@pytest.mark.parametrize("path", ["fused", "dequant", "auto"])
 def test_triton_linear_matches_reference(m, n, k, dtype, path):
     torch.manual_seed(1)
     qs, d = q1_0.quantize(torch.randn(n, k) * 0.02)
@@ -29,7 +29,34 @@ def test_triton_linear_matches_reference(m, n, k, dtype, path):
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
     ref = kernels.REFERENCE.linear(x.float(), Q1Tensor(qs, d, (n, k)), bias.float())
-    fn = triton_q1.linear_fused if path == "fused" else triton_q1.linear_dequant
+    fn = {"fused": triton_q1.linear_fused, "dequant": triton_q1.linear_dequant, "auto": triton_q1.linear_auto}[path]
     got = fn(x, qs, d, k, bias).float()
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
     assert (got - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 256, 384), (5, 300, 1000), (16, 3072, 3072), (3, 64, 128), (16, 27648, 3072)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_split_k_gemv_matches_the_reference_and_is_deterministic(m, n, k, dtype, bias):
+    torch.manual_seed(2)
+    qs, d = q1_0.quantize(torch.randn(n, k) * 0.02)
+    qs, d = qs.cuda(), d.cuda()
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
+    ref = kernels.REFERENCE.linear(x.float(), Q1Tensor(qs, d, (n, k)), None if b is None else b.float())
+    got = triton_q1.linear_gemv(x, qs, d, k, b)
+    # float32 accumulation of exact +-1 products, one rounding to the output dtype
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    assert (got.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    assert torch.equal(got, triton_q1.linear_gemv(x, qs, d, k, b))
+
+
+def test_auto_kernel_takes_the_gemv_for_few_tokens_and_dequant_for_many(monkeypatch):
+    calls = []
+    monkeypatch.setattr(triton_q1, "linear_gemv", lambda *a: calls.append("gemv") or a[0][..., :4])
+    monkeypatch.setattr(triton_q1, "linear_dequant", lambda *a: calls.append("dequant") or a[0][..., :4])
+    qs, d = q1_0.quantize(torch.randn(4, 128))
+    for m in (1, 16, 17):
+        triton_q1.linear_auto(torch.randn(m, 128, device="cuda"), qs.cuda(), d.cuda(), 128, None)
+    assert calls == ["gemv", "gemv", "dequant"]

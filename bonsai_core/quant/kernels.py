@@ -8,13 +8,15 @@ A kernel is an object with a ``name`` and three members:
   that does no convs (the reference then computes them).
 
 The reference kernel (dequantize into the input's dtype, then the dense op) runs on every device
-and is what every other kernel is tested against. Others ``register`` themselves; the CUDA ones
-(``triton_q1.py``) do so the first time a CUDA tensor comes through, so CPU-only installs never
-import Triton.
+and is what every other kernel is tested against. Others ``register`` themselves: ``cpu-cache``
+(``cpu_cache.py``: each CPU layer's dense weight kept within a memory budget) when this module is
+imported, the CUDA ones (``triton_q1.py``) the first time a CUDA tensor comes through, so CPU-only
+installs never import Triton.
 
 Which kernel runs is chosen once per process from ``BONSAI_KERNEL``:
 ``auto`` (default: the first registered kernel that takes part in auto and supports the inputs,
-else the reference), ``reference``, or a kernel's name (``dequant``, ``fused`` on CUDA). A name
+else the reference), ``reference``, or a kernel's name (``triton``, ``dequant``, ``gemv``, ``fused``
+on CUDA). A name
 that no kernel has is refused on every device with a ``BonsaiDeviceError``. A named kernel that
 cannot take some inputs (``fused`` on a CPU tensor) leaves them to the reference, with one warning.
 ``forced(name)`` overrides the choice inside a ``with`` block (tests, benchmarks), strictly: there
@@ -38,7 +40,7 @@ log = logging.getLogger(__name__)
 
 ENV = "BONSAI_KERNEL"
 # Kernel names provided by modules imported only when a CUDA tensor first arrives.
-LAZY_NAMES = {"dequant": "cuda", "fused": "cuda"}
+LAZY_NAMES = {"triton": "cuda", "dequant": "cuda", "gemv": "cuda", "fused": "cuda"}
 
 
 class ReferenceKernel:
@@ -65,9 +67,12 @@ _LOCAL = threading.local()
 
 
 def register(kernel, auto: bool = True) -> None:
-    """Add a kernel; ``auto=False`` keeps it out of the auto choice (it runs only when named)."""
-    _REGISTRY.pop(kernel.name, None)
+    """Add a kernel, ahead of those registered before it in the auto order; ``auto=False`` keeps
+    it out of the auto choice (it runs only when named)."""
+    others = {k: v for k, v in _REGISTRY.items() if k != kernel.name}
+    _REGISTRY.clear()
     _REGISTRY[kernel.name] = kernel
+    _REGISTRY.update(others)
     _IN_AUTO[kernel.name] = auto
 
 
@@ -111,6 +116,10 @@ def forced(name: str):
         yield
     finally:
         stack.pop()
+
+
+def _load_builtin_kernels() -> None:
+    from . import cpu_cache  # noqa: F401  (registers the CPU kernel)
 
 
 def _load_cuda_kernels(x: torch.Tensor) -> None:
@@ -160,3 +169,6 @@ def linear(x: torch.Tensor, w: Q1Tensor, bias: torch.Tensor | None) -> torch.Ten
 
 def conv2d(x: torch.Tensor, w: Q1Tensor, bias: torch.Tensor | None, stride=1, padding=0, dilation=1):
     return select(x, w, "conv2d").conv2d(x, w, bias, stride, padding, dilation)
+
+
+_load_builtin_kernels()

@@ -200,6 +200,9 @@ class Q1Tensor(torch.Tensor):
                                     "(Q1Tensor.from_float)")
                 dst.qs.copy_(src.qs)
                 dst.d.copy_(src.d)
+                # below autograd nothing counts this write: count it, so caches of the dense
+                # weight (cpu_cache.py) see that the packed one changed
+                torch.autograd.graph.increment_version(dst.qs)
                 return dst
         if func._schema.is_mutable or func.__name__.endswith("_"):
             raise TypeError(f"{func} would change a Q1_0 weight in place; its packed bits are read-only "

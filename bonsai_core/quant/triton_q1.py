@@ -94,6 +94,54 @@ if triton is not None:
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
                  mask=mmask[:, None] & nmask[None, :])
 
+    @triton.jit
+    def _gemv_splitk_kernel(x_ptr, qs_ptr, d_ptr, p_ptr, M, N, K, NB,
+                            stride_xm, stride_qs, stride_d,
+                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+        # Few tokens (M <= 16): the product is bound by reading the weight, and one program per
+        # BLOCK_N output rows would leave most of the GPU idle, so K is split too: program
+        # (pid_n, pid_k) covers GROUPS groups of 128 and writes its float32 partial sums to slice
+        # pid_k of p [splits, M, N] (summed in a fixed order after: the result is deterministic).
+        # A group is 8 dots of K=16: dot s takes bit s of each of the group's 16 bytes, i.e. the
+        # weights j = 8*b + s, against x[:, 8*b + s]. The bytes are loaded once as [16, BLOCK_N]
+        # (already the dot's B operand: no reshape or transpose of the unpacked bits). Signs
+        # enter the dot as exact +-1; the group's fp16 scale multiplies the float32 partial.
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rm = tl.arange(0, BLOCK_M)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        b = tl.arange(0, 16)
+        mmask = rm < M
+        nmask = rn < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for gi in range(0, GROUPS):
+            g = pid_k * GROUPS + gi
+            gvalid = g < NB
+            byte = tl.load(qs_ptr + rn[None, :] * stride_qs + g * 16 + b[:, None],
+                           mask=nmask[None, :] & gvalid, other=0).to(tl.int32)             # [16, BN]
+            scale = tl.load(d_ptr + rn * stride_d + g, mask=nmask & gvalid, other=0.0).to(tl.float32)
+            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for sbit in tl.static_range(8):
+                cols = g * 128 + b * 8 + sbit
+                xs = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :],
+                             mask=mmask[:, None] & (cols < K)[None, :], other=0.0)         # [BM, 16]
+                w = (((byte >> sbit) & 1) * 2 - 1).to(xs.dtype)                              # [16, BN]
+                part += tl.dot(xs, w)
+            acc += part * scale[None, :]
+        tl.store(p_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
+
+    @triton.jit
+    def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLITS, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        # y = sum over splits of p (in order) + bias, cast to y's dtype: one pass.
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < MN
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, SPLITS):
+            acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
 
 def dequantize_triton(qs: torch.Tensor, d: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:
     rows, nb = d.shape
@@ -130,6 +178,56 @@ def linear_fused(x, qs, d, in_features, bias):
     return y.reshape(*shape[:-1], n)
 
 
+GEMV_MAX_M = 16
+
+
+_SM_COUNT: dict = {}
+
+
+def _split_k(n: int, nb: int, block_n: int, device) -> tuple[int, int]:
+    """(splits, groups per split): about four programs per multiprocessor over (N / block_n) x splits."""
+    sms = _SM_COUNT.get(device)
+    if sms is None:
+        sms = _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    splits = max(1, min(nb, (4 * sms) // max(1, triton.cdiv(n, block_n))))
+    groups = triton.cdiv(nb, splits)
+    return triton.cdiv(nb, groups), groups
+
+
+def linear_gemv(x, qs, d, in_features, bias):
+    """``x @ W.T + bias`` for up to ``GEMV_MAX_M`` tokens: split-K over the packed weight on tensor cores."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, n = x2.shape[0], d.shape[0]
+    nb = d.shape[1]
+    block_n = 64
+    splits, groups = _split_k(n, nb, block_n, x.device)
+    partial = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, block_n), splits)
+    _gemv_splitk_kernel[grid](x2, qs, d, partial, m, n, in_features, nb, x2.stride(0), qs.stride(0), d.stride(0),
+                              BLOCK_M=16, BLOCK_N=block_n, GROUPS=groups, num_warps=4)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    b = bias if bias is not None else y  # dummy pointer when there is no bias
+    _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](partial, b, y, m * n, n, splits,
+                                                       HAS_BIAS=bias is not None, BLOCK=1024)
+    return y.reshape(*shape[:-1], n)
+
+
+def linear_auto(x, qs, d, in_features, bias):
+    """The split-K GEMV for a few tokens, dequantize + cuBLAS for more.
+
+    Measured on an H200 (benchmarks/bench_gemm.py, results/h200/gemm.json), as CUDA graphs (how
+    the engine runs steps): at M = 1 the GEMV runs 0.55-1.01x cuBLAS bf16 where dequantize +
+    cuBLAS runs 0.41-0.74x; at M = 16 0.35-0.65x against 0.43-0.70x. Eager, its three launches
+    cost more than dequantize + cuBLAS's two (0.21-0.48x against 0.25-0.60x).
+    """
+    if x.numel() // x.shape[-1] <= GEMV_MAX_M:
+        return linear_gemv(x, qs, d, in_features, bias)
+    return linear_dequant(x, qs, d, in_features, bias)
+
+
 class TritonKernel:
     """A CUDA kernel of the contract in ``kernels.py``; convs dequantize in one Triton pass, then cuDNN."""
 
@@ -152,8 +250,9 @@ class TritonKernel:
 def register() -> None:
     """Register the CUDA kernels with the contract (``kernels.register``).
 
-    ``dequant`` (Triton dequantize + cuBLAS) takes part in the auto choice; ``fused`` (the fused
-    kernel) runs only when named: on an H200 dequantize + cuBLAS measured 1.40x / 1.16x dense bf16
+    ``triton`` takes part in the auto choice: the split-K GEMV for up to ``GEMV_MAX_M`` tokens,
+    dequantize + cuBLAS above. ``dequant``, ``gemv`` and ``fused`` (the tiled fused kernel) run only
+    when named: on an H200 dequantize + cuBLAS measured 1.40x / 1.16x dense bf16
     over klein-4B's linears at 512^2 / 1024^2, the fused kernel 3.75x / 3.27x
     (benchmarks/bench_kernels.py), so the fused kernel stays opt-in until it is faster.
     """
@@ -161,5 +260,7 @@ def register() -> None:
 
     if not available():
         return
-    kernels.register(TritonKernel("dequant", linear_dequant), auto=True)
+    kernels.register(TritonKernel("triton", linear_auto), auto=True)
+    kernels.register(TritonKernel("dequant", linear_dequant), auto=False)
+    kernels.register(TritonKernel("gemv", linear_gemv), auto=False)
     kernels.register(TritonKernel("fused", linear_fused), auto=False)
