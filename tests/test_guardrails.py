@@ -342,8 +342,8 @@ def test_memory_estimate_grows_with_size_and_batch_and_includes_weights():
 def test_memory_estimate_for_klein():
     est = estimate_memory_bytes(weight_bytes=3 * GIB, width=1024, height=1024, batch=1, family="flux2_klein")
     assert 4 * GIB < est < 8 * GIB
-    with pytest.raises(ValueError, match="sdxl"):
-        estimate_memory_bytes(weight_bytes=0, width=8, height=8, batch=1, family="sdxl")
+    with pytest.raises(ValueError, match="sd3"):
+        estimate_memory_bytes(weight_bytes=0, width=8, height=8, batch=1, family="sd3")
 
 
 # --- the report ----------------------------------------------------------------------------------

@@ -51,11 +51,18 @@ class Family:
     def count_tokens(self, text: str) -> int:
         raise NotImplementedError
 
-    def _encode(self, prompt: str) -> torch.Tensor:
-        """One prompt -> its conditioning, ``[1, tokens, dim]`` on the device."""
+    def _encode(self, prompt: str) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """One prompt -> its conditioning, ``[1, tokens, dim]`` on the device (or a tuple of such
+        tensors, each with batch dimension 1, when the network takes more than one)."""
         raise NotImplementedError
 
-    def schedule(self, steps: int, width: int, height: int, karras: bool) -> Schedule:
+    def encode_negative(self, prompts: list[str]):
+        """The negative prompts' conditioning; a family may treat an empty negative specially."""
+        return self.encode(prompts)
+
+    def schedule(self, steps: int, width: int, height: int, karras: bool, sampler: str = "euler",
+                 kind: str = "auto") -> Schedule:
+        """The noise schedule; ``kind`` ``auto`` is the family's choice for ``sampler``."""
         raise NotImplementedError
 
     def latent_shape(self, width: int, height: int) -> tuple[int, ...]:
@@ -112,6 +119,8 @@ class Family:
             else:
                 self._prompt_cache.move_to_end(p)
             out.append(emb)
+        if isinstance(out[0], tuple):
+            return tuple(torch.cat(parts, dim=0) for parts in zip(*out))
         return torch.cat(out, dim=0)
 
     def weight_bytes(self) -> int:

@@ -217,7 +217,10 @@ class Flux2KleinFamily(Family):
     def _latent_hw(self, width: int, height: int) -> tuple[int, int]:
         return height // self.latent_factor, width // self.latent_factor
 
-    def schedule(self, steps, width, height, karras):
+    def schedule(self, steps, width, height, karras, sampler="euler", kind="auto"):
+        if kind not in (None, "auto"):
+            raise BonsaiRequestError(f"schedule {kind!r} is for the SD family; FLUX.2 [klein] has one flow "
+                                     "schedule (use schedule auto)")
         if karras:
             raise BonsaiRequestError("Karras sigmas are for the SD family; FLUX.2 [klein] uses its flow schedule "
                                      "(turn karras off)")
