@@ -192,8 +192,10 @@ class BonsaiImageEngine:
     # ------------------------------------------------------------------ generating
     def check(self, prompt: str, negative_prompt: str | None = None, *, steps: int | None = None,
               guidance: float | None = None, width: int | None = None, height: int | None = None,
-              batch: int = 1, mode: str = "warn", max_side: int | None = None) -> GuardrailReport:
-        """Run the guardrails on a request with this model's tokenizer, limits and memory."""
+              batch: int = 1, mode: str = "warn", max_side: int | None = None,
+              cfg: bool | None = None) -> GuardrailReport:
+        """Run the guardrails on a request with this model's tokenizer, limits and memory
+        (``cfg``: two network rows per image; None follows the family and the guidance)."""
         fam = self._family()
         d = fam.defaults
         pick = self._setting
@@ -201,14 +203,16 @@ class BonsaiImageEngine:
                       height=pick("height", height), steps=pick("steps", steps), guidance=pick("guidance", guidance),
                       batch=batch)
         max_side = pick("max_side", max_side)
-        weights = fam.weight_bytes()
+        cfg = d.use_cfg and req.guidance != 1.0 if cfg is None else cfg
+        model = fam.memory_model(cfg=cfg)
         available = _available_memory(self.device)
         if self.device.type == "cuda":
             available = min(available, self.config.max_vram_bytes) if available else self.config.max_vram_bytes
+        elif available is not None:  # the estimate counts the weights, which are in this memory already
+            available += fam.loaded_bytes()
 
         def estimate(r: Request) -> int:
-            return estimate_memory_bytes(weight_bytes=weights, width=r.width, height=r.height, batch=r.batch,
-                                         family=fam.name, dtype_bytes=torch.empty(0, dtype=self.dtype).element_size())
+            return estimate_memory_bytes(model, width=r.width, height=r.height, batch=r.batch)
 
         return check_request(req, family=d, mode=mode, max_side=max_side, count_tokens=fam.count_tokens,
                              tokenizer=fam.tokenizer(), memory_estimate_bytes=estimate,
@@ -256,7 +260,8 @@ class BonsaiImageEngine:
                                                  use_style_prefix=style_prefix,
                                                  use_default_negative=default_negative and cfg_wanted)
         report = self.check(prompt, negative, steps=steps, guidance=guidance, width=width, height=height,
-                            batch=batch, mode=guardrail, max_side=max_side)
+                            batch=batch, mode=guardrail, max_side=max_side,
+                            cfg=cfg_wanted and self._setting("guidance", guidance) != 1.0)
         r = report.request
         m = d.multiple_of
         if r.width % m or r.height % m:  # warn mode lets these through: make the image at the size we report
@@ -323,6 +328,8 @@ class BonsaiImageEngine:
                         "total_s": round(time.perf_counter() - t_start, 3),
                         "per_step_s": round(t_denoise / max(r.steps, 1), 4)},
             **peak.peak(),
+            "estimate_bytes": estimate_memory_bytes(fam.memory_model(cfg=use_cfg), width=r.width, height=r.height,
+                                                    batch=r.batch),
             "guardrail": {"mode": report.mode, "warnings": report.warnings, "notes": report.notes},
             "bonsai_version": _version(),
         }

@@ -2,7 +2,11 @@
 guardrails, memory errors, the CLI, and Hub loading in offline mode."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -242,3 +246,30 @@ def test_cli_info_config_for_a_model_shows_its_family_values(models, monkeypatch
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert "24" in lines["steps"] and lines["steps"].endswith("sd_unet family default")
     assert "'dpmpp_2m'" in lines["sampler"] and "euler" not in lines["sampler"]
+
+
+MEASURE_PEAK = """
+import json, sys
+from bonsai_core.engine import BonsaiImageEngine
+e = BonsaiImageEngine.from_pretrained(sys.argv[1], device="cpu")
+e.generate("warm up", steps=1, width=64, height=64, seed=0)
+r = e.generate("a cat", "a dog", steps=2, width=384, height=320, seed=0, max_side=512)
+print(json.dumps(dict(added=r.metadata["peak_added_bytes"], estimate=r.metadata["estimate_bytes"],
+                      resident=e.family.memory_model(cfg=True).resident_bytes)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resident-peak counters")
+def test_memory_estimate_holds_against_the_measured_peak_of_a_tiny_generation(models):
+    from bonsai_core.guardrails import ALLOCATOR_SLACK
+
+    # A fixed mmap threshold makes every large block its own mapping, given back when freed, so the
+    # process's resident high-water mark is what was alive at the peak (not what malloc kept).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", MEASURE_PEAK, str(models["bonsai"])], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = json.loads(done.stdout.strip().splitlines()[-1])
+    estimated = m["estimate"] / ALLOCATOR_SLACK - m["resident"]  # the weights were resident before
+    assert 0.75 <= estimated / m["added"] <= 1.25, m

@@ -129,6 +129,33 @@ class Family:
 
         return sum(module_nbytes(m) for m in self.denoising_modules().values())
 
+    def loaded_bytes(self) -> int:
+        """Bytes of every module this family holds, wherever it is."""
+        from ..quant.layers import module_nbytes
+
+        return sum(module_nbytes(m) for m in self.modules().values() if isinstance(m, nn.Module))
+
+    def memory_model(self, cfg: bool):
+        """The memory guardrail's model of this family on its device (``guardrails.MemoryModel``);
+        ``cfg``: two network rows per image (negative and positive)."""
+        raise NotImplementedError
+
+    def unpacked_bytes(self) -> int:
+        """The largest 1-bit layer's weight at full size in the compute dtype: the backends unpack
+        one layer's weight for its matmul, so this much is alive on top of the packed weights."""
+        size = torch.empty(0, dtype=self.dtype).element_size()
+        largest = 0
+        for module in self.denoising_modules().values():
+            for m in module.modules():
+                if type(m).__name__ not in ("BonsaiLinear", "BonsaiConv2d"):
+                    continue
+                shape = getattr(m, "weight_shape", None) or tuple(m.weight.shape)
+                n = 1
+                for d in shape:
+                    n *= int(d)
+                largest = max(largest, n * size)
+        return largest
+
     def release(self) -> None:
         """Drop every module and cached embedding (the engine frees device memory after)."""
         self._prompt_cache.clear()

@@ -183,6 +183,20 @@ class SDUNetFamily(Family):
             return torch.zeros_like(emb), torch.zeros_like(pooled)
         return self.encode(prompts)
 
+    def memory_model(self, cfg: bool):
+        from .. import cuda_graph
+        from ..guardrails import MemoryModel, text_encode_elements, unet_step_elements, vae_decode_elements
+
+        unet, vae, scale = self.unet.config, self.vae.config, self.vae_scale
+        return MemoryModel(
+            resident_bytes=self.weight_bytes(), dtype_bytes=torch.empty(0, dtype=self.dtype).element_size(),
+            step_elements=lambda w, h: unet_step_elements(unet, w, h, scale),
+            decode_elements=lambda w, h: vae_decode_elements(vae, w, h),
+            encode_elements=sum(text_encode_elements(te.config, tok.model_max_length, self.xl)
+                                for te, tok in zip(self.text_encoders, self._tokenizers)),
+            unpacked_bytes=self.unpacked_bytes(), rows_per_image=2 if cfg else 1,
+            graph_pool=cuda_graph.enabled(self.device))
+
     # --- sampling -----------------------------------------------------------------------------
     def schedule(self, steps, width, height, karras, sampler="euler", kind="auto"):
         kind = AUTO_SCHEDULE.get(sampler, "euler") if kind in (None, "auto") else kind
