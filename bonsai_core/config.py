@@ -249,7 +249,7 @@ FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
     ),
     # FLUX.2 [klein] (Bonsai Image 4B): 4-step guidance-distilled flow model, Qwen3 prompt padded
     # to 512 tokens. A latent is H/16 x W/16 after 2x2 patching and the CUDA reference rejects
-    # sizes that are not multiples of 32 (shared/BONSAI-IMAGE-4B.md section 8).
+    # sizes that are not multiples of 32 (PrismML's reference pipeline).
     "flux2_klein": FamilyDefaults(
         steps=4, guidance=1.0, width=1024, height=1024, max_side=2048, max_tokens=512,
         sampler="euler", use_cfg=False, steps_advice=(4, 8), multiple_of=32,
