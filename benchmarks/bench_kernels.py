@@ -1,6 +1,6 @@
 """Q1_0 matmul kernels against dense bf16/fp16 cuBLAS, on the FLUX.2 klein-4B layer shapes.
 
-For each linear shape of klein-4B (shared/BONSAI-IMAGE-4B.md section 1) and each token count
+For each linear shape of klein-4B and each token count
 (512^2: 1024 image + 512 text tokens; 1024^2: 4096 + 512), times in ONE run:
   dense      F.linear with a dense weight (the bf16 eager baseline)
   reference  dequantize with the PyTorch reference path, then F.linear

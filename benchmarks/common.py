@@ -315,7 +315,7 @@ def header(title: str, info: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------- FLUX.2 klein
-# FLUX.2 [klein] 4B (BONSAI-IMAGE-4B.md section 1; keys as in diffusers' transformer_flux2.py)
+# FLUX.2 [klein] 4B (keys as in diffusers' transformer_flux2.py)
 KLEIN_4B_CONFIG = dict(
     patch_size=1, in_channels=128, out_channels=None, num_layers=5, num_single_layers=20,
     attention_head_dim=128, num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256,

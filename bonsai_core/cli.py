@@ -1,4 +1,4 @@
-"""The ``bonsai`` command: generate | convert | import | info | bench.
+"""The ``bonsai`` command: generate | convert | import | export-gguf | info.
 
 Every ``BonsaiError`` becomes one clear line on stderr and exit code 2; anything else is a bug
 and keeps its traceback.
@@ -90,13 +90,27 @@ def describe_model(path: Path) -> str:
     return "\n".join(lines)
 
 
+def defaults_of(path: Path) -> str:
+    """Which ``FAMILY_DEFAULTS`` entry a model folder runs with, read from its model_index.json alone."""
+    from .loader import family_of, read_model_index
+
+    index = read_model_index(Path(path))
+    family, _ = family_of(index, Path(path))
+    if family == "sd_unet" and (isinstance(index.get("text_encoder_2"), list) and index["text_encoder_2"][0]
+                                or index.get("_class_name") == "StableDiffusionXLPipeline"):
+        return "sdxl"
+    return family
+
+
 def _cmd_info(args) -> int:
     if args.config:
         from .config import BonsaiConfig
 
-        print(BonsaiConfig.from_env().describe())
+        family = defaults_of(Path(args.path)) if args.path is not None and Path(args.path).is_dir() else None
+        print(BonsaiConfig.from_env().describe(family))
         if args.path is None:
             return 0
+        print()
     if args.path is None:
         raise BonsaiError("bonsai info needs a PATH (a Bonsai folder or file), or --config")
     print(describe_model(Path(args.path)))
@@ -109,7 +123,10 @@ def _cmd_generate(args) -> int:
     from .config import BonsaiConfig
     from .engine import BonsaiImageEngine
 
-    config = BonsaiConfig.from_env(model=args.model, device=args.device, cache_dir=args.cache_dir)
+    # flags are the top layer of the settings: defaults, then BONSAI_* variables, then these
+    config = BonsaiConfig.from_env(model=args.model, device=args.device, cache_dir=args.cache_dir, steps=args.steps,
+                                   width=args.width, height=args.height, guidance=args.cfg, sampler=args.sampler,
+                                   karras=True if args.karras else None, schedule=args.schedule)
     if config.model is None:
         raise BonsaiError("no model given: pass --model DIR_OR_REPO (or set BONSAI_MODEL)")
     out = Path(args.out)
@@ -121,16 +138,14 @@ def _cmd_generate(args) -> int:
                                                cache_dir=config.cache_dir, config=config)
     print(f"loaded {engine.model_name} ({engine.family.name}) on {engine.choice.reason} "
           f"in {engine.load_seconds:.1f} s", file=sys.stderr)
-    bar = tqdm(total=args.steps or engine.family.defaults.steps, unit="step", file=sys.stderr)
+    bar = tqdm(total=config.family_value("steps", engine.family.defaults), unit="step", file=sys.stderr)
 
     def progress(step, total, _preview):
         bar.total = total
         bar.update(step - bar.n)
 
     try:
-        result = engine.generate(args.prompt, args.negative, steps=args.steps, guidance=args.cfg, width=args.width,
-                                 height=args.height, seed=args.seed, sampler=args.sampler, karras=args.karras,
-                                 batch=args.batch, guardrail=args.guardrail, style_prefix=args.style_prefix or None,
+        result = engine.generate(args.prompt, args.negative, seed=args.seed, batch=args.batch, guardrail=args.guardrail, style_prefix=args.style_prefix or None,
                                  default_negative=not args.no_default_negative,
                                  true_cfg=True if args.true_cfg else None, callback=progress)
     finally:
@@ -158,13 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("-n", "--negative", default=None, help="negative prompt (default: the config's, for CFG models)")
     g.add_argument("--model", default=None, help="Bonsai folder or Hub repo id (default: BONSAI_MODEL)")
-    g.add_argument("--steps", type=int, default=None, help="default: the model family's (24 SD, 4 klein)")
-    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the family's)")
+    g.add_argument("--steps", type=int, default=None,
+                   help="default: BONSAI_STEPS, else the model family's (24 SD1.5, 30 SDXL, 4 klein)")
+    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: BONSAI_GUIDANCE, else the family's)")
     g.add_argument("--seed", type=int, default=None, help="default: random (printed and saved in the PNG)")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--sampler", choices=["euler", "dpmpp_2m"], default=None)
-    g.add_argument("--karras", action="store_true", help="Karras sigmas (SD family)")
+    g.add_argument("--karras", action="store_true", default=None, help="Karras sigmas (SD family; BONSAI_KARRAS)")
+    g.add_argument("--schedule", choices=["auto", "euler", "dpm"], default=None,
+                   help="SD sigmas: auto (the sampler's own diffusers scheduler, the default), euler (Euler's for "
+                        "either sampler), dpm (DPM-Solver's); BONSAI_SCHEDULE")
     g.add_argument("--batch", type=int, default=1, help="images to make; image i uses seed+i")
     g.add_argument("--device", default=None, help="auto | cuda | cuda:N | mps | cpu (default: BONSAI_DEVICE or auto)")
     g.add_argument("--dtype", default=None, help="auto | fp16 | bf16 | fp32")
@@ -188,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="print what a Bonsai model holds")
     i.add_argument("path", nargs="?", help="Bonsai folder or component file")
-    i.add_argument("--config", action="store_true", help="print the settings in force and where each came from")
+    i.add_argument("--config", action="store_true",
+                   help="print the settings in force and where each came from (for the model at PATH, if given)")
     i.set_defaults(func=_cmd_info)
 
     im = sub.add_parser("import", help="assemble a public Bonsai Image 4B payload (GGUF, gemlite, MLX, unpacked) "

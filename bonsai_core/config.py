@@ -4,8 +4,9 @@ Precedence, lowest to highest: the defaults below, then ``BONSAI_*`` environment
 then explicit overrides (CLI flags, node inputs). ``BonsaiConfig.from_env`` applies all three
 and remembers where every value came from, so ``bonsai info --config`` can say it.
 
-Per-family generation defaults (``FAMILY_DEFAULTS``) are separate: the checkpoint decides the
-family, and the family decides steps, size, sampler and the guardrails' limits.
+Per-family generation defaults (``FAMILY_DEFAULTS``) are what a generation setting left at None
+means: the checkpoint decides the family, and the family decides steps, size, sampler and the
+guardrails' limits unless the environment or a flag sets one (``BONSAI_STEPS=30``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,23 @@ ENV_VARS: dict[str, str] = {
     "cache_dir": "BONSAI_CACHE",
     "device": "BONSAI_DEVICE",
     "max_vram_gb": "BONSAI_MAX_VRAM_GB",
+    "steps": "BONSAI_STEPS",
+    "width": "BONSAI_WIDTH",
+    "height": "BONSAI_HEIGHT",
+    "guidance": "BONSAI_GUIDANCE",
+    "sampler": "BONSAI_SAMPLER",
+    "schedule": "BONSAI_SCHEDULE",
+    "karras": "BONSAI_KARRAS",
+    "max_side": "BONSAI_MAX_SIDE",
 }
+
+#: Generation settings whose default (None) means "the model family's" (``FAMILY_DEFAULTS``):
+#: which family that is, only the checkpoint says, so the config cannot hold one number for all.
+FAMILY_SETTINGS = ("steps", "width", "height", "guidance", "sampler", "karras", "max_side")
+
+SAMPLER_CHOICES = ("euler", "dpmpp_2m")
+SCHEDULE_CHOICES = ("auto", "euler", "dpm")
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def _parse_vram_gb(value: object, origin: str) -> float:
@@ -48,6 +65,50 @@ def _parse_vram_gb(value: object, origin: str) -> float:
     return gb
 
 
+def _parse_setting(name: str, value: object, origin: str) -> object:
+    """A generation setting from a string (environment) or a value (flag), checked for its type;
+    range checks are the guardrails' (they know the family)."""
+    if value is None:
+        return None
+    what = ""
+    try:
+        if name in ("steps", "width", "height", "max_side"):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            n = int(str(value).strip()) if isinstance(value, str) else int(value)  # type: ignore[call-overload]
+            if n < 1:
+                raise ValueError
+            return n
+        if name == "guidance":
+            g = float(value)  # type: ignore[arg-type]
+            if not math.isfinite(g):
+                raise ValueError
+            return g
+        if name == "karras":
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in _TRUE:
+                return True
+            if text in _FALSE:
+                return False
+            what = "on or off (1/0, true/false, yes/no)"
+            raise ValueError
+        if name in ("sampler", "schedule"):
+            choices = SAMPLER_CHOICES if name == "sampler" else SCHEDULE_CHOICES
+            text = str(value).strip().lower()
+            if text not in choices:
+                what = "one of " + ", ".join(choices)
+                raise ValueError
+            return text
+    except (TypeError, ValueError):
+        what = what or ("a whole number of at least 1" if name != "guidance" else "a number, such as 7.5")
+        raise BonsaiRequestError(
+            f"{origin}={value!r} is not a usable {name}: it must be {what}. Fix it, or leave it unset "
+            f"to use the model family's default.") from None
+    return value
+
+
 @dataclass(frozen=True)
 class BonsaiConfig:
     """Every user-facing default in one place. Frozen: derive a changed copy with
@@ -56,16 +117,19 @@ class BonsaiConfig:
     model: str | None = SHIPPED_MODEL  # Hub repo id or local folder; None means "--model required"
     cache_dir: str = "./models/bonsai_cache"
     device: str = "auto"  # auto picks cuda, then mps, then cpu
-    steps: int = 24
-    width: int = 512
-    height: int = 512
-    guidance: float = 7.5
-    sampler: str = "dpmpp_2m"  # or "euler"
-    karras: bool = False
+    # Generation defaults. None: the model family's (FAMILY_DEFAULTS: SD1.5 24 steps 512² CFG 7.5
+    # dpmpp_2m; SDXL 1024²; klein 4 steps 1024² euler, no CFG). A value here (from the environment
+    # or a flag) is used for every model; an argument to generate() beats it.
+    steps: int | None = None
+    width: int | None = None
+    height: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None  # "euler" or "dpmpp_2m"
+    schedule: str = "auto"  # SD sigmas: auto (the sampler's own diffusers scheduler), euler or dpm
+    karras: bool | None = None  # Karras sigmas (SD family)
+    max_side: int | None = None  # longest side the size guardrail allows (upscale afterwards instead)
     max_vram_gb: float = 6.0  # the memory guardrail warns above this budget
     free_cache_on_switch: bool = True  # empty the device cache when another model is loaded
-    prompt_max_tokens: int = 77
-    max_side: int = 768  # a longer side is refused by default: upscale afterwards instead
     style_prefix: str = "digital painting, concept art, cinematic lighting"
     use_style_prefix: bool = False
     negative_default: str = "blurry, low quality, artifacts, watermark, deformed"
@@ -76,6 +140,10 @@ class BonsaiConfig:
         src = self.source("max_vram_gb")
         origin = src.removeprefix("env ") if src.startswith("env ") else "max_vram_gb"
         object.__setattr__(self, "max_vram_gb", _parse_vram_gb(self.max_vram_gb, origin))
+        for name in (*FAMILY_SETTINGS, "schedule"):
+            src = self.source(name)
+            origin = src.removeprefix("env ") if src.startswith("env ") else name
+            object.__setattr__(self, name, _parse_setting(name, getattr(self, name), origin))
 
     @classmethod
     def from_env(
@@ -115,15 +183,33 @@ class BonsaiConfig:
         """Where a setting's value came from: "default", "env BONSAI_…" or "flag"."""
         return self.sources.get(name, "default")
 
-    def describe(self) -> str:
-        """A table of every setting, its value and where it came from (``bonsai info --config``)."""
+    def family_value(self, name: str, family: "FamilyDefaults") -> object:
+        """The setting in force for a model of ``family``: this config's value, else the family's."""
+        value = getattr(self, name)
+        return getattr(family, name) if value is None else value
+
+    def describe(self, family: str | None = None) -> str:
+        """A table of every setting in force, its value and where it came from (``bonsai info
+        --config``). Generation settings left to the model family show that family's values when
+        ``family`` names one, else say that the model decides (with each family's value)."""
+        fam = FAMILY_DEFAULTS[family] if family is not None else None
         rows = []
         for f in fields(self):
             if f.name == "sources":
                 continue
             value = getattr(self, f.name)
-            shown = "(none: pass --model or set BONSAI_MODEL)" if value is None else repr(value)
-            rows.append((f.name, shown, self.source(f.name)))
+            source = self.source(f.name)
+            if f.name == "model" and value is None:
+                shown = "(none: pass --model or set BONSAI_MODEL)"
+            elif f.name in FAMILY_SETTINGS and value is None:
+                if fam is not None:
+                    shown, source = repr(getattr(fam, f.name)), f"{family} family default"
+                else:
+                    per = ", ".join(f"{k} {getattr(v, f.name)!r}" for k, v in FAMILY_DEFAULTS.items())
+                    shown, source = f"(the model's family: {per})", "family default"
+            else:
+                shown = repr(value)
+            rows.append((f.name, shown, source))
         w0 = max(len("setting"), *(len(r[0]) for r in rows))
         w1 = max(len("value"), *(len(r[1]) for r in rows))
         lines = [f"{'setting':<{w0}}  {'value':<{w1}}  from", f"{'-' * w0}  {'-' * w1}  ----"]
@@ -145,6 +231,7 @@ class FamilyDefaults:
     use_cfg: bool  # False: guidance-distilled, one forward per step, no negative prompt
     steps_advice: tuple[int, int]  # steps outside this range get a warning
     multiple_of: int  # width and height must be multiples of this
+    karras: bool = False
 
 
 FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
@@ -153,9 +240,16 @@ FAMILY_DEFAULTS: dict[str, FamilyDefaults] = {
         steps=24, guidance=7.5, width=512, height=512, max_side=768, max_tokens=77,
         sampler="dpmpp_2m", use_cfg=True, steps_advice=(20, 28), multiple_of=8,
     ),
+    # SDXL-style UNet (two CLIP text encoders, size conditioning): native 1024², VAE downsamples by
+    # 8; diffusers' StableDiffusionXLPipeline defaults to guidance 5.0. Over 1536 a side is refused
+    # by default, as over 768 for SD1.5 (1.5x native: larger images repeat themselves).
+    "sdxl": FamilyDefaults(
+        steps=30, guidance=5.0, width=1024, height=1024, max_side=1536, max_tokens=77,
+        sampler="dpmpp_2m", use_cfg=True, steps_advice=(20, 40), multiple_of=8,
+    ),
     # FLUX.2 [klein] (Bonsai Image 4B): 4-step guidance-distilled flow model, Qwen3 prompt padded
     # to 512 tokens. A latent is H/16 x W/16 after 2x2 patching and the CUDA reference rejects
-    # sizes that are not multiples of 32 (shared/BONSAI-IMAGE-4B.md section 8).
+    # sizes that are not multiples of 32 (PrismML's reference pipeline).
     "flux2_klein": FamilyDefaults(
         steps=4, guidance=1.0, width=1024, height=1024, max_side=2048, max_tokens=512,
         sampler="euler", use_cfg=False, steps_advice=(4, 8), multiple_of=32,

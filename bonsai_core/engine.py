@@ -192,38 +192,55 @@ class BonsaiImageEngine:
     # ------------------------------------------------------------------ generating
     def check(self, prompt: str, negative_prompt: str | None = None, *, steps: int | None = None,
               guidance: float | None = None, width: int | None = None, height: int | None = None,
-              batch: int = 1, mode: str = "warn", max_side: int | None = None) -> GuardrailReport:
-        """Run the guardrails on a request with this model's tokenizer, limits and memory."""
+              batch: int = 1, mode: str = "warn", max_side: int | None = None,
+              cfg: bool | None = None) -> GuardrailReport:
+        """Run the guardrails on a request with this model's tokenizer, limits and memory
+        (``cfg``: two network rows per image; None follows the family and the guidance)."""
         fam = self._family()
         d = fam.defaults
-        req = Request(prompt=prompt, negative_prompt=negative_prompt or "",
-                      width=d.width if width is None else width, height=d.height if height is None else height,
-                      steps=d.steps if steps is None else steps, guidance=d.guidance if guidance is None else guidance,
+        pick = self._setting
+        req = Request(prompt=prompt, negative_prompt=negative_prompt or "", width=pick("width", width),
+                      height=pick("height", height), steps=pick("steps", steps), guidance=pick("guidance", guidance),
                       batch=batch)
-        if max_side is None and fam.name == "sd_unet":
-            max_side = self.config.max_side
-        weights = fam.weight_bytes()
+        max_side = pick("max_side", max_side)
+        cfg = d.use_cfg and req.guidance != 1.0 if cfg is None else cfg
+        model = fam.memory_model(cfg=cfg)
         available = _available_memory(self.device)
         if self.device.type == "cuda":
             available = min(available, self.config.max_vram_bytes) if available else self.config.max_vram_bytes
+        elif available is not None:  # the estimate counts the weights, which are in this memory already
+            available += fam.loaded_bytes()
 
         def estimate(r: Request) -> int:
-            return estimate_memory_bytes(weight_bytes=weights, width=r.width, height=r.height, batch=r.batch,
-                                         family=fam.name, dtype_bytes=torch.empty(0, dtype=self.dtype).element_size())
+            return estimate_memory_bytes(model, width=r.width, height=r.height, batch=r.batch)
 
         return check_request(req, family=d, mode=mode, max_side=max_side, count_tokens=fam.count_tokens,
                              tokenizer=fam.tokenizer(), memory_estimate_bytes=estimate,
                              memory_available_bytes=available)
 
+    def _setting(self, name: str, value):
+        """An argument given to the call, else the config's value (environment, flag), else the family's."""
+        return self.config.family_value(name, self._family().defaults) if value is None else value
+
     def generate(self, prompt: str, negative_prompt: str | None = None, *, steps: int | None = None,
                  guidance: float | None = None, width: int | None = None, height: int | None = None,
-                 seed: int | None = None, sampler: str | None = None, karras: bool = False, batch: int = 1,
+                 seed: int | None = None, sampler: str | None = None, karras: bool | None = None,
+                 schedule: str | None = None, batch: int = 1,
                  guardrail: str = "warn", max_side: int | None = None, style_prefix: bool | None = None,
                  default_negative: bool = True, true_cfg: bool | None = None, callback: ProgressFn | None = None,
                  cancel: Callable[[], bool] | None = None) -> GenerationResult:
         """Generate ``batch`` images. Image ``i`` uses seed ``seed + i``, so any image of a batch
         can be made again alone. ``callback(step, total, preview)`` runs after every step and
         ``cancel()`` before every step (True raises ``BonsaiCancelledError``).
+
+        A setting left at None comes from the engine's ``BonsaiConfig`` (``BONSAI_STEPS``, ...),
+        and where that has none, from the model family's defaults.
+
+        ``schedule`` (SD family): whose sigmas the sampler walks. ``auto`` (default) takes the
+        sampler's own diffusers scheduler (Euler: ``EulerDiscreteScheduler``; DPM++ 2M:
+        ``DPMSolverMultistepScheduler``), so that each sampler gives what diffusers' pipeline with
+        that scheduler gives; ``euler`` runs either sampler on Euler's sigmas (the same sigmas for
+        both, as k-diffusion does); ``dpm`` on DPM-Solver's.
 
         ``true_cfg``: classifier-free guidance with the negative prompt (two network passes a step).
         None follows the family: on for SD UNets, off for guidance-distilled FLUX.2 [klein], where
@@ -232,14 +249,19 @@ class BonsaiImageEngine:
         d = fam.defaults
         cfg_wanted = d.use_cfg if true_cfg is None else bool(true_cfg)
         t_start = time.perf_counter()
-        sampler = sampler or d.sampler
+        sampler = self._setting("sampler", sampler)
         if sampler not in sampling.SAMPLERS:
             raise BonsaiRequestError(f"unknown sampler {sampler!r}: choose one of {', '.join(sampling.SAMPLERS)}")
+        karras = bool(self._setting("karras", karras))
+        schedule = self.config.schedule if schedule is None else schedule
+        if schedule not in ("auto", *sampling.SD_SCHEDULES):
+            raise BonsaiRequestError(f"unknown schedule {schedule!r}: choose auto, {', '.join(sampling.SD_SCHEDULES)}")
         prompt, negative = apply_prompt_defaults(prompt, negative_prompt or "", config=self.config,
                                                  use_style_prefix=style_prefix,
                                                  use_default_negative=default_negative and cfg_wanted)
         report = self.check(prompt, negative, steps=steps, guidance=guidance, width=width, height=height,
-                            batch=batch, mode=guardrail, max_side=max_side)
+                            batch=batch, mode=guardrail, max_side=max_side,
+                            cfg=cfg_wanted and self._setting("guidance", guidance) != 1.0)
         r = report.request
         m = d.multiple_of
         if r.width % m or r.height % m:  # warn mode lets these through: make the image at the size we report
@@ -258,15 +280,15 @@ class BonsaiImageEngine:
         try:
             t0 = time.perf_counter()
             cond = fam.encode([r.prompt] * r.batch)
-            uncond = fam.encode([r.negative_prompt] * r.batch) if use_cfg else None
+            uncond = fam.encode_negative([r.negative_prompt] * r.batch) if use_cfg else None
             t_encode = time.perf_counter() - t0
 
-            schedule = fam.schedule(r.steps, r.width, r.height, karras)
+            sigmas = fam.schedule(r.steps, r.width, r.height, karras, sampler=sampler, kind=schedule)
             shape = fam.latent_shape(r.width, r.height)
             noise = torch.stack([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(s))
                                  for s in seeds])
-            x = (noise * sampling.initial_noise_scale(schedule)).to(self.device)
-            denoise = fam.denoiser(cond, uncond, r.guidance, schedule, r.width, r.height)
+            x = (noise * sampling.initial_noise_scale(sigmas)).to(self.device)
+            denoise = fam.denoiser(cond, uncond, r.guidance, sigmas, r.width, r.height)
 
             def on_step(i: int, n: int, x0: torch.Tensor) -> None:
                 if callback is not None:
@@ -274,7 +296,7 @@ class BonsaiImageEngine:
 
             t0 = time.perf_counter()
             with torch.inference_mode():
-                latents = sampling.sample(denoise, x, schedule, sampler=sampler, callback=on_step, cancel=cancel)
+                latents = sampling.sample(denoise, x, sigmas, sampler=sampler, callback=on_step, cancel=cancel)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 t_denoise = time.perf_counter() - t0
@@ -298,13 +320,16 @@ class BonsaiImageEngine:
             "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
             "prompt": r.prompt, "negative_prompt": r.negative_prompt if use_cfg else "",
             "prompt_tokens": report.prompt_tokens, "max_tokens": d.max_tokens,
-            "steps": r.steps, "guidance": r.guidance, "cfg": use_cfg, "sampler": sampler, "karras": bool(karras),
+            "steps": r.steps, "guidance": r.guidance, "cfg": use_cfg, "sampler": sampler, "karras": karras,
+            "schedule": schedule,
             "seed": seed, "seeds": seeds, "width": r.width, "height": r.height, "batch": r.batch,
             "timings": {"load_s": round(self.load_seconds, 3), "encode_s": round(t_encode, 3),
                         "denoise_s": round(t_denoise, 3), "decode_s": round(t_decode, 3),
                         "total_s": round(time.perf_counter() - t_start, 3),
                         "per_step_s": round(t_denoise / max(r.steps, 1), 4)},
             **peak.peak(),
+            "estimate_bytes": estimate_memory_bytes(fam.memory_model(cfg=use_cfg), width=r.width, height=r.height,
+                                                    batch=r.batch),
             "guardrail": {"mode": report.mode, "warnings": report.warnings, "notes": report.notes},
             "bonsai_version": _version(),
         }

@@ -336,36 +336,131 @@ def _check_memory(
     raise BonsaiMemoryError(f"{problem}; {advice}")
 
 
-def estimate_memory_bytes(
-    *, weight_bytes: int, width: int, height: int, batch: int, family: str, dtype_bytes: int = 2
-) -> int:
-    """A rough peak-memory estimate in bytes for one generation; good to a factor of about 2.
+@dataclass(frozen=True)
+class MemoryModel:
+    """What one loaded model puts on the device, phase by phase, from its modules' sizes and configs.
 
-    weights + batch-proportional activations, plus 10% for allocator slack:
+    A generation has three phases, and its peak is the largest of them:
 
-    * ``sd_unet`` (SD1.5 layout): latent tokens T = (H/8)(W/8); CFG runs conditional and
-      unconditional together, so 2 x batch rows go through the UNet. Per row: the self-attention
-      scores of the highest-resolution level, T^2 x 8 heads (the plain attention path materializes
-      them; fused SDPA kernels need less, so this is an upper bound), plus feature maps kept alive
-      through the UNet (skip connections), about 40 tensors of T x 320 channels.
-    * ``flux2_klein``: sequence S = (H/16)(W/16) image tokens + 512 text tokens, no CFG. Per row:
-      joint-attention scores S^2 x 24 heads, plus the widest single-block projection (27648) and
-      about 10 tensors of the 3072 hidden size.
-    * both: the VAE decoder at full resolution, about 6 live tensors of H x W x 128 channels per image.
+    * **encode** (once per new prompt): the resident weights, the text encoder lent to the device
+      for the forward (``lent_bytes``; FLUX.2 klein on CUDA) and its activations;
+    * **denoise**: the resident weights, one network step's activations for ``rows_per_image``
+      rows per image (2 under CFG: negative and positive together), the largest 1-bit layer
+      unpacked for its matmul (``unpacked_bytes``), and on CUDA, when steps are replayed as a CUDA
+      graph, the graph's private pool (another step's worth, held while the model is loaded);
+    * **decode**: the resident weights and the VAE decoder at full size for the whole batch.
+
+    ``step_elements(width, height)`` and ``decode_elements(width, height)`` count live activation
+    elements per row / per image; ``encode_elements`` per prompt. They are the families'
+    (``Family.memory_model``), from ``unet_step_elements``, ``flux_step_elements`` and
+    ``vae_decode_elements`` below.
     """
-    if family not in FAMILY_DEFAULTS:
-        raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILY_DEFAULTS)}")
-    fam = FAMILY_DEFAULTS[family]
-    rows = batch * (2 if fam.use_cfg else 1)
-    if family == "sd_unet":
-        t = (height // 8) * (width // 8)
-        per_row = t * t * 8 + t * 320 * 40
-    else:
-        s = (height // 16) * (width // 16) + fam.max_tokens
-        per_row = s * s * 24 + s * (27648 + 10 * 3072)
-    vae = batch * height * width * 128 * 6
-    activations = (rows * per_row + vae) * dtype_bytes
-    return int((weight_bytes + activations) * 1.1)
+
+    resident_bytes: int
+    dtype_bytes: int
+    step_elements: Callable[[int, int], int]
+    decode_elements: Callable[[int, int], int]
+    encode_elements: int = 0
+    lent_bytes: int = 0
+    unpacked_bytes: int = 0
+    rows_per_image: int = 1
+    graph_pool: bool = False
+
+    def phases(self, width: int, height: int, batch: int) -> dict[str, int]:
+        """Bytes on the device at the peak of each phase."""
+        b = self.dtype_bytes
+        step = batch * self.rows_per_image * self.step_elements(width, height) * b
+        return {
+            "encode": self.resident_bytes + self.lent_bytes + self.encode_elements * b,
+            "denoise": self.resident_bytes + step * (2 if self.graph_pool else 1) + self.unpacked_bytes,
+            "decode": self.resident_bytes + batch * self.decode_elements(width, height) * b,
+        }
+
+    def peak_bytes(self, width: int, height: int, batch: int) -> int:
+        return int(max(self.phases(width, height, batch).values()) * ALLOCATOR_SLACK)
+
+
+#: allocator rounding and fragmentation on top of what the tensors themselves need
+ALLOCATOR_SLACK = 1.05
+
+
+def _cfg(config, key, default=None):
+    value = config.get(key, default) if hasattr(config, "get") else getattr(config, key, default)
+    return default if value is None else value
+
+
+def unet_step_elements(unet_config, width: int, height: int, vae_scale: int = 8) -> int:
+    """Live activation elements of one row through a ``UNet2DConditionModel`` step.
+
+    Inference frees each tensor after its last use, so what is alive at the peak is the skip
+    connections kept for the up path (the conv_in output, every down resnet's output and every
+    downsampler's output) plus the working set of the widest block: in a transformer block the
+    normed input, q, k, v, the attention output and the GEGLU feed-forward (8 x the width out of
+    its first projection, 4 x after gating); in a resnet the input, its norm, activation and
+    conv outputs. Attention scores are not counted: PyTorch's fused attention (flash / memory
+    efficient on CUDA, the flash CPU kernel) never materializes them.
+    """
+    t = (height // vae_scale) * (width // vae_scale)
+    chans = list(_cfg(unet_config, "block_out_channels"))
+    layers = _cfg(unet_config, "layers_per_block", 2)
+    layers = layers if isinstance(layers, (list, tuple)) else [layers] * len(chans)
+    kinds = list(_cfg(unet_config, "down_block_types"))
+    skips = chans[0] * t  # conv_in
+    work = 0
+    for i, (c, n, kind) in enumerate(zip(chans, layers, kinds)):
+        ti = t // 4**i
+        skips += n * c * ti
+        if i < len(chans) - 1:
+            skips += c * (t // 4 ** (i + 1))
+        # up path: the block input is its own width plus the skip it concatenates
+        resnet = (2 * c + c) * ti * 2
+        attn = (4 + 3 + 1 + 8 + 4) * c * ti if "CrossAttn" in kind else 0
+        work = max(work, resnet, attn)
+    return skips + work
+
+
+def flux_step_elements(transformer_config, width: int, height: int, text_tokens: int = 512) -> int:
+    """Live activation elements of one row through a FLUX.2 transformer step: sequence
+    S = (H/16)(W/16) image tokens + the text tokens; the widest moment is a single-stream block,
+    whose fused first projection gives S x (3 x inner + 2 x mlp) (q, k, v and the gated MLP
+    input), beside the block input, the attention output, the gated MLP and the residual."""
+    inner = _cfg(transformer_config, "num_attention_heads", 24) * _cfg(transformer_config, "attention_head_dim", 128)
+    mlp = int(inner * _cfg(transformer_config, "mlp_ratio", 3.0))
+    s = (height // 16) * (width // 16) + text_tokens
+    return s * (3 * inner + 2 * mlp) + s * (4 * inner + mlp)
+
+
+def vae_decode_elements(vae_config, width: int, height: int) -> int:
+    """Live activation elements of one image through a KL VAE decoder at full size: the widest
+    moment is the first resnet after an upsampler, holding its input, that input normed and
+    activated (three tensors of the incoming width) and its first conv's output, at the new
+    resolution; the largest such moment over the up blocks (the last, full-size ones dominate).
+    The half tensor more of the incoming width is what convolution kernels hold beside their
+    output (measured: the SD1.5 VAE's decode peak on a CPU at 256² and 512², within 6%)."""
+    rev = list(reversed(list(_cfg(vae_config, "block_out_channels"))))
+    levels = len(rev)
+    peak = 0
+    for j, c in enumerate(rev):
+        res = (height >> (levels - 1 - j)) * (width >> (levels - 1 - j))
+        c_in = rev[j - 1] if j else rev[0]
+        peak = max(peak, (7 * c_in // 2 + c) * res)
+    return peak + 3 * height * width
+
+
+def text_encode_elements(text_config, tokens: int, keeps_hidden_states: bool) -> int:
+    """One prompt through a transformer text encoder: the hidden states (every layer's, when the
+    family reads several of them, as FLUX.2 does), the MLP's intermediate and attention."""
+    hidden = _cfg(text_config, "hidden_size", 768)
+    inter = _cfg(text_config, "intermediate_size", 4 * hidden)
+    layers = _cfg(text_config, "num_hidden_layers", 12)
+    kept = (layers + 1) if keeps_hidden_states else 2
+    return tokens * (hidden * kept + 2 * inter + 4 * hidden)
+
+
+def estimate_memory_bytes(model: MemoryModel, *, width: int, height: int, batch: int) -> int:
+    """Peak device bytes of one generation of ``batch`` images at ``width`` x ``height``
+    (the largest phase of ``model``, plus allocator slack)."""
+    return model.peak_bytes(width, height, batch)
 
 
 def apply_prompt_defaults(

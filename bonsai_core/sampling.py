@@ -24,8 +24,11 @@ clean sample (data prediction) at step ``i``, classifier-free guidance already a
 :func:`model_timestep` returns exactly that timestep. The starting latent is unit Gaussian noise
 times :func:`initial_noise_scale`.
 
-Schedules reproduce diffusers' ``EulerDiscreteScheduler`` and ``FlowMatchEulerDiscreteScheduler``
-(with ``Flux2KleinPipeline``'s settings) to float32 precision; the tests compare them.
+Schedules are not written here: :func:`sd_schedule` and :func:`flow_schedule` build diffusers'
+``EulerDiscreteScheduler``, ``DPMSolverMultistepScheduler`` or ``FlowMatchEulerDiscreteScheduler``
+from the model's scheduler config and read its sigmas and timesteps. The samplers are ours because
+the library's are step objects bound to one scheduler each, and ours are one loop over sigmas for
+both families, with the cancel check and the data-prediction callback the engine needs.
 
 References:
     Karras, Aittala, Aila, Laine 2022, "Elucidating the Design Space of Diffusion-Based Generative
@@ -66,9 +69,6 @@ __all__ = [
 
 SAMPLERS = ("euler", "dpmpp_2m")
 PREDICTIONS = ("epsilon", "v_prediction", "flow")
-
-#: Karras et al. 2022, eq. 5: rho = 7 spaces the steps so that errors are roughly even.
-KARRAS_RHO = 7.0
 
 #: The flow pipelines divide the scheduler's timestep (sigma * 1000) by this before calling the
 #: transformer (``Flux2KleinPipeline``: ``timestep=timestep / 1000``).
@@ -165,146 +165,23 @@ def _refuse_flags(cfg: dict, flags: tuple[str, ...], what: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-# SD noise schedule (EulerDiscreteScheduler-compatible)
+# SD noise schedules, from diffusers' own schedulers
 # --------------------------------------------------------------------------------------------
 
-
-def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
-    """Nichol & Dhariwal 2021 ("squaredcos_cap_v2") betas, as diffusers' ``betas_for_alpha_bar``."""
-
-    def alpha_bar(t: float) -> float:
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = []
-    for i in range(num_train_timesteps):
-        t1 = i / num_train_timesteps
-        t2 = (i + 1) / num_train_timesteps
-        betas.append(min(1 - alpha_bar(t2) / alpha_bar(t1), max_beta))
-    return torch.tensor(betas, dtype=torch.float32)
+#: Which diffusers scheduler lays out the sigmas of each SD schedule kind (see :func:`sd_schedule`).
+SD_SCHEDULES = ("euler", "dpm")
+_BETA_SCHEDULES = ("scaled_linear", "linear", "squaredcos_cap_v2")
+_SPACINGS = ("linspace", "leading", "trailing")
+#: What a config that says nothing means: SD's training schedule (diffusers' schedulers default
+#: to a plain ``linear`` 0.0001..0.02 instead, which no SD checkpoint uses).
+SD_TRAINING_DEFAULTS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                            beta_schedule="scaled_linear", prediction_type="epsilon",
+                            timestep_spacing="linspace")
 
 
-def _training_sigmas(cfg: dict) -> torch.Tensor:
-    """VE sigmas of the training schedule, float32 ``[num_train_timesteps]``, ascending in t.
-
-    ``sigma_t = sqrt((1 - alphas_cumprod_t) / alphas_cumprod_t)``. Computed in float32 exactly as
-    diffusers does (betas, then a float32 cumulative product) so the numbers agree bit for bit.
-    """
-    n = int(_cfg_get(cfg, "num_train_timesteps", 1000))
-    if n < 2:
-        raise BonsaiRequestError(
-            f"scheduler config num_train_timesteps must be at least 2, got {n}"
-        )
-    trained = cfg.get("trained_betas")
-    if trained is not None:
-        betas = torch.tensor(trained, dtype=torch.float32)
-        if betas.numel() != n:
-            raise BonsaiRequestError(
-                f"scheduler config trained_betas has {betas.numel()} values but "
-                f"num_train_timesteps is {n}"
-            )
-    else:
-        beta_start = float(_cfg_get(cfg, "beta_start", 0.00085))
-        beta_end = float(_cfg_get(cfg, "beta_end", 0.012))
-        kind = _cfg_get(cfg, "beta_schedule", "scaled_linear")
-        if kind == "scaled_linear":
-            betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
-        elif kind == "linear":
-            betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
-        elif kind == "squaredcos_cap_v2":
-            betas = _cosine_betas(n)
-        else:
-            raise BonsaiRequestError(
-                f"unknown beta_schedule {kind!r}: choose one of 'scaled_linear', 'linear', "
-                "'squaredcos_cap_v2'"
-            )
-    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-    return ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
-
-
-def _spaced_timesteps(steps: int, n: int, spacing: str, steps_offset: int) -> torch.Tensor:
-    """Inference timesteps, descending, float32 ``[steps]`` (diffusers EulerDiscreteScheduler).
-
-    Spacings follow Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are
-    Flawed", table 2): ``linspace`` may give fractional timesteps, ``leading``/``trailing``
-    integers.
-    """
-    if spacing == "linspace":
-        t = torch.linspace(0, n - 1, steps, dtype=torch.float64).to(torch.float32).flip(0)
-    elif spacing == "leading":
-        ratio = n // steps
-        t = (torch.arange(steps, dtype=torch.float64) * ratio).round().flip(0).to(torch.float32)
-        t = t + steps_offset
-    elif spacing == "trailing":
-        ratio = n / steps
-        t = (n - torch.arange(steps, dtype=torch.float64) * ratio).round().to(torch.float32) - 1
-    else:
-        raise BonsaiRequestError(
-            f"unknown timestep_spacing {spacing!r}: choose one of 'linspace', 'leading', 'trailing'"
-        )
-    return t
-
-
-def _interp_sigma(t: torch.Tensor, train_sigmas: torch.Tensor) -> torch.Tensor:
-    """Sigma at (possibly fractional) timesteps ``t``: piecewise-linear in t over the training
-    sigmas (as ``np.interp``), float64 math, clamped to the table's ends."""
-    table = train_sigmas.to(torch.float64)
-    t = t.to(torch.float64).clamp(0, table.numel() - 1)
-    lo = t.floor().long().clamp(max=table.numel() - 2)
-    w = t - lo.to(torch.float64)
-    return table[lo] + w * (table[lo + 1] - table[lo])
-
-
-def _sigma_to_t(sigmas: torch.Tensor, train_sigmas: torch.Tensor) -> torch.Tensor:
-    """Fractional timestep of each sigma by linear interpolation in log-sigma (diffusers'
-    ``_sigma_to_t``). The log table is taken in float64 here (numpy's float32 log in diffusers is
-    not correctly rounded), so timesteps can differ from diffusers by a float32 ulp (6e-5 at 999)."""
-    log_table = torch.log(train_sigmas.to(torch.float64))  # ascending
-    log_sigma = torch.log(sigmas.to(torch.float64).clamp(min=1e-10))
-    n = log_table.numel()
-    # index of the last table entry <= log_sigma, kept inside [0, n-2] so [lo, lo+1] is a segment
-    lo = (torch.searchsorted(log_table, log_sigma, right=True) - 1).clamp(0, n - 2)
-    low = log_table[lo]
-    high = log_table[lo + 1]
-    w = ((low - log_sigma) / (low - high)).clamp(0, 1)
-    return (1 - w) * lo.to(torch.float64) + w * (lo + 1).to(torch.float64)
-
-
-def _karras_sigmas(
-    sigma_min: float, sigma_max: float, steps: int, rho: float = KARRAS_RHO
-) -> torch.Tensor:
-    """Karras et al. 2022, eq. 5, float64 ``[steps]``:
-    ``(s_max^(1/rho) + i/(n-1) * (s_min^(1/rho) - s_max^(1/rho)))^rho``."""
-    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
-    min_inv = sigma_min ** (1 / rho)
-    max_inv = sigma_max ** (1 / rho)
-    return (max_inv + ramp * (min_inv - max_inv)) ** rho
-
-
-def sd_schedule(steps: int, scheduler_config: dict | None = None, karras: bool = False) -> Schedule:
-    """The SD (DDPM-trained) noise schedule in VE sigmas, as diffusers' ``EulerDiscreteScheduler``.
-
-    Args:
-        steps: number of denoiser calls, 1..num_train_timesteps.
-        scheduler_config: a diffusers ``scheduler_config.json`` dict (any scheduler class; keys it
-            does not know about are ignored). Read: ``num_train_timesteps`` (1000), ``beta_start``
-            (0.00085), ``beta_end`` (0.012), ``beta_schedule`` (``scaled_linear``; also ``linear``,
-            ``squaredcos_cap_v2``), ``trained_betas``, ``prediction_type`` (``epsilon`` or
-            ``v_prediction``), ``timestep_spacing`` (``linspace`` default; ``leading``,
-            ``trailing``), ``steps_offset`` (leading only), ``sigma_min``/``sigma_max`` (Karras
-            only). ``use_karras_sigmas`` in the config is ignored: ``karras`` decides.
-        karras: use the Karras et al. 2022 rho=7 sigmas between the first and last spaced sigma
-            (diffusers' ``use_karras_sigmas=True``; with ``linspace`` spacing these are the training
-            schedule's sigma_max and sigma_min), timesteps by log-sigma interpolation.
-
-    Returns:
-        A :class:`Schedule` with float32 sigmas ``[steps+1]`` ending in 0 and float32 timesteps.
-
-    Raises:
-        BonsaiRequestError: bad ``steps`` or a config asking for something not implemented.
-    """
-    steps = _check_steps(steps)
-    cfg = dict(scheduler_config or {})
-
+def _check_sd_config(cfg: dict) -> str:
+    """Refuse what the samplers here do not implement, with our own message; returns the
+    prediction type. Everything else is diffusers' to read."""
     prediction = _cfg_get(cfg, "prediction_type", "epsilon")
     if prediction not in ("epsilon", "v_prediction"):
         raise BonsaiRequestError(
@@ -316,7 +193,19 @@ def sd_schedule(steps: int, scheduler_config: dict | None = None, karras: bool =
             "scheduler config sets rescale_betas_zero_snr=True (zero terminal SNR), which Bonsai does not "
             "implement; use a model trained with the standard schedule"
         )
-    _refuse_flags(cfg, ("use_exponential_sigmas", "use_beta_sigmas"), "SD")
+    _refuse_flags(cfg, ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
+                        "euler_at_final", "thresholding"), "SD")
+    if cfg.get("trained_betas") is None:
+        kind = _cfg_get(cfg, "beta_schedule", "scaled_linear")
+        if kind not in _BETA_SCHEDULES:
+            raise BonsaiRequestError(
+                f"unknown beta_schedule {kind!r}: choose one of {', '.join(map(repr, _BETA_SCHEDULES))}"
+            )
+    spacing = _cfg_get(cfg, "timestep_spacing", "linspace")
+    if spacing not in _SPACINGS:
+        raise BonsaiRequestError(
+            f"unknown timestep_spacing {spacing!r}: choose one of {', '.join(map(repr, _SPACINGS))}"
+        )
     interpolation = _cfg_get(cfg, "interpolation_type", "linear")
     if interpolation != "linear":
         raise BonsaiRequestError(
@@ -329,63 +218,89 @@ def sd_schedule(steps: int, scheduler_config: dict | None = None, karras: bool =
         raise BonsaiRequestError(
             "timestep_type 'continuous' with v_prediction (EDM-style) is not supported"
         )
+    n = int(_cfg_get(cfg, "num_train_timesteps", 1000))
+    if n < 2:
+        raise BonsaiRequestError(f"scheduler config num_train_timesteps must be at least 2, got {n}")
+    return prediction
 
-    train_sigmas = _training_sigmas(cfg)
-    n = train_sigmas.numel()
+
+def sd_schedule(steps: int, scheduler_config: dict | None = None, karras: bool = False,
+                kind: str = "euler") -> Schedule:
+    """The SD (DDPM-trained) noise schedule in VE sigmas, laid out by one of diffusers' schedulers.
+
+    The sigmas and timesteps are the scheduler's own (its ``set_timesteps``), so they agree with
+    diffusers exactly; only the solver (:func:`sample`) is ours.
+
+    Args:
+        steps: number of denoiser calls, 1..num_train_timesteps.
+        scheduler_config: a diffusers ``scheduler_config.json`` dict (any scheduler class; the
+            scheduler built here ignores the keys it does not know). What it reads:
+            ``num_train_timesteps``, ``beta_start``/``beta_end``/``beta_schedule``/``trained_betas``,
+            ``prediction_type`` (``epsilon`` or ``v_prediction``), ``timestep_spacing``,
+            ``steps_offset`` (missing keys: :data:`SD_TRAINING_DEFAULTS`, SD1.5's schedule), and
+            the scheduler's own keys (``sigma_min``/``sigma_max`` for Euler's
+            Karras sigmas, ``lambda_min_clipped`` for DPM's). ``use_karras_sigmas`` in the config
+            is ignored: ``karras`` decides.
+        karras: Karras et al. 2022 rho=7 sigmas (``use_karras_sigmas=True``).
+        kind: ``"euler"``: ``EulerDiscreteScheduler``'s sigmas (fractional timesteps interpolated
+            on the training sigmas; k-diffusion's layout, the same for every sampler).
+            ``"dpm"``: ``DPMSolverMultistepScheduler``'s (its own spacing over ``steps + 1``
+            points, integer timesteps), so that DPM++ 2M equals diffusers' DPM-Solver++ pipeline.
+            The DPM scheduler works on the variance-preserving sample starting from unit noise;
+            in the VE form used here that is an initial noise scale of ``sqrt(sigma_max^2 + 1)``.
+
+    Returns:
+        A :class:`Schedule` with float32 sigmas ``[steps+1]`` ending in 0 and float32 timesteps.
+
+    Raises:
+        BonsaiRequestError: bad ``steps`` or ``kind``, or a config asking for something not
+        implemented.
+    """
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    steps = _check_steps(steps)
+    if kind not in SD_SCHEDULES:
+        raise BonsaiRequestError(f"unknown schedule {kind!r}: choose one of {', '.join(SD_SCHEDULES)}")
+    given = {k: v for k, v in dict(scheduler_config or {}).items() if v is not None}
+    cfg = {**SD_TRAINING_DEFAULTS, **given}
+    prediction = _check_sd_config(cfg)
+    n = int(_cfg_get(cfg, "num_train_timesteps", 1000))
     if steps > n:
         raise BonsaiRequestError(f"steps must be at most num_train_timesteps ({n}), got {steps}")
-    spacing = _cfg_get(cfg, "timestep_spacing", "linspace")
-    timesteps = _spaced_timesteps(steps, n, spacing, int(_cfg_get(cfg, "steps_offset", 0)))
-    sigmas = _interp_sigma(timesteps, train_sigmas)  # float64 [steps]
-
-    if karras:
-        sigma_min = float(_cfg_get(cfg, "sigma_min", float(sigmas[-1])))
-        sigma_max = float(_cfg_get(cfg, "sigma_max", float(sigmas[0])))
-        sigmas = _karras_sigmas(sigma_min, sigma_max, steps)
-        timesteps = _sigma_to_t(sigmas, train_sigmas).to(torch.float32)
-
-    sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).to(torch.float32)
+    cfg.pop("_class_name", None)
+    cfg.pop("_diffusers_version", None)
+    if kind == "euler":
+        sched = EulerDiscreteScheduler.from_config(cfg, use_karras_sigmas=bool(karras))
+    else:  # the solver is ours (DPM++ 2M): only the scheduler's sigmas are read
+        sched = DPMSolverMultistepScheduler.from_config(
+            cfg, use_karras_sigmas=bool(karras), algorithm_type="dpmsolver++", solver_order=2,
+            final_sigmas_type="zero")
+    sched.set_timesteps(steps)
+    sigmas = sched.sigmas.to(torch.float32).cpu()
+    timesteps = sched.timesteps.to(torch.float32).cpu()
     if steps > 1 and not bool(torch.all(sigmas[1:] < sigmas[:-1])):
         raise BonsaiRequestError(
             f"{steps} steps give repeated sigmas with this schedule; use fewer steps"
         )
-
-    # diffusers' init_noise_sigma: the VE sigma itself for linspace/trailing, sqrt(sigma^2+1) for
-    # leading (whose first sigma is below the schedule's maximum).
-    sigma_max = float(sigmas.max())
-    init = sigma_max if spacing in ("linspace", "trailing") else float(
-        (torch.tensor(sigma_max, dtype=torch.float32) ** 2 + 1) ** 0.5
-    )
-    return Schedule(
-        sigmas=sigmas,
-        timesteps=timesteps.to(torch.float32),
-        prediction=prediction,
-        init_noise_sigma=init,
-    )
+    if kind == "euler":
+        init = float(sched.init_noise_sigma)
+    else:
+        init = float((sigmas[0].double() ** 2 + 1) ** 0.5)
+    return Schedule(sigmas=sigmas, timesteps=timesteps, prediction=prediction, init_noise_sigma=init)
 
 
 # --------------------------------------------------------------------------------------------
-# Flow-matching schedule (FLUX.2 klein, FlowMatchEulerDiscreteScheduler-compatible)
+# Flow-matching schedule (FLUX.2 klein), from diffusers' FlowMatchEulerDiscreteScheduler
 # --------------------------------------------------------------------------------------------
 
 
 def compute_empirical_mu(image_seq_len: int, num_steps: int) -> float:
-    """FLUX.2's resolution- and step-dependent time-shift exponent mu (empirical fit).
+    """FLUX.2's resolution- and step-dependent time-shift exponent mu: diffusers'
+    ``pipeline_flux2_klein.compute_empirical_mu`` (two linear fits in the image sequence length
+    ``(H/16) * (W/16)``, for 10 and 200 steps, interpolated in the step count)."""
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu as mu
 
-    Two linear fits in the image sequence length (``(H/16) * (W/16)`` latent tokens): one for
-    10 steps (a1, b1) and one for 200 steps (a2, b2). Above 4300 tokens the 200-step fit is used
-    alone; below, mu is linear in the step count through both fits. Same numbers as diffusers'
-    ``pipeline_flux2_klein.compute_empirical_mu`` and BONSAI-IMAGE-4B.md section 8.
-    """
-    a1, b1 = 8.73809524e-05, 1.89833333
-    a2, b2 = 0.00016927, 0.45666666
-    if image_seq_len > 4300:
-        return float(a2 * image_seq_len + b2)
-    m_200 = a2 * image_seq_len + b2
-    m_10 = a1 * image_seq_len + b1
-    a = (m_200 - m_10) / 190.0
-    b = m_200 - 200.0 * a
-    return float(a * num_steps + b)
+    return float(mu(image_seq_len, num_steps))
 
 
 def flow_schedule(
@@ -394,20 +309,14 @@ def flow_schedule(
     scheduler_config: dict | None = None,
     sigmas: list[float] | None = None,
 ) -> Schedule:
-    """Rectified-flow sigmas for FLUX.2 [klein], as ``Flux2KleinPipeline`` drives
-    ``FlowMatchEulerDiscreteScheduler``.
+    """Rectified-flow sigmas for FLUX.2 [klein]: ``FlowMatchEulerDiscreteScheduler`` driven as
+    ``Flux2KleinPipeline`` drives it.
 
     Base sigmas are ``linspace(1, 1/steps, steps)`` (or ``sigmas`` if given: ``steps`` values in
-    (0, 1]). Then, if the config's ``use_dynamic_shifting`` is true, the resolution-dependent
-    shift with ``mu = compute_empirical_mu(image_seq_len, steps)``:
-
-    * ``time_shift_type`` ``"exponential"`` (default): ``sigma' = e^mu / (e^mu + (1/sigma - 1))``
-    * ``"linear"``: ``sigma' = mu / (mu + (1/sigma - 1))``
-
-    otherwise the static shift ``sigma' = shift * sigma / (1 + (shift - 1) * sigma)`` with the
-    config's ``shift`` (default 1.0: no change). ``0`` is appended; ``timesteps = sigma' * 1000``
-    (``num_train_timesteps``). The klein transformer is called with ``timesteps / 1000`` (i.e.
-    sigma'), see :func:`model_timestep`.
+    (0, 1]); with ``use_dynamic_shifting`` the scheduler shifts them with
+    ``mu = compute_empirical_mu(image_seq_len, steps)``, otherwise with its static ``shift``.
+    ``0`` is appended; ``timesteps = sigma * num_train_timesteps``. The klein transformer is called
+    with ``timesteps / 1000`` (i.e. sigma), see :func:`model_timestep`.
 
     Args:
         steps: number of transformer calls (klein: 4).
@@ -419,13 +328,16 @@ def flow_schedule(
     Raises:
         BonsaiRequestError: bad ``steps``/``image_seq_len``/``sigmas`` or unsupported config flags.
     """
+    import numpy as np
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
     steps = _check_steps(steps)
     seq = _whole(image_seq_len)
     if seq is None or seq < 1:
         raise BonsaiRequestError(
             f"image_seq_len must be a positive whole number of tokens, got {image_seq_len!r}"
         )
-    cfg = dict(scheduler_config or {})
+    cfg = {k: v for k, v in dict(scheduler_config or {}).items() if v is not None}
     _refuse_flags(
         cfg,
         (
@@ -438,45 +350,29 @@ def flow_schedule(
         ),
         "flow",
     )
-    n_train = int(_cfg_get(cfg, "num_train_timesteps", 1000))
-
     if sigmas is None:
-        base = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+        base = np.linspace(1.0, 1.0 / steps, steps)
     else:
-        base = torch.tensor([float(s) for s in sigmas], dtype=torch.float64)
-        if base.numel() != steps:
+        base = np.array([float(s) for s in sigmas], dtype=np.float64)
+        if base.size != steps:
             raise BonsaiRequestError(
-                f"custom sigmas must have one value per step ({steps}), got {base.numel()}"
+                f"custom sigmas must have one value per step ({steps}), got {base.size}"
             )
-        if not bool(torch.all((base > 0) & (base <= 1))):
+        if not bool(np.all((base > 0) & (base <= 1))):
             raise BonsaiRequestError(f"custom flow sigmas must lie in (0, 1], got {base.tolist()}")
-    # float32 math from here, in the same operation order as diffusers (numpy float32), so the
-    # sigmas agree bit for bit: the pipeline's float64 linspace is cast to float32 before shifting,
-    # and scalars are made float32 tensors (torch computes `scalar / tensor` as a reciprocal times
-    # the scalar, which rounds differently).
-    base = base.to(torch.float32)
-    one = torch.tensor(1.0, dtype=torch.float32)
-    if cfg.get("use_dynamic_shifting"):
-        mu = compute_empirical_mu(seq, steps)
-        kind = _cfg_get(cfg, "time_shift_type", "exponential")
-        if kind == "exponential":
-            e_mu = torch.tensor(math.exp(mu), dtype=torch.float32)
-            shifted = e_mu / (e_mu + (one / base - 1))
-        elif kind == "linear":
-            mu_t = torch.tensor(mu, dtype=torch.float32)
-            shifted = mu_t / (mu_t + (one / base - 1))
-        else:
-            raise BonsaiRequestError(
-                f"unknown time_shift_type {kind!r}: choose 'exponential' or 'linear'"
-            )
-    else:
-        shift = float(_cfg_get(cfg, "shift", 1.0))
-        if shift <= 0:
-            raise BonsaiRequestError(f"scheduler config shift must be positive, got {shift}")
-        shift_t = torch.tensor(shift, dtype=torch.float32)
-        shifted = shift_t * base / (1 + (shift_t - 1) * base)
-    timesteps = shifted * n_train  # float32, as diffusers
-    out = torch.cat([shifted, shifted.new_zeros(1)])
+    shift = float(_cfg_get(cfg, "shift", 1.0))
+    if shift <= 0:
+        raise BonsaiRequestError(f"scheduler config shift must be positive, got {shift}")
+    kind = _cfg_get(cfg, "time_shift_type", "exponential")
+    if kind not in ("exponential", "linear"):
+        raise BonsaiRequestError(f"unknown time_shift_type {kind!r}: choose 'exponential' or 'linear'")
+    cfg.pop("_class_name", None)
+    cfg.pop("_diffusers_version", None)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    mu = compute_empirical_mu(seq, steps) if cfg.get("use_dynamic_shifting") else None
+    sched.set_timesteps(sigmas=base, mu=mu)
+    out = sched.sigmas.to(torch.float32).cpu()
+    timesteps = sched.timesteps.to(torch.float32).cpu()
     if steps > 1 and not bool(torch.all(out[1:] < out[:-1])):
         raise BonsaiRequestError(f"flow sigmas must be strictly decreasing, got {out.tolist()}")
     return Schedule(sigmas=out, timesteps=timesteps, prediction="flow", init_noise_sigma=1.0)

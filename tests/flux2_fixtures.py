@@ -1,5 +1,5 @@
 """Tiny FLUX.2 [klein]-shaped transformers with binary weights, written in every public Bonsai
-Image 4B layout (spec /work/shared/BONSAI-IMAGE-4B.md), for importer and loader tests.
+Image 4B layout, for importer and loader tests.
 
 Importable by any test: ``from tests.flux2_fixtures import make_ground_truth, write_gguf_fixture, ...``.
 

@@ -11,7 +11,7 @@ Everything a ``Flux2KleinPipeline`` holds, at toy size:
   that honours ``enable_thinking`` like Qwen3's;
 * VAE: ``AutoencoderKLFlux2`` with 4 levels of 16 channels (8x down, 32 latent channels) and
   non-trivial batch-norm running statistics;
-* scheduler: ``FlowMatchEulerDiscreteScheduler`` with the klein settings (BONSAI-IMAGE-4B.md 8).
+* scheduler: ``FlowMatchEulerDiscreteScheduler`` with the klein settings (Flux2KleinPipeline's).
 
 Public-layout repo folders (gemlite, MLX, GGUF) reuse the transformer writers of
 ``tests.flux2_fixtures`` and add the other parts where each public repo keeps them.

@@ -1,5 +1,5 @@
 """Tiny Qwen3 text encoders written in the public Bonsai Image 4B text encoder layouts
-(spec /work/shared/BONSAI-IMAGE-4B.md section 7), for tests of ``bonsai_core.importers.text_encoder``.
+(as their Hub repos hold them), for tests of ``bonsai_core.importers.text_encoder``.
 
 The quantizers and writers here are deliberately independent of the importer: MLX affine
 quantization (min/max per group of ``in``, uint32 words LSB first) and HQQ (group-reshaped

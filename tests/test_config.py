@@ -11,10 +11,10 @@ from bonsai_core.errors import BonsaiRequestError
 def test_defaults_are_the_design_table():
     c = BonsaiConfig()
     assert (c.cache_dir, c.device) == ("./models/bonsai_cache", "auto")
-    assert (c.steps, c.width, c.height, c.guidance) == (24, 512, 512, 7.5)
-    assert (c.sampler, c.karras) == ("dpmpp_2m", False)
+    # generation settings default to the model family's (the checkpoint decides the family)
+    assert (c.steps, c.width, c.height, c.guidance, c.sampler, c.karras, c.max_side) == (None,) * 7
+    assert c.schedule == "auto"
     assert c.max_vram_gb == 6.0 and c.free_cache_on_switch is True
-    assert (c.prompt_max_tokens, c.max_side) == (77, 768)
     assert c.style_prefix == "digital painting, concept art, cinematic lighting"
     assert c.use_style_prefix is False
     assert c.negative_default == "blurry, low quality, artifacts, watermark, deformed"
@@ -92,7 +92,8 @@ def test_describe_lists_every_setting_value_and_source():
     lines = {line.split()[0]: line for line in text.splitlines()}
     assert "'/c'" in lines["cache_dir"] and lines["cache_dir"].endswith("env BONSAI_CACHE")
     assert "30" in lines["steps"] and lines["steps"].endswith("flag")
-    assert lines["sampler"].endswith("default")
+    assert lines["sampler"].endswith("family default") and "'dpmpp_2m'" in lines["sampler"]
+    assert "'euler'" in lines["sampler"]  # no model named: each family's value is shown
     assert "--model" in lines["model"]  # no model yet: the table says how to give one
     assert "sources" not in lines
 
@@ -101,6 +102,39 @@ def test_family_defaults_sd_unet_and_klein():
     sd, klein = FAMILY_DEFAULTS["sd_unet"], FAMILY_DEFAULTS["flux2_klein"]
     assert (sd.steps, sd.guidance, sd.max_tokens, sd.multiple_of, sd.use_cfg) == (24, 7.5, 77, 8, True)
     assert sd.steps_advice == (20, 28) and sd.max_side == 768
+    xl = FAMILY_DEFAULTS["sdxl"]
+    assert (xl.width, xl.height, xl.max_side, xl.max_tokens, xl.use_cfg) == (1024, 1024, 1536, 77, True)
     assert (klein.steps, klein.guidance, klein.sampler, klein.use_cfg) == (4, 1.0, "euler", False)
     assert (klein.width, klein.height, klein.max_side, klein.max_tokens) == (1024, 1024, 2048, 512)
     assert klein.multiple_of == 32 and klein.steps_advice == (4, 8)
+
+
+def test_describe_for_a_family_shows_only_what_is_in_force():
+    text = BonsaiConfig.from_env({"BONSAI_GUIDANCE": "2.5"}).describe("flux2_klein")
+    lines = {line.split()[0]: line for line in text.splitlines()}
+    assert "4" in lines["steps"] and lines["steps"].endswith("flux2_klein family default")
+    assert "'euler'" in lines["sampler"] and "dpmpp_2m" not in lines["sampler"]
+    assert "1024" in lines["width"] and "512" not in lines["width"]
+    assert "2.5" in lines["guidance"] and lines["guidance"].endswith("env BONSAI_GUIDANCE")
+
+
+@pytest.mark.parametrize("var,value,name,want", [
+    ("BONSAI_STEPS", "30", "steps", 30), ("BONSAI_WIDTH", "640", "width", 640), ("BONSAI_HEIGHT", "384", "height", 384),
+    ("BONSAI_GUIDANCE", "4.5", "guidance", 4.5), ("BONSAI_SAMPLER", "Euler", "sampler", "euler"),
+    ("BONSAI_KARRAS", "yes", "karras", True), ("BONSAI_KARRAS", "0", "karras", False),
+    ("BONSAI_SCHEDULE", "dpm", "schedule", "dpm"), ("BONSAI_MAX_SIDE", "1024", "max_side", 1024),
+])
+def test_generation_settings_come_from_the_environment(var, value, name, want):
+    c = BonsaiConfig.from_env({var: value})
+    assert getattr(c, name) == want and c.source(name) == f"env {var}"
+
+
+@pytest.mark.parametrize("var,value,says", [
+    ("BONSAI_STEPS", "many", "whole number"), ("BONSAI_STEPS", "0", "whole number"),
+    ("BONSAI_WIDTH", "51.5", "whole number"), ("BONSAI_GUIDANCE", "high", "a number"),
+    ("BONSAI_SAMPLER", "heun", "euler, dpmpp_2m"), ("BONSAI_KARRAS", "maybe", "on or off"),
+    ("BONSAI_SCHEDULE", "karras", "auto, euler, dpm"),
+])
+def test_a_bad_generation_setting_names_the_variable_the_value_and_the_choices(var, value, says):
+    with pytest.raises(BonsaiRequestError, match=rf"{var}='{value}'.*{says}"):
+        BonsaiConfig.from_env({var: value})

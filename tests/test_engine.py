@@ -2,7 +2,11 @@
 guardrails, memory errors, the CLI, and Hub loading in offline mode."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +91,7 @@ def test_progress_callback_every_step_and_cancel_stops_the_loop(eng):
 def test_guardrails_refuse_bad_requests_with_the_value(eng):
     with pytest.raises(BonsaiRequestError, match="1000"):
         eng.generate("a cat", width=1000, height=512, steps=2, guardrail="refuse")
-    with pytest.raises(BonsaiRequestError, match="0"):
+    with pytest.raises(BonsaiRequestError, match=r"steps 0 is not a whole number in 1-150"):
         eng.generate("a cat", width=64, height=64, steps=0)
     with pytest.raises(BonsaiRequestError, match="sampler 'heun'"):
         eng.generate("a cat", sampler="heun", **SMALL)
@@ -196,3 +200,76 @@ def test_cli_out_gets_a_png_suffix_and_a_folder_is_refused_before_loading(models
     assert (tmp_path / "single.png").is_file()
     assert cli.main(args + ["--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+SETTINGS_ENV = {"BONSAI_STEPS": "2", "BONSAI_WIDTH": "72", "BONSAI_HEIGHT": "56", "BONSAI_GUIDANCE": "3.5",
+                "BONSAI_SAMPLER": "euler", "BONSAI_KARRAS": "1", "BONSAI_SCHEDULE": "dpm"}
+
+
+def test_generation_settings_from_the_environment_reach_generate(models, monkeypatch):
+    for var, value in SETTINGS_ENV.items():
+        monkeypatch.setenv(var, value)
+    monkeypatch.setenv("BONSAI_MAX_SIDE", "64")
+    e = BonsaiImageEngine.from_pretrained(models["bonsai"], device="cpu")
+    r = e.generate("a cat", "a dog", seed=1)
+    m = r.metadata
+    assert (m["steps"], m["width"], m["height"], m["guidance"]) == (2, 72, 56, 3.5)
+    assert (m["sampler"], m["karras"], m["schedule"]) == ("euler", True, "dpm")
+    assert any("largest side 64" in w for w in r.warnings)  # BONSAI_MAX_SIDE reached the guardrail
+    # the schedule really is DPM-Solver's Karras sigmas: the same image as asking for them outright
+    monkeypatch.delenv("BONSAI_SCHEDULE")
+    monkeypatch.delenv("BONSAI_KARRAS")
+    plain = BonsaiImageEngine.from_pretrained(models["bonsai"], device="cpu")
+    same = plain.generate("a cat", "a dog", seed=1, schedule="dpm", karras=True)
+    assert torch.equal(same.tensor, r.tensor)
+    assert not torch.equal(plain.generate("a cat", "a dog", seed=1).tensor, r.tensor)
+    # an argument beats the environment
+    assert e.generate("a cat", seed=1, steps=3, width=64).metadata["steps"] == 3
+
+
+def test_cli_generate_takes_settings_from_the_environment_and_flags_beat_them(models, tmp_path, monkeypatch):
+    for var, value in SETTINGS_ENV.items():
+        monkeypatch.setenv(var, value)
+    out = tmp_path / "env.png"
+    assert cli.main(["generate", "a cat", "--model", str(models["bonsai"]), "--device", "cpu", "--seed", "4",
+                     "--out", str(out)]) == 0
+    params = Image.open(out).text["parameters"]
+    assert "Steps: 2, Sampler: euler Karras, CFG scale: 3.5" in params and "Size: 72x56" in params
+    assert cli.main(["generate", "a cat", "--model", str(models["bonsai"]), "--device", "cpu", "--seed", "4",
+                     "--steps", "1", "--sampler", "dpmpp_2m", "--out", str(out)]) == 0
+    assert "Steps: 1, Sampler: dpmpp_2m" in Image.open(out).text["parameters"]
+
+
+def test_cli_info_config_for_a_model_shows_its_family_values(models, monkeypatch, capsys):
+    monkeypatch.delenv("BONSAI_STEPS", raising=False)
+    assert cli.main(["info", str(models["bonsai"]), "--config"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "24" in lines["steps"] and lines["steps"].endswith("sd_unet family default")
+    assert "'dpmpp_2m'" in lines["sampler"] and "euler" not in lines["sampler"]
+
+
+MEASURE_PEAK = """
+import json, sys
+from bonsai_core.engine import BonsaiImageEngine
+e = BonsaiImageEngine.from_pretrained(sys.argv[1], device="cpu")
+e.generate("warm up", steps=1, width=64, height=64, seed=0)
+r = e.generate("a cat", "a dog", steps=2, width=384, height=320, seed=0, max_side=512)
+print(json.dumps(dict(added=r.metadata["peak_added_bytes"], estimate=r.metadata["estimate_bytes"],
+                      resident=e.family.memory_model(cfg=True).resident_bytes)))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resident-peak counters")
+def test_memory_estimate_holds_against_the_measured_peak_of_a_tiny_generation(models):
+    from bonsai_core.guardrails import ALLOCATOR_SLACK
+
+    # A fixed mmap threshold makes every large block its own mapping, given back when freed, so the
+    # process's resident high-water mark is what was alive at the peak (not what malloc kept).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-c", MEASURE_PEAK, str(models["bonsai"])], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    m = json.loads(done.stdout.strip().splitlines()[-1])
+    estimated = m["estimate"] / ALLOCATOR_SLACK - m["resident"]  # the weights were resident before
+    assert 0.75 <= estimated / m["added"] <= 1.25, m

@@ -8,11 +8,16 @@ import pytest
 from bonsai_core.config import FAMILY_DEFAULTS, GIB, BonsaiConfig
 from bonsai_core.errors import BonsaiMemoryError, BonsaiRequestError
 from bonsai_core.guardrails import (
+    ALLOCATOR_SLACK,
     GuardrailReport,
+    MemoryModel,
     Request,
     apply_prompt_defaults,
     check_request,
     estimate_memory_bytes,
+    flux_step_elements,
+    unet_step_elements,
+    vae_decode_elements,
 )
 
 SD = FAMILY_DEFAULTS["sd_unet"]
@@ -328,22 +333,46 @@ def test_clamp_with_a_fixed_estimate_cannot_know_a_smaller_batch_fits_so_refuses
         check_memory("clamp", 8 * GIB, 6 * GIB, batch=4)
 
 
-def test_memory_estimate_grows_with_size_and_batch_and_includes_weights():
-    base = dict(weight_bytes=GIB, width=512, height=512, batch=1, family="sd_unet")
-    one = estimate_memory_bytes(**base)
+def _sd15_model(dtype_bytes=2, cfg=True, graph=False, unpacked=0):
+    from tests.sd_fixtures import SD15_UNET_CONFIG
+
+    vae = dict(block_out_channels=(128, 256, 512, 512))
+    return MemoryModel(resident_bytes=GIB, dtype_bytes=dtype_bytes,
+                       step_elements=lambda w, h: unet_step_elements(SD15_UNET_CONFIG, w, h),
+                       decode_elements=lambda w, h: vae_decode_elements(vae, w, h),
+                       rows_per_image=2 if cfg else 1, graph_pool=graph, unpacked_bytes=unpacked)
+
+
+def test_memory_estimate_is_the_largest_phase_and_grows_with_size_batch_and_dtype():
+    one = estimate_memory_bytes(_sd15_model(), width=512, height=512, batch=1)
     assert one > GIB
-    assert estimate_memory_bytes(**{**base, "batch": 2}) > one
-    assert estimate_memory_bytes(**{**base, "width": 768}) > one
-    assert estimate_memory_bytes(**{**base, "dtype_bytes": 4}) > one
-    # SD1.5 at 512x512 with fp16: about 1.3 GiB of activations on top of the weights
-    assert 0.8 * GIB < one - GIB < 2 * GIB
+    assert estimate_memory_bytes(_sd15_model(), width=512, height=512, batch=2) > one
+    assert estimate_memory_bytes(_sd15_model(), width=768, height=512, batch=1) > one
+    assert estimate_memory_bytes(_sd15_model(dtype_bytes=4), width=512, height=512, batch=1) > one
+    phases = _sd15_model().phases(512, 512, 1)
+    assert one == int(max(phases.values()) * ALLOCATOR_SLACK)
+    # SD1.5 at 512x512 in fp16: the VAE decoder at full size is the peak, about 0.45 GiB on the weights
+    assert max(phases, key=phases.get) == "decode"
+    assert 0.3 * GIB < phases["decode"] - GIB < 0.6 * GIB
 
 
-def test_memory_estimate_for_klein():
-    est = estimate_memory_bytes(weight_bytes=3 * GIB, width=1024, height=1024, batch=1, family="flux2_klein")
-    assert 4 * GIB < est < 8 * GIB
-    with pytest.raises(ValueError, match="sdxl"):
-        estimate_memory_bytes(weight_bytes=0, width=8, height=8, batch=1, family="sdxl")
+def test_memory_estimate_counts_the_graph_pool_the_unpacked_layer_and_a_lent_text_encoder():
+    base = _sd15_model().phases(512, 512, 1)
+    graph = _sd15_model(graph=True, unpacked=100).phases(512, 512, 1)
+    assert graph["denoise"] == base["denoise"] + (base["denoise"] - GIB) + 100
+    lent = MemoryModel(resident_bytes=GIB, dtype_bytes=2, step_elements=lambda w, h: 0,
+                       decode_elements=lambda w, h: 0, lent_bytes=8 * GIB)
+    assert estimate_memory_bytes(lent, width=512, height=512, batch=1) >= 9 * GIB
+
+
+def test_memory_estimate_for_klein_4b_shapes():
+    klein = dict(num_attention_heads=24, attention_head_dim=128, mlp_ratio=3.0)
+    model = MemoryModel(resident_bytes=GIB, dtype_bytes=2,
+                        step_elements=lambda w, h: flux_step_elements(klein, w, h),
+                        decode_elements=lambda w, h: vae_decode_elements(dict(block_out_channels=(128, 256, 512, 512)),
+                                                                         w, h))
+    small, big = (estimate_memory_bytes(model, width=s, height=s, batch=1) for s in (512, 1024))
+    assert GIB < small < big < 4 * GIB
 
 
 # --- the report ----------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from bonsai_core.sampling import (
 SD_CONFIG = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
 )
-# FLUX.2 [klein] scheduler config (BONSAI-IMAGE-4B.md section 8).
+# FLUX.2 [klein] scheduler config (as the public klein pipelines ship it).
 KLEIN_CONFIG = dict(
     shift=3.0,
     use_dynamic_shifting=True,
@@ -209,7 +209,7 @@ def test_compute_empirical_mu_matches_the_klein_pipeline():
     ],
 )
 def test_flow_schedule_worked_numbers_of_bonsai_image_4b(side, mu, expected):
-    """BONSAI-IMAGE-4B.md section 8: 4 steps, sequence (H/16)(W/16)."""
+    """Bonsai Image 4B's schedule: 4 steps, sequence (H/16)(W/16), numbers worked by hand."""
     seq = (side // 16) ** 2
     assert compute_empirical_mu(seq, 4) == pytest.approx(mu, abs=1e-5)
     s = flow_schedule(4, seq, KLEIN_CONFIG)

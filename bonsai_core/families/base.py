@@ -51,11 +51,18 @@ class Family:
     def count_tokens(self, text: str) -> int:
         raise NotImplementedError
 
-    def _encode(self, prompt: str) -> torch.Tensor:
-        """One prompt -> its conditioning, ``[1, tokens, dim]`` on the device."""
+    def _encode(self, prompt: str) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """One prompt -> its conditioning, ``[1, tokens, dim]`` on the device (or a tuple of such
+        tensors, each with batch dimension 1, when the network takes more than one)."""
         raise NotImplementedError
 
-    def schedule(self, steps: int, width: int, height: int, karras: bool) -> Schedule:
+    def encode_negative(self, prompts: list[str]):
+        """The negative prompts' conditioning; a family may treat an empty negative specially."""
+        return self.encode(prompts)
+
+    def schedule(self, steps: int, width: int, height: int, karras: bool, sampler: str = "euler",
+                 kind: str = "auto") -> Schedule:
+        """The noise schedule; ``kind`` ``auto`` is the family's choice for ``sampler``."""
         raise NotImplementedError
 
     def latent_shape(self, width: int, height: int) -> tuple[int, ...]:
@@ -112,6 +119,8 @@ class Family:
             else:
                 self._prompt_cache.move_to_end(p)
             out.append(emb)
+        if isinstance(out[0], tuple):
+            return tuple(torch.cat(parts, dim=0) for parts in zip(*out))
         return torch.cat(out, dim=0)
 
     def weight_bytes(self) -> int:
@@ -119,6 +128,36 @@ class Family:
         from ..quant.layers import module_nbytes
 
         return sum(module_nbytes(m) for m in self.denoising_modules().values())
+
+    def loaded_bytes(self) -> int:
+        """Bytes of every module this family holds, wherever it is."""
+        from ..quant.layers import module_nbytes
+
+        return sum(module_nbytes(m) for m in self.modules().values() if isinstance(m, nn.Module))
+
+    def memory_model(self, cfg: bool):
+        """The memory guardrail's model of this family on its device (``guardrails.MemoryModel``);
+        ``cfg``: two network rows per image (negative and positive)."""
+        raise NotImplementedError
+
+    def unpacked_bytes(self) -> int:
+        """Dense copies of 1-bit weights alive on top of the packed ones, in the compute dtype: on a
+        GPU the kernels expand at most one layer's weight at a time (the largest counts); on a CPU
+        the ``cpu-cache`` kernel keeps every layer's dense weight that fits its budget."""
+        from ..quant import cpu_cache, kernels
+        from ..quant.layers import QUANTIZED_TYPES
+
+        size = torch.empty(0, dtype=self.dtype).element_size()
+        largest = total = 0
+        for module in self.denoising_modules().values():
+            for m in module.modules():
+                if isinstance(m, QUANTIZED_TYPES):
+                    n = m.weight.numel() * size
+                    largest = max(largest, n)
+                    total += n
+        if self.device.type == "cpu" and kernels.choice() in ("auto", cpu_cache.KERNEL.name):
+            return max(largest, min(total, cpu_cache.KERNEL.budget))
+        return largest
 
     def release(self) -> None:
         """Drop every module and cached embedding (the engine frees device memory after)."""

@@ -164,6 +164,25 @@ class Flux2KleinFamily(Family):
     def tokenizer(self):
         return self._tokenizer
 
+    def memory_model(self, cfg: bool):
+        """On CUDA the text encoder is on the card only while it encodes (lent from host memory);
+        elsewhere it shares the one memory with everything else for the whole run."""
+        from .. import cuda_graph
+        from ..guardrails import MemoryModel, flux_step_elements, text_encode_elements, vae_decode_elements
+        from ..quant.layers import module_nbytes
+
+        te_bytes = module_nbytes(self.text_encoder) if isinstance(self.text_encoder, nn.Module) else 0
+        lent = te_bytes if self.device.type == "cuda" and not self._te_offloaded else 0
+        resident = self.weight_bytes() + (0 if self.device.type == "cuda" else te_bytes)
+        tcfg, vcfg, text = self.transformer.config, self.vae.config, self.max_sequence_length
+        return MemoryModel(
+            resident_bytes=resident, dtype_bytes=torch.empty(0, dtype=self.dtype).element_size(),
+            step_elements=lambda w, h: flux_step_elements(tcfg, w, h, text),
+            decode_elements=lambda w, h: vae_decode_elements(vcfg, w, h),
+            encode_elements=text_encode_elements(self.text_encoder.config, text, True),
+            lent_bytes=lent, unpacked_bytes=self.unpacked_bytes(), rows_per_image=2 if cfg else 1,
+            graph_pool=cuda_graph.enabled(self.device))
+
     # --- prompts ------------------------------------------------------------------------------
     def chat_text(self, prompt: str) -> str:
         """The prompt as the text encoder reads it (Qwen3 chat template, thinking off), as diffusers writes it."""
@@ -217,7 +236,10 @@ class Flux2KleinFamily(Family):
     def _latent_hw(self, width: int, height: int) -> tuple[int, int]:
         return height // self.latent_factor, width // self.latent_factor
 
-    def schedule(self, steps, width, height, karras):
+    def schedule(self, steps, width, height, karras, sampler="euler", kind="auto"):
+        if kind not in (None, "auto"):
+            raise BonsaiRequestError(f"schedule {kind!r} is for the SD family; FLUX.2 [klein] has one flow "
+                                     "schedule (use schedule auto)")
         if karras:
             raise BonsaiRequestError("Karras sigmas are for the SD family; FLUX.2 [klein] uses its flow schedule "
                                      "(turn karras off)")

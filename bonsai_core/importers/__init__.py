@@ -1,7 +1,7 @@
 """Importers: every public layout of Bonsai Image 4B (the FLUX.2 [klein] 4B transformer) read
 into ONE common form, ``ImportedTransformer``, without re-quantizing binary weights.
 
-Layouts (spec: /work/shared/BONSAI-IMAGE-4B.md):
+Layouts (the public Bonsai Image 4B payloads on the Hub, and community GGUF files):
 
 * ``gguf_q1``  — a ``.gguf`` file with BFL names and Q1_0 (ggml type 41) blocks
   (community: huggingface.co/Green-Sky/bonsai-image-binary-4B-GGUF) -> ``gguf_q1.py``

@@ -12,12 +12,12 @@
   ``importers.text_encoder.import_text_encoder`` and saved with ``save_pretrained`` (safetensors);
 * ``tokenizer/``, ``vae/``, ``scheduler/``: copied (the chat template is taken from the repo's
   ``chat_template.jinja`` when the tokenizer folder has none); with no scheduler in the source the
-  klein default is written (BONSAI-IMAGE-4B.md section 8);
+  klein default is written;
 * ``model_index.json`` with a ``_bonsai`` entry (format version, family, what is quantized, the
   source layout and every note), and the ``bonsai.json`` of the source (or of the text encoder
   folder) when there is one (it says which text encoder layers form the prompt embedding).
 
-Where each public repo keeps each part (BONSAI-IMAGE-4B.md sections 4-7):
+Where each public repo keeps each part (their Hub repos' file lists):
 
 * gemlite repo: ``transformer-gemlite-int1/`` (its optional ``scheduler/`` inside), ``text_encoder-hqq-4bit/``
   with ``tokenizer/`` inside it, ``vae/``;
@@ -60,7 +60,7 @@ TOKENIZER_CLASS = "Qwen2TokenizerFast"
 SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 SETTINGS_FILE = "bonsai.json"
 
-# BONSAI-IMAGE-4B.md section 8: dynamic shifting makes `shift` inert.
+# Flux2KleinPipeline's scheduler config: dynamic shifting makes `shift` inert.
 DEFAULT_SCHEDULER_CONFIG = {
     "_class_name": SCHEDULER_CLASS,
     "base_image_seq_len": 256,
@@ -224,7 +224,7 @@ def _transformer_config(imported: ImportedTransformer, notes: list[str]) -> dict
         cfg = infer_config({n: shape_of(t) for n, t in imported.tensors.items()})
         head_dim = int(cfg["attention_head_dim"])
         if head_dim == 128:
-            axes = [32, 32, 32, 32]  # FLUX.2 klein 4B (BONSAI-IMAGE-4B.md section 1)
+            axes = [32, 32, 32, 32]  # FLUX.2 klein 4B
         elif head_dim % 4 == 0:
             axes = [head_dim // 4] * 4
         else:
@@ -396,8 +396,8 @@ def _write_scheduler(sch_dir: Path | None, out: Path, result: ImportResult) -> s
     (out / "scheduler_config.json").write_text(json.dumps(DEFAULT_SCHEDULER_CONFIG, indent=2))
     result.parts["scheduler"] = "default FLUX.2 [klein] FlowMatchEuler config (written)"
     result.notes.append("scheduler: none in the source; wrote FlowMatchEulerDiscreteScheduler with dynamic shifting "
-                        "(base_shift 0.5, max_shift 1.15, seq 256..4096; shift 3.0 inert) as BONSAI-IMAGE-4B.md "
-                        "section 8 gives it")
+                        "(base_shift 0.5, max_shift 1.15, seq 256..4096; shift 3.0 inert) as Flux2KleinPipeline's "
+                        "published scheduler config")
     return SCHEDULER_CLASS
 
 

@@ -4,8 +4,7 @@ The common form of every importer uses the diffusers ``Flux2Transformer2DModel``
 names (diffusers ``src/diffusers/models/transformers/transformer_flux2.py``). Single-file and GGUF
 checkpoints use Black Forest Labs' original names. The correspondence below follows diffusers'
 ``scripts/convert_flux2_to_diffusers.py`` (and the same table in
-``loaders/single_file_utils.py``) and leejet/stable-diffusion.cpp ``src/model/diffusion/flux.hpp``
-(spec: /work/shared/BONSAI-IMAGE-4B.md section 2):
+``loaders/single_file_utils.py``) and leejet/stable-diffusion.cpp ``src/model/diffusion/flux.hpp``:
 
 * ``img_in`` -> ``x_embedder``; ``txt_in`` -> ``context_embedder``;
   ``time_in.in_layer``/``out_layer`` -> ``time_guidance_embed.timestep_embedder.linear_1``/``linear_2``

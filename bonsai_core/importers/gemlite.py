@@ -1,7 +1,7 @@
 """Gemlite payload (HF ``prism-ml/bonsai-image-binary-4B-gemlite-1bit``; ternary ``...-ternary-4B-gemlite-2bit``)
 -> the common form.
 
-Facts used (spec /work/shared/BONSAI-IMAGE-4B.md section 4; PrismML image-studio
+Facts used (PrismML image-studio
 ``backend_gpu/pipeline_gpu.py`` as vendored in github fufulog/Bonsai-Image-Demo and
 solai25/ComfyUI-Bonsai-4B-2Bit; gemlite ``pack()`` in github mobiusml/gemlite ``gemlite/core.py``):
 

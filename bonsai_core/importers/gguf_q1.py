@@ -1,7 +1,7 @@
 """GGUF with Q1_0 blocks (community files such as huggingface.co/Green-Sky/bonsai-image-binary-4B-GGUF,
 written by leejet/stable-diffusion.cpp) <-> the common form.
 
-Format facts (spec /work/shared/BONSAI-IMAGE-4B.md section 3):
+Format facts (llama.cpp's ggml ``Q1_0`` block and the ``gguf`` package's reader):
 
 * ggml type ``Q1_0`` = 41: 128 weights in 18 bytes, fp16 ``d`` (little-endian) then 16 bytes ``qs``;
   weight j: bit ``(qs[j/8] >> (j%8)) & 1``, value ``+d`` if set else ``-d`` (ggml-org/ggml

@@ -1,7 +1,7 @@
 """MLX payload (HF ``prism-ml/bonsai-image-binary-4B-mlx-1bit``; ternary ``...-ternary-4B-mlx-2bit``)
 -> the common form.
 
-Facts used (spec /work/shared/BONSAI-IMAGE-4B.md section 5; file list from mflux's
+Facts used (file list from mflux's
 ``BonsaiImageWeightDefinition`` download patterns and Blaizzy/mlx-vlm ``download.py``; packing from
 MLX's affine quantization, PrismML's 1-bit LLM cards and the mflux-prism tests):
 

@@ -1,6 +1,6 @@
 """Bonsai Image 4B text encoder (Qwen3-4B at 4 bit) -> a dense transformers ``Qwen3ForCausalLM`` state dict.
 
-The public payloads (spec /work/shared/BONSAI-IMAGE-4B.md sections 4, 5 and 7):
+The public payloads (their Hub repos' file lists and model cards):
 
 * ``text_encoder-mlx-4bit/`` (HF ``prism-ml/bonsai-image-*-4B-mlx-*``): a byte-identical copy of
   ``mlx-community/Qwen3-4B-4bit`` [V]: ``config.json`` (a transformers Qwen3 config plus

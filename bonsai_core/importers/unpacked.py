@@ -1,6 +1,6 @@
 """Unpacked dense checkpoint (HF ``prism-ml/bonsai-image-{binary,ternary}-4B-unpacked``) -> the common form.
 
-Spec /work/shared/BONSAI-IMAGE-4B.md section 6: the base model of all packed repos; assumed to be
+The base model of all packed repos (its Hub repo's file list); assumed to be
 a diffusers folder with a dense 16-bit ``transformer/diffusion_pytorch_model.safetensors``
 (optionally sharded with ``diffusion_pytorch_model.safetensors.index.json``) whose packed linears
 (section 1) hold +-s per 128-group. File list and dtype are unverified, so the importer checks
