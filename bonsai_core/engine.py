@@ -31,6 +31,8 @@ ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
 FreeMemoryFn = Callable[[int, torch.device], None]
 #: stages ``generate`` reports to ``on_stage``, in order
 STAGES = ("encode", "sample", "decode", "done")
+#: a prompt longer than this is refused before tokenizing: text encoders read 77 or 512 tokens
+MAX_PROMPT_CHARS = 10_000
 
 
 def _family_class(name: str) -> type[Family]:
@@ -250,6 +252,11 @@ class BonsaiImageEngine:
         sampler = sampler or d.sampler
         if sampler not in sampling.SAMPLERS:
             raise BonsaiRequestError(f"unknown sampler {sampler!r}: choose one of {', '.join(sampling.SAMPLERS)}")
+        for name, text in (("prompt", prompt), ("negative prompt", negative_prompt or "")):
+            if len(text) > MAX_PROMPT_CHARS:
+                raise BonsaiRequestError(
+                    f"the {name} is {len(text)} characters; this model reads {d.max_tokens} tokens (a few hundred "
+                    f"characters) and prompts over {MAX_PROMPT_CHARS} characters are refused: shorten it")
         prompt, negative = apply_prompt_defaults(prompt, negative_prompt or "", config=self.config,
                                                  use_style_prefix=style_prefix,
                                                  use_default_negative=default_negative and cfg_wanted)

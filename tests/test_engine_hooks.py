@@ -112,3 +112,22 @@ def test_engine_preview_is_a_pil_image_scaled_to_the_image_size(eng):
     images = eng.preview(seen[-1])
     assert len(images) == 1 and images[0].size == (64, 64) and images[0].mode == "RGB"
     assert eng.preview(torch.zeros(2, 4, 8, 8), max_side=32)[1].size == (32, 32)
+
+
+def test_a_100k_character_prompt_is_refused_before_tokenizing(eng):
+    from bonsai_core.errors import BonsaiRequestError
+
+    with pytest.raises(BonsaiRequestError, match="100000 characters"):
+        eng.generate("a " * 50_000, seed=1, **SMALL)
+
+
+def test_find_models_lists_model_folders_and_loose_files_only(tmp_path):
+    from bonsai_core.hub import find_models
+
+    for name in ("tiny", "family/other"):
+        (tmp_path / name / "unet").mkdir(parents=True)
+        (tmp_path / name / "model_index.json").write_text("{}")
+        (tmp_path / name / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"x")
+    (tmp_path / "klein-q1_0.gguf").write_bytes(b"x")
+    (tmp_path / "notes.txt").write_text("x")
+    assert find_models([tmp_path, tmp_path / "missing"]) == ["family/other", "tiny", "klein-q1_0.gguf"]
