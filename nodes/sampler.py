@@ -32,7 +32,7 @@ class BonsaiSampler:
                 "negative": ("STRING", {"multiline": True, "default": "",
                                         "tooltip": "What to avoid. Empty: a default negative is used. Ignored by "
                                                    "guidance-distilled models (FLUX.2 klein)."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED,
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
                                  "tooltip": "The noise seed; the same seed and settings give the same image."}),
                 "steps": ("INT", {"default": 24, "min": 1, "max": 150,
                                   "tooltip": "Denoising steps: 20-28 for SD-style models, 4 for Bonsai Image 4B."}),

@@ -4,7 +4,8 @@
 * ``models/bonsai/<KLEIN_MODEL>``: a tiny FLUX.2 [klein] pipeline converted to Bonsai, under the
   folder name the Bonsai Image 4B workflow uses (tests.klein_fixtures);
 * ``models/upscale_models/<UPSCALER>``: a randomly initialised, small ESRGAN (RRDBNet, x4) state
-  dict in safetensors, in the layout ComfyUI's upscaler loader (spandrel) recognises.
+  dict, a plain tensor dict in a .pth as the real file is (ComfyUI reads it with
+  ``weights_only``), in the layout ComfyUI's upscaler loader (spandrel) recognises.
 """
 
 from __future__ import annotations
@@ -15,15 +16,13 @@ import torch
 
 SD_MODEL = "bonsai-sd-tiny"
 KLEIN_MODEL = "bonsai-image-binary-4B"
-UPSCALER = "RealESRGAN_x4plus.safetensors"
+UPSCALER = "RealESRGAN_x4plus.pth"  # the name of the real file (xinntao/Real-ESRGAN releases)
 
 
 def write_tiny_esrgan(path: Path, nf: int = 8, gc: int = 32, blocks: int = 1, seed: int = 0) -> Path:
     """RRDBNet x4 (ESRGAN / Real-ESRGAN's generator) with ``blocks`` RRDB blocks of three dense blocks,
     ``nf`` features, ``gc`` growth channels (spandrel reads ESRGAN files with 32). Weights are small noise around an identity-like
     colour path, so the output is a plausible 4x image, not saturated noise."""
-    from safetensors.torch import save_file
-
     g = torch.Generator().manual_seed(seed)
 
     def conv(name: str, cout: int, cin: int, scale: float = 0.02):
@@ -43,7 +42,7 @@ def write_tiny_esrgan(path: Path, nf: int = 8, gc: int = 32, blocks: int = 1, se
     conv("conv_hr", nf, nf, 0.2)
     conv("conv_last", 3, nf, 0.2)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    torch.save({k: v.contiguous() for k, v in sd.items()}, str(path))
     return path
 
 

@@ -237,7 +237,8 @@ def _workflow(name: str) -> dict:
 # ----------------------------------------------------------------------------- what ComfyUI sees
 def test_pack_imports_and_its_nodes_are_listed(comfy):
     log = comfy.log()
-    assert "IMPORT FAILED" not in log, log[-3000:]
+    failed = [line for line in log.splitlines() if "IMPORT FAILED" in line and PACK in line]
+    assert failed == [], log[-3000:]  # core's own optional extras may fail here for missing packages
     assert re.search(rf"seconds: .*custom_nodes[/\\]{PACK}\s*$", log, re.M), log[-3000:]
     info = comfy.get("/object_info")
     for node in ("BonsaiLoader", "BonsaiSampler", "BonsaiGuardrail", "BonsaiTextOverlay"):
@@ -258,13 +259,13 @@ def test_help_pages_and_templates_are_served(comfy):
 
 # expected output size of each SaveImage, by filename prefix: (width, height, count)
 EXPECTED = {
-    "bonsai_txt2img": {"bonsai/txt2img": (512, 512, 1)},
-    "bonsai_guardrail_sampler": {"bonsai/guardrail": (512, 504, 1)},  # 500 -> 504 in clamp mode
-    "bonsai_txt2img_text_overlay": {"bonsai/overlay": (512, 512, 1)},
-    "bonsai_txt2img_model_upscale": {"bonsai/upscale_x4": (2048, 2048, 1)},
-    "bonsai_txt2img_scale_by": {"bonsai/scale_by": (768, 768, 1)},
-    "bonsai_batch_of_prompts": {"bonsai/batch_1": (512, 512, 1), "bonsai/batch_2": (512, 512, 1),
-                                "bonsai/batch_3": (512, 512, 1)},
+    "bonsai_txt2img": {"bonsai/txt2img": (384, 384, 1)},
+    "bonsai_guardrail_sampler": {"bonsai/guardrail": (384, 384, 1)},  # 380 -> 384 in clamp mode
+    "bonsai_txt2img_text_overlay": {"bonsai/overlay": (384, 384, 1)},
+    "bonsai_txt2img_model_upscale": {"bonsai/upscale_x4": (1536, 1536, 1)},
+    "bonsai_txt2img_scale_by": {"bonsai/scale_by": (576, 576, 1)},
+    "bonsai_batch_of_prompts": {"bonsai/batch_1": (384, 384, 1), "bonsai/batch_2": (384, 384, 1),
+                                "bonsai/batch_3": (384, 384, 1)},
     "bonsai_image_4b": {"bonsai/image_4b": (1024, 1024, 1)},
 }
 
