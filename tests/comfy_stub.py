@@ -35,6 +35,7 @@ def make_modules(models_dir: pathlib.Path) -> dict[str, types.ModuleType]:
 
     mm.soft_empty_cache = soft_empty_cache
     mm.interrupt_after = None  # set to N: the N-th progress update raises, as Cancel does
+    mm.interrupt_class = InterruptProcessingException  # what it raises (v0.3.64's derives from Exception)
 
     utils = types.ModuleType("comfy.utils")
 
@@ -48,7 +49,7 @@ def make_modules(models_dir: pathlib.Path) -> dict[str, types.ModuleType]:
             self.current = min(value, self.total)
             log["progress"].append((self.current, self.total, preview))
             if mm.interrupt_after is not None and len(log["progress"]) >= mm.interrupt_after:
-                raise InterruptProcessingException()
+                raise mm.interrupt_class()
 
         def update(self, value):
             self.update_absolute(self.current + value)

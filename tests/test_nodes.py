@@ -113,12 +113,20 @@ def test_sampler_returns_image_and_metadata_and_moves_progress_every_step(nodes,
         assert kind == "JPEG" and isinstance(img, Image.Image) and img.size == (64, 48) and size == 512
 
 
-@pytest.mark.parametrize("after", [1, 4])
-def test_cancel_raised_in_a_progress_update_passes_through_untouched(nodes, comfy, after):
+class OldInterrupt(Exception):
+    """ComfyUI v0.3.64's InterruptProcessingException derives from Exception: nothing may catch it."""
+
+
+@pytest.mark.parametrize("after,exc", [(1, comfy_stub.InterruptProcessingException), (4, OldInterrupt),
+                                       (7, OldInterrupt)])
+def test_cancel_raised_in_a_progress_update_passes_through_untouched(nodes, comfy, after, exc):
     (pipe,) = nodes["BonsaiLoader"].load("tiny-sd-bonsai", "cpu", "fp32")
-    comfy["mm"].interrupt_after = after
-    with pytest.raises(comfy_stub.InterruptProcessingException):
-        nodes["BonsaiSampler"].sample(pipe, "a red tree", "", 5, 6, 7.5, 64, 64, "euler", False, 1)
+    comfy["mm"].interrupt_after, comfy["mm"].interrupt_class = after, exc
+    try:
+        with pytest.raises(exc):
+            nodes["BonsaiSampler"].sample(pipe, "a red tree", "", 5, 6, 7.5, 64, 64, "euler", False, 1)
+    finally:
+        comfy["mm"].interrupt_class = comfy_stub.InterruptProcessingException
     assert len(comfy["log"]["progress"]) == after  # stopped at that update: no further step ran
 
 
