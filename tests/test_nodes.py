@@ -166,3 +166,10 @@ def test_errors_reach_the_user_as_bonsai_errors_naming_the_value(nodes, comfy, t
     (pipe,) = nodes["BonsaiLoader"].load("tiny-sd-bonsai", "cpu", "fp32")
     with pytest.raises(errors.BonsaiError, match="100000 characters"):
         nodes["BonsaiSampler"].sample(pipe, "x" * 100_000, "", 0, 2, 7.5, 64, 64, "euler", False, 1)
+
+
+def test_the_shipped_model_is_always_listed_once_it_exists(comfy, monkeypatch):
+    config = sys.modules[comfy["pack"].__name__ + ".bonsai_core.config"]
+    monkeypatch.setattr(config, "SHIPPED_MODEL", "comfyui-bonsai/bonsai-sd-1bit")
+    names = comfy["pack"].NODE_CLASS_MAPPINGS["BonsaiLoader"].INPUT_TYPES()["required"]["model"][0]
+    assert names == ["tiny-sd-bonsai", "comfyui-bonsai/bonsai-sd-1bit", "(use the path input)"]
