@@ -29,6 +29,8 @@ from .hub import resolve_model
 ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
 #: ``free_memory(bytes_needed, device)``: the caller (ComfyUI's memory manager, say) makes room
 FreeMemoryFn = Callable[[int, torch.device], None]
+#: ``available_memory(device) -> bytes``: what the caller says the device has free for us
+AvailableMemoryFn = Callable[[torch.device], int]
 #: stages ``generate`` reports to ``on_stage``, in order
 STAGES = ("encode", "sample", "decode", "done")
 #: a prompt longer than this is refused before tokenizing: text encoders read 77 or 512 tokens
@@ -140,18 +142,22 @@ class BonsaiImageEngine:
         self.choice = choice
         self.config = config
         self.load_seconds = load_seconds
+        self.available_memory: AvailableMemoryFn | None = None  # the host's count; None: the engine reads the device
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, src: str | os.PathLike | None = None, device: str | None = None,
                         dtype: str | torch.dtype | None = None, cache_dir: str | None = None,
                         config: BonsaiConfig | None = None,
-                        free_memory: FreeMemoryFn | None = None) -> "BonsaiImageEngine":
+                        free_memory: FreeMemoryFn | None = None,
+                        available_memory: AvailableMemoryFn | None = None) -> "BonsaiImageEngine":
         """Load a Bonsai folder, a full-precision diffusers folder, or a Hub repo id of either.
 
         ``free_memory(bytes, device)``, when given, is called once before any weight is read, with
         the size of the model's weight files and the device they go to, so that a host application
-        can make room its own way (the engine does not read that application's memory itself)."""
+        can make room its own way (the engine does not read that application's memory itself).
+        ``available_memory(device)``, when given, is what the memory guardrail compares its estimate
+        with, instead of the engine reading the device (a host that manages the device knows better)."""
         config = config or BonsaiConfig.from_env()
         src = src if src is not None else config.model
         if src is None:
@@ -180,8 +186,10 @@ class BonsaiImageEngine:
                     f"{choice.device} ran out of memory loading {src}; close other programs, or use device cpu"
                 ) from exc
             raise
-        return cls(family, source=str(src), folder=folder, choice=choice, config=config,
-                   load_seconds=time.perf_counter() - t0)
+        engine = cls(family, source=str(src), folder=folder, choice=choice, config=config,
+                     load_seconds=time.perf_counter() - t0)
+        engine.available_memory = available_memory
+        return engine
 
     @property
     def device(self) -> torch.device:
@@ -216,7 +224,7 @@ class BonsaiImageEngine:
         if max_side is None and fam.name == "sd_unet":
             max_side = self.config.max_side
         weights = fam.weight_bytes()
-        available = _available_memory(self.device)
+        available = self.available_memory(self.device) if self.available_memory else _available_memory(self.device)
         if self.device.type == "cuda":
             available = min(available, self.config.max_vram_bytes) if available else self.config.max_vram_bytes
 
@@ -403,18 +411,22 @@ _CURRENT: dict = {"key": None, "engine": None}
 
 
 def load_engine(src, device: str | None = None, dtype=None, cache_dir: str | None = None,
-                config: BonsaiConfig | None = None, free_memory: FreeMemoryFn | None = None) -> BonsaiImageEngine:
+                config: BonsaiConfig | None = None, free_memory: FreeMemoryFn | None = None,
+                available_memory: AvailableMemoryFn | None = None) -> BonsaiImageEngine:
     """Load (or reuse) the engine for ``src``. Asking for another model unloads the previous one
     first and frees its device memory, so two models never sit on a small card together; then
-    ``free_memory`` (see ``BonsaiImageEngine.from_pretrained``) makes room for the new one."""
+    ``free_memory`` (see ``BonsaiImageEngine.from_pretrained``) makes room for the new one.
+    ``available_memory`` is (re)attached to the engine returned."""
     config = config or BonsaiConfig.from_env()
     key = (str(src), str(device), str(dtype), str(cache_dir))
-    if _CURRENT["key"] == key and _CURRENT["engine"] is not None and _CURRENT["engine"].family is not None:
-        return _CURRENT["engine"]
-    unload_current(free=config.free_cache_on_switch)
-    engine = BonsaiImageEngine.from_pretrained(src, device=device, dtype=dtype, cache_dir=cache_dir, config=config,
-                                               free_memory=free_memory)
-    _CURRENT.update(key=key, engine=engine)
+    engine = _CURRENT["engine"]
+    if _CURRENT["key"] != key or engine is None or engine.family is None:
+        unload_current(free=config.free_cache_on_switch)
+        engine = BonsaiImageEngine.from_pretrained(src, device=device, dtype=dtype, cache_dir=cache_dir,
+                                                   config=config, free_memory=free_memory)
+        _CURRENT.update(key=key, engine=engine)
+    if available_memory is not None:
+        engine.available_memory = available_memory
     return engine
 
 

@@ -78,6 +78,13 @@ def free_memory(nbytes: int, device) -> None:
     mm.soft_empty_cache()
 
 
+def available_memory(device) -> int:
+    """What ComfyUI's memory manager says the device has free (the memory guardrail's budget)."""
+    import comfy.model_management as mm
+
+    return int(mm.get_free_memory(device))
+
+
 class Progress:
     """ComfyUI's progress bar over a generation: 0 when prompts start encoding, 1 when sampling
     starts, one more per step (with a preview), the end after the VAE decode. Every update passes

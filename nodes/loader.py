@@ -23,7 +23,8 @@ class BonsaiPipe:
     dtype: str | None
 
     def engine(self) -> BonsaiImageEngine:
-        return load_engine(self.source, device=self.device, dtype=self.dtype, free_memory=host.free_memory)
+        return load_engine(self.source, device=self.device, dtype=self.dtype, free_memory=host.free_memory,
+                           available_memory=host.available_memory)
 
 
 class BonsaiLoader:

@@ -131,3 +131,18 @@ def test_find_models_lists_model_folders_and_loose_files_only(tmp_path):
     (tmp_path / "klein-q1_0.gguf").write_bytes(b"x")
     (tmp_path / "notes.txt").write_text("x")
     assert find_models([tmp_path, tmp_path / "missing"]) == ["family/other", "tiny", "klein-q1_0.gguf"]
+
+
+def test_the_memory_guardrail_uses_the_hosts_count_when_given(eng):
+    from bonsai_core.errors import BonsaiMemoryError
+
+    asked = []
+    eng.available_memory = lambda dev: asked.append(dev.type) or 2**20  # the host says: 1 MiB free
+    try:
+        with pytest.raises(BonsaiMemoryError, match="0.00 GiB is available"):
+            eng.check("a cat", width=64, height=64, mode="refuse")
+        assert asked == ["cpu"]
+        eng.available_memory = lambda dev: 2**40
+        assert eng.check("a cat", width=64, height=64, mode="refuse").warnings == []
+    finally:
+        eng.available_memory = None

@@ -173,3 +173,13 @@ def test_the_shipped_model_is_always_listed_once_it_exists(comfy, monkeypatch):
     monkeypatch.setattr(config, "SHIPPED_MODEL", "comfyui-bonsai/bonsai-sd-1bit")
     names = comfy["pack"].NODE_CLASS_MAPPINGS["BonsaiLoader"].INPUT_TYPES()["required"]["model"][0]
     assert names == ["tiny-sd-bonsai", "comfyui-bonsai/bonsai-sd-1bit", "(use the path input)"]
+
+
+def test_the_guardrail_budget_is_comfyuis_free_memory(nodes, comfy):
+    (pipe,) = nodes["BonsaiLoader"].load("tiny-sd-bonsai", "cpu", "fp32")
+    comfy["mm"].free_bytes = 2**20
+    try:
+        _, _, _, _, report = nodes["BonsaiGuardrail"].check(512, 512, "a cat", 24, "warn", pipe)
+    finally:
+        comfy["mm"].free_bytes = 64 * 2**30
+    assert "0.00 GiB is available" in report
