@@ -1,4 +1,4 @@
-"""ComfyUI entry point of ComfyUI-Bonsai: the node mappings, nothing else.
+"""ComfyUI entry point of ComfyUI-Bonsai: the node mappings and the web folder (help pages).
 
 ComfyUI imports this folder as a package under its own folder name, so imports here are
 relative. Outside ComfyUI (pytest, pip-installed ``bonsai_core``) this file is not needed.
@@ -10,4 +10,6 @@ else:  # loaded as a lone module (pytest collecting a checkout whose folder name
     NODE_CLASS_MAPPINGS: dict = {}
     NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+WEB_DIRECTORY = "./web"  # web/docs/<NodeId>.md: the help page ComfyUI's frontend shows for each node
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -27,6 +27,14 @@ from .guardrails import GuardrailReport, Request, apply_prompt_defaults, check_r
 from .hub import resolve_model
 
 ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
+#: ``free_memory(bytes_needed, device)``: the caller (ComfyUI's memory manager, say) makes room
+FreeMemoryFn = Callable[[int, torch.device], None]
+#: ``available_memory(device) -> bytes``: what the caller says the device has free for us
+AvailableMemoryFn = Callable[[torch.device], int]
+#: stages ``generate`` reports to ``on_stage``, in order
+STAGES = ("encode", "sample", "decode", "done")
+#: a prompt longer than this is refused before tokenizing: text encoders read 77 or 512 tokens
+MAX_PROMPT_CHARS = 10_000
 
 
 def _family_class(name: str) -> type[Family]:
@@ -134,13 +142,22 @@ class BonsaiImageEngine:
         self.choice = choice
         self.config = config
         self.load_seconds = load_seconds
+        self.available_memory: AvailableMemoryFn | None = None  # the host's count; None: the engine reads the device
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, src: str | os.PathLike | None = None, device: str | None = None,
                         dtype: str | torch.dtype | None = None, cache_dir: str | None = None,
-                        config: BonsaiConfig | None = None) -> "BonsaiImageEngine":
-        """Load a Bonsai folder, a full-precision diffusers folder, or a Hub repo id of either."""
+                        config: BonsaiConfig | None = None,
+                        free_memory: FreeMemoryFn | None = None,
+                        available_memory: AvailableMemoryFn | None = None) -> "BonsaiImageEngine":
+        """Load a Bonsai folder, a full-precision diffusers folder, or a Hub repo id of either.
+
+        ``free_memory(bytes, device)``, when given, is called once before any weight is read, with
+        the size of the model's weight files and the device they go to, so that a host application
+        can make room its own way (the engine does not read that application's memory itself).
+        ``available_memory(device)``, when given, is what the memory guardrail compares its estimate
+        with, instead of the engine reading the device (a host that manages the device knows better)."""
         config = config or BonsaiConfig.from_env()
         src = src if src is not None else config.model
         if src is None:
@@ -153,6 +170,8 @@ class BonsaiImageEngine:
         index = read_model_index(folder)
         family_name, _ = family_of(index, folder)
         family_cls = _family_class(family_name)
+        if free_memory is not None:
+            free_memory(weight_file_bytes(folder), choice.device)
         if (dtype is None or str(dtype).lower() == "auto") and choice.device.type == "cuda" \
                 and family_cls.cuda_dtype != choice.dtype and devices._bf16_supported(choice.device):
             name = str(family_cls.cuda_dtype).replace("torch.", "")
@@ -167,8 +186,10 @@ class BonsaiImageEngine:
                     f"{choice.device} ran out of memory loading {src}; close other programs, or use device cpu"
                 ) from exc
             raise
-        return cls(family, source=str(src), folder=folder, choice=choice, config=config,
-                   load_seconds=time.perf_counter() - t0)
+        engine = cls(family, source=str(src), folder=folder, choice=choice, config=config,
+                     load_seconds=time.perf_counter() - t0)
+        engine.available_memory = available_memory
+        return engine
 
     @property
     def device(self) -> torch.device:
@@ -205,7 +226,7 @@ class BonsaiImageEngine:
         max_side = pick("max_side", max_side)
         cfg = d.use_cfg and req.guidance != 1.0 if cfg is None else cfg
         model = fam.memory_model(cfg=cfg)
-        available = _available_memory(self.device)
+        available = self.available_memory(self.device) if self.available_memory else _available_memory(self.device)
         if self.device.type == "cuda":
             available = min(available, self.config.max_vram_bytes) if available else self.config.max_vram_bytes
         elif available is not None:  # the estimate counts the weights, which are in this memory already
@@ -228,10 +249,14 @@ class BonsaiImageEngine:
                  schedule: str | None = None, batch: int = 1,
                  guardrail: str = "warn", max_side: int | None = None, style_prefix: bool | None = None,
                  default_negative: bool = True, true_cfg: bool | None = None, callback: ProgressFn | None = None,
-                 cancel: Callable[[], bool] | None = None) -> GenerationResult:
+                 cancel: Callable[[], bool] | None = None,
+                 on_stage: Callable[[str], None] | None = None) -> GenerationResult:
         """Generate ``batch`` images. Image ``i`` uses seed ``seed + i``, so any image of a batch
         can be made again alone. ``callback(step, total, preview)`` runs after every step and
-        ``cancel()`` before every step (True raises ``BonsaiCancelledError``).
+        ``cancel()`` before every step (True raises ``BonsaiCancelledError``). ``on_stage(name)``
+        runs as each stage of ``STAGES`` begins: "encode" (prompts), "sample" (the first step),
+        "decode" (the VAE) and "done"; like ``callback``, its exceptions propagate untouched, so
+        a host can stop the run there too.
 
         A setting left at None comes from the engine's ``BonsaiConfig`` (``BONSAI_STEPS``, ...),
         and where that has none, from the model family's defaults.
@@ -256,6 +281,11 @@ class BonsaiImageEngine:
         schedule = self.config.schedule if schedule is None else schedule
         if schedule not in ("auto", *sampling.SD_SCHEDULES):
             raise BonsaiRequestError(f"unknown schedule {schedule!r}: choose auto, {', '.join(sampling.SD_SCHEDULES)}")
+        for name, text in (("prompt", prompt), ("negative prompt", negative_prompt or "")):
+            if len(text) > MAX_PROMPT_CHARS:
+                raise BonsaiRequestError(
+                    f"the {name} is {len(text)} characters; this model reads {d.max_tokens} tokens (a few hundred "
+                    f"characters) and prompts over {MAX_PROMPT_CHARS} characters are refused: shorten it")
         prompt, negative = apply_prompt_defaults(prompt, negative_prompt or "", config=self.config,
                                                  use_style_prefix=style_prefix,
                                                  use_default_negative=default_negative and cfg_wanted)
@@ -277,7 +307,9 @@ class BonsaiImageEngine:
         seeds = [(seed + i) % 2**64 for i in range(r.batch)]
         use_cfg = cfg_wanted and r.guidance != 1.0
         peak = _PeakMemory(self.device)
+        stage = on_stage or (lambda name: None)
         try:
+            stage("encode")
             t0 = time.perf_counter()
             cond = fam.encode([r.prompt] * r.batch)
             uncond = fam.encode_negative([r.negative_prompt] * r.batch) if use_cfg else None
@@ -294,15 +326,18 @@ class BonsaiImageEngine:
                 if callback is not None:
                     callback(i + 1, n, x0)
 
+            stage("sample")
             t0 = time.perf_counter()
             with torch.inference_mode():
                 latents = sampling.sample(denoise, x, sigmas, sampler=sampler, callback=on_step, cancel=cancel)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 t_denoise = time.perf_counter() - t0
+                stage("decode")
                 t0 = time.perf_counter()
                 images = fam.decode(latents, r.width, r.height)
             t_decode = time.perf_counter() - t0
+            stage("done")
         except BonsaiCancelledError:
             devices.free_cache(self.device)
             raise
@@ -335,10 +370,35 @@ class BonsaiImageEngine:
         }
         return GenerationResult(pil, tensor, metadata, report, list(report.warnings))
 
+    def preview(self, x0: torch.Tensor, max_side: int = 512) -> list:
+        """PIL previews of a step's data prediction ``x0 [B, C, h, w]`` (what ``callback`` gets):
+        the family's latent->RGB map, scaled up to the image's size or ``max_side``, whichever is
+        smaller. Cheap: no VAE decode after the first call, which fits the map once."""
+        from PIL import Image
+
+        fam = self._family()
+        rgb = fam.preview(x0)
+        out = []
+        for t in rgb:
+            img = _to_pil(t)
+            h, w = t.shape[:2]
+            scale = min(fam.pixels_per_latent(), max_side / max(h, w))
+            if scale > 1:
+                img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+            out.append(img)
+        return out
+
     def _family(self) -> Family:
         if self.family is None:
             raise BonsaiRequestError("this engine was unloaded; load the model again")
         return self.family
+
+
+def weight_file_bytes(folder: Path) -> int:
+    """Bytes of the weight files under a model folder (``.safetensors``, ``.gguf``, ``.bin``): what
+    loading it will put in memory, near enough for making room."""
+    return sum(p.stat().st_size for ext in ("*.safetensors", "*.gguf", "*.bin") for p in Path(folder).rglob(ext)
+               if p.is_file())
 
 
 def _refuse_unimported(path: Path) -> None:
@@ -376,16 +436,22 @@ _CURRENT: dict = {"key": None, "engine": None}
 
 
 def load_engine(src, device: str | None = None, dtype=None, cache_dir: str | None = None,
-                config: BonsaiConfig | None = None) -> BonsaiImageEngine:
+                config: BonsaiConfig | None = None, free_memory: FreeMemoryFn | None = None,
+                available_memory: AvailableMemoryFn | None = None) -> BonsaiImageEngine:
     """Load (or reuse) the engine for ``src``. Asking for another model unloads the previous one
-    first and frees its device memory, so two models never sit on a small card together."""
+    first and frees its device memory, so two models never sit on a small card together; then
+    ``free_memory`` (see ``BonsaiImageEngine.from_pretrained``) makes room for the new one.
+    ``available_memory`` is (re)attached to the engine returned."""
     config = config or BonsaiConfig.from_env()
     key = (str(src), str(device), str(dtype), str(cache_dir))
-    if _CURRENT["key"] == key and _CURRENT["engine"] is not None and _CURRENT["engine"].family is not None:
-        return _CURRENT["engine"]
-    unload_current(free=config.free_cache_on_switch)
-    engine = BonsaiImageEngine.from_pretrained(src, device=device, dtype=dtype, cache_dir=cache_dir, config=config)
-    _CURRENT.update(key=key, engine=engine)
+    engine = _CURRENT["engine"]
+    if _CURRENT["key"] != key or engine is None or engine.family is None:
+        unload_current(free=config.free_cache_on_switch)
+        engine = BonsaiImageEngine.from_pretrained(src, device=device, dtype=dtype, cache_dir=cache_dir,
+                                                   config=config, free_memory=free_memory)
+        _CURRENT.update(key=key, engine=engine)
+    if available_memory is not None:
+        engine.available_memory = available_memory
     return engine
 
 

@@ -54,3 +54,22 @@ def resolve_model(src: str | os.PathLike, cache_dir: str | os.PathLike | None = 
         raise BonsaiCheckpointError(
             f"model {text!r} could not be fetched into {cache} ({type(exc).__name__}: {exc}); check the name, "
             "the revision and the network, or point --model at a local folder") from exc
+
+
+def find_models(folders: list[str | os.PathLike]) -> list[str]:
+    """Model names under ``folders`` (ComfyUI's ``models/bonsai``, say), relative to their folder:
+    every sub-folder holding a ``model_index.json`` (a Bonsai or diffusers model), and every
+    ``.gguf`` / ``.safetensors`` file that lies outside such a folder (a payload to import). Sorted,
+    duplicates once."""
+    names: list[str] = []
+    for root in folders:
+        root = Path(root)
+        if not root.is_dir():
+            continue
+        models = sorted(p.parent for p in root.rglob("model_index.json"))
+        names += [m.relative_to(root).as_posix() for m in models if m != root]
+        for f in sorted(root.rglob("*")):
+            if f.suffix.lower() in (".gguf", ".safetensors") and f.is_file() \
+                    and not any(m == f.parent or m in f.parents for m in models):
+                names.append(f.relative_to(root).as_posix())
+    return list(dict.fromkeys(names))

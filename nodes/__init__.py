@@ -1,8 +1,22 @@
 """ComfyUI node classes: thin adapters over ``bonsai_core`` (inputs in, one engine call, outputs out).
 
-The node set (BonsaiLoader, BonsaiSampler, BonsaiGuardrail, BonsaiTextOverlay) arrives with the
-nodes issue; until then the pack registers no nodes, and ComfyUI loads it without error.
+ComfyUI internals the nodes touch are all in ``host.py``.
 """
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+from .guardrail import BonsaiGuardrail
+from .loader import BonsaiLoader
+from .sampler import BonsaiSampler
+from .text_overlay import BonsaiTextOverlay
+
+NODE_CLASS_MAPPINGS = {
+    "BonsaiLoader": BonsaiLoader,
+    "BonsaiSampler": BonsaiSampler,
+    "BonsaiGuardrail": BonsaiGuardrail,
+    "BonsaiTextOverlay": BonsaiTextOverlay,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "BonsaiLoader": "Bonsai Loader",
+    "BonsaiSampler": "Bonsai Sampler",
+    "BonsaiGuardrail": "Bonsai Guardrail",
+    "BonsaiTextOverlay": "Bonsai Text Overlay",
+}

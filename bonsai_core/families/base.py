@@ -8,6 +8,7 @@ family is one file.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
@@ -31,6 +32,7 @@ class Family:
         self.dtype = dtype
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._graph = None  # cuda_graph.GraphedStep once a step ran on CUDA; False after a failed capture
+        self._rgb = None  # (factors [C, 3], bias [3]) once fitted by latent_rgb()
 
     # --- what a family must provide -------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
@@ -78,9 +80,46 @@ class Family:
         """Final latents -> images ``[B, 3, H, W]`` in ``[0, 1]``, float32 on the CPU."""
         raise NotImplementedError
 
-    def preview(self, x0: torch.Tensor) -> torch.Tensor | None:
-        """A cheap RGB preview ``[B, 3, h, w]`` in [0, 1] of a data prediction, or None."""
-        return None
+    def preview(self, x0: torch.Tensor) -> torch.Tensor:
+        """A cheap RGB preview ``[B, h, w, 3]`` in [0, 1] of a data prediction ``x0 [B, C, h, w]``:
+        one latent pixel -> one RGB pixel through the family's latent->RGB factors."""
+        factors, bias = self.latent_rgb()
+        rgb = torch.einsum("bchw,cr->bhwr", x0.detach().float().cpu(), factors) + bias
+        return rgb.clamp(0, 1)
+
+    def pixels_per_latent(self) -> int:
+        """Image pixels one latent pixel covers, per side (8 for SD's VAE, 16 for FLUX.2's)."""
+        side = self.defaults.multiple_of * 8
+        return side // self.latent_shape(side, side)[1]
+
+    def latent_rgb(self, probes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linear map from one latent pixel to the colour of the image patch it decodes to:
+        ``(factors [C, 3], bias [3])``, float32, fitted once per loaded model.
+
+        Fitted, not tabulated: published factors exist for a few VAEs only, and a Bonsai model may
+        carry any VAE. ``probes`` seeded noise latents (the sampler's x0 lives at unit scale) are
+        decoded with this family's own decoder, each image is averaged over the patch of pixels
+        one latent pixel covers, and the least-squares fit maps latent pixels to those colours.
+        The probe is made large enough to have several samples per unknown (C + 1 per colour)."""
+        if self._rgb is not None:
+            return self._rgb
+        m = self.defaults.multiple_of
+        c = self.latent_shape(m * 8, m * 8)[0]
+        factor = self.pixels_per_latent()
+        side_latent = max(8, math.ceil(math.sqrt(4 * (c + 1) / probes)))
+        side = side_latent * factor
+        side = -(-side // m) * m
+        gen = torch.Generator("cpu").manual_seed(0)
+        z = torch.randn((probes, *self.latent_shape(side, side)), generator=gen)
+        with torch.inference_mode():
+            image = self.decode(z.to(self.device), side, side).float().cpu()
+        pooled = torch.nn.functional.avg_pool2d(image, factor)  # [P, 3, h, w]
+        a = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]).double()
+        a = torch.cat([a, torch.ones(a.shape[0], 1, dtype=a.dtype)], dim=1)
+        y = pooled.permute(0, 2, 3, 1).reshape(-1, 3).double()
+        sol = torch.linalg.lstsq(a, y).solution
+        self._rgb = (sol[:-1].float().contiguous(), sol[-1].float().contiguous())
+        return self._rgb
 
     def _forward(self, **inputs) -> torch.Tensor:
         """One raw network forward (the denoiser's model call) for ``_step``."""
@@ -163,3 +202,4 @@ class Family:
         """Drop every module and cached embedding (the engine frees device memory after)."""
         self._prompt_cache.clear()
         self._graph = None
+        self._rgb = None
