@@ -117,6 +117,27 @@ def _cmd_info(args) -> int:
     return 0
 
 
+def _checked_out(out: Path) -> Path:
+    """``--out`` checked before any work: not a folder, a known image extension (none: .png), a
+    parent that is a folder (or can be made) and can be written to."""
+    import os
+
+    from .engine import image_format
+
+    if out.is_dir():
+        raise BonsaiRequestError(f"--out {out} is a folder; give a file name such as {out / 'bonsai.png'}")
+    if out.suffix == "":
+        out = out.with_suffix(".png")
+    image_format(out)
+    parent = out.parent.resolve()
+    existing = next((p for p in (parent, *parent.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise BonsaiRequestError(f"--out {out}: {existing} is a file, not a folder; pick another path")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise BonsaiRequestError(f"--out {out}: cannot write in {existing} (permission denied); pick another folder")
+    return out
+
+
 def _cmd_generate(args) -> int:
     from tqdm import tqdm
 
@@ -129,11 +150,7 @@ def _cmd_generate(args) -> int:
                                    karras=True if args.karras else None, schedule=args.schedule)
     if config.model is None:
         raise BonsaiError("no model given: pass --model DIR_OR_REPO (or set BONSAI_MODEL)")
-    out = Path(args.out)
-    if out.is_dir():  # say so now, not after the whole generation
-        raise BonsaiRequestError(f"--out {args.out} is a folder; give a file name such as {out / 'bonsai.png'}")
-    if out.suffix == "":
-        out = out.with_suffix(".png")
+    out = _checked_out(Path(args.out))
     engine = BonsaiImageEngine.from_pretrained(config.model, device=config.device, dtype=args.dtype,
                                                cache_dir=config.cache_dir, config=config)
     print(f"loaded {engine.model_name} ({engine.family.name}) on {engine.choice.reason} "
@@ -194,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--true-cfg", action="store_true",
                    help="classifier-free guidance with the negative prompt also for guidance-distilled models "
                         "(FLUX.2 klein; needs --cfg other than 1; two passes a step)")
-    g.add_argument("--out", default="bonsai.png", help="PNG to write (a batch adds _00, _01, ...)")
+    g.add_argument("--out", default="bonsai.png",
+                   help="image to write: .png (parameters as PNG text), .jpg or .webp (in EXIF); a batch adds _00, _01, ...")
     g.set_defaults(func=_cmd_generate)
 
     c = sub.add_parser("convert", help="turn a full-precision diffusers pipeline folder into a Bonsai folder")

@@ -39,9 +39,10 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
-def resolve_device(name: str | None = None) -> tuple[torch.device, str]:
-    """Turn ``auto|cuda|cuda:N|mps|cpu`` (argument, else ``BONSAI_DEVICE``, else auto) into a device."""
-    source = "argument"
+def resolve_device(name: str | None = None, source: str | None = None) -> tuple[torch.device, str]:
+    """Turn ``auto|cuda|cuda:N|mps|cpu`` (argument, else ``BONSAI_DEVICE``, else auto) into a device.
+    ``source`` says where a given ``name`` came from (e.g. "env BONSAI_DEVICE"), for the messages."""
+    source = source or "argument"
     if name is None or name == "":
         name = os.environ.get("BONSAI_DEVICE", "") or "auto"
         source = "BONSAI_DEVICE" if os.environ.get("BONSAI_DEVICE") else "default"
@@ -86,13 +87,14 @@ def _bf16_supported(device: torch.device) -> bool:
     return True  # the CPU computes bf16 (slowly): allowed when asked
 
 
-def pick(device: str | None = None, dtype: str | torch.dtype | None = None) -> DeviceChoice:
+def pick(device: str | None = None, dtype: str | torch.dtype | None = None,
+         source: str | None = None) -> DeviceChoice:
     """Pick the device and the compute dtype that suits it.
 
     fp16 on cuda and mps, fp32 on cpu (CPU half-precision matmuls are slow and lossy);
     bf16 only where asked and supported.
     """
-    dev, why = resolve_device(device)
+    dev, why = resolve_device(device, source)
     if isinstance(dtype, torch.dtype):
         chosen = dtype
         dsrc = "asked for"

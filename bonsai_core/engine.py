@@ -23,7 +23,8 @@ from .config import BonsaiConfig
 from .loader import family_of, read_model_index
 from .errors import BonsaiCancelledError, BonsaiCheckpointError, BonsaiMemoryError, BonsaiRequestError
 from .families.base import Family
-from .guardrails import GuardrailReport, Request, apply_prompt_defaults, check_request, estimate_memory_bytes
+from .guardrails import (GuardrailReport, Request, apply_prompt_defaults, check_prompt_text, check_request,
+                         estimate_memory_bytes)
 from .hub import resolve_model
 
 ProgressFn = Callable[[int, int, "torch.Tensor | None"], None]
@@ -33,8 +34,6 @@ FreeMemoryFn = Callable[[int, torch.device], None]
 AvailableMemoryFn = Callable[[torch.device], int]
 #: stages ``generate`` reports to ``on_stage``, in order
 STAGES = ("encode", "sample", "decode", "done")
-#: a prompt longer than this is refused before tokenizing: text encoders read 77 or 512 tokens
-MAX_PROMPT_CHARS = 10_000
 
 
 def _family_class(name: str) -> type[Family]:
@@ -67,24 +66,65 @@ class GenerationResult:
                 f"Device: {m['device']}, Dtype: {m['dtype']}")
 
     def save(self, path: str | os.PathLike, index: int = 0) -> Path:
-        """Write one image as PNG with the parameters embedded as text, atomically."""
-        from PIL.PngImagePlugin import PngInfo
-
+        """Write one image, atomically, in the format its extension names (``IMAGE_FORMATS``): PNG
+        with the parameters embedded as text (``parameters`` and a ``bonsai`` JSON), JPEG and WebP
+        with them in the EXIF user comment."""
         from .checkpoint import atomic_write
 
         path = Path(path)
-        info = PngInfo()
-        info.add_text("parameters", self.parameters_text(index))
-        meta = dict(self.metadata, seed=self.metadata["seeds"][index])
-        info.add_text("bonsai", json.dumps(meta))
-        atomic_write(path, lambda tmp: self.images[index].save(tmp, format="PNG", pnginfo=info))
+        fmt = image_format(path)
+        params = self.parameters_text(index)
+        meta = json.dumps(dict(self.metadata, seed=self.metadata["seeds"][index]))
+        if fmt == "PNG":
+            from PIL.PngImagePlugin import PngInfo
+
+            info = PngInfo()
+            info.add_text("parameters", params)
+            info.add_text("bonsai", meta)
+            extra = {"pnginfo": info}
+        else:
+            exif = self.images[index].getexif()
+            exif[0x9286] = params  # UserComment
+            extra = {"exif": exif, "quality": 95}
+        atomic_write(path, lambda tmp: self.images[index].save(tmp, format=fmt, **extra))
         return path
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def image_format(path: str | os.PathLike) -> str:
+    """The Pillow format an output file's extension names; any other extension is refused."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in IMAGE_FORMATS:
+        raise BonsaiRequestError(f"{path}: images are written as {', '.join(IMAGE_FORMATS)}; "
+                                 f"{suffix or 'no extension'} is none of those: name the file e.g. bonsai.png")
+    return IMAGE_FORMATS[suffix]
+
+
+def check_seed(seed) -> int | None:
+    """A seed is a whole number in 0..2^64-1 (or None: random). Floats, strings, bools and NaN are
+    refused, never truncated: a seed that silently became another one would make another image."""
+    if seed is None:
+        return None
+    import numbers
+
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise BonsaiRequestError(f"seed {seed!r} ({type(seed).__name__}) is not a whole number; "
+                                 "give an integer from 0 to 2^64-1")
+    seed = int(seed)
+    if not 0 <= seed < 2**64:
+        raise BonsaiRequestError(f"seed {seed} is out of range 0..2^64-1")
+    return seed
 
 
 def _is_oom(exc: BaseException) -> bool:
     oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None),
                                   getattr(torch.cuda, "OutOfMemoryError", None)) if t is not None)
-    return isinstance(exc, oom_types) or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+    if isinstance(exc, (MemoryError, *oom_types)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
 class _PeakMemory:
@@ -163,7 +203,8 @@ class BonsaiImageEngine:
         if src is None:
             raise BonsaiRequestError("no model given: pass a Bonsai folder or Hub repo id (--model, BONSAI_MODEL)")
         t0 = time.perf_counter()
-        choice = devices.pick(device if device is not None else config.device, dtype)
+        choice = devices.pick(device if device is not None else config.device, dtype,
+                              source="argument" if device is not None else config.source("device"))
         folder = resolve_model(src, cache_dir or config.cache_dir)
         if folder.is_file() or not (folder / "model_index.json").is_file():
             _refuse_unimported(folder)
@@ -237,7 +278,7 @@ class BonsaiImageEngine:
 
         return check_request(req, family=d, mode=mode, max_side=max_side, count_tokens=fam.count_tokens,
                              tokenizer=fam.tokenizer(), memory_estimate_bytes=estimate,
-                             memory_available_bytes=available)
+                             memory_available_bytes=available, memory_hard=self.device.type != "cuda")
 
     def _setting(self, name: str, value):
         """An argument given to the call, else the config's value (environment, flag), else the family's."""
@@ -251,8 +292,8 @@ class BonsaiImageEngine:
                  default_negative: bool = True, true_cfg: bool | None = None, callback: ProgressFn | None = None,
                  cancel: Callable[[], bool] | None = None,
                  on_stage: Callable[[str], None] | None = None) -> GenerationResult:
-        """Generate ``batch`` images. Image ``i`` uses seed ``seed + i``, so any image of a batch
-        can be made again alone. ``callback(step, total, preview)`` runs after every step and
+        """Generate ``batch`` images. Image ``i`` starts from the noise of seed ``seed + i`` made
+        alone (the pixels then agree to within one level: batched arithmetic rounds differently). ``callback(step, total, preview)`` runs after every step and
         ``cancel()`` before every step (True raises ``BonsaiCancelledError``). ``on_stage(name)``
         runs as each stage of ``STAGES`` begins: "encode" (prompts), "sample" (the first step),
         "decode" (the VAE) and "done"; like ``callback``, its exceptions propagate untouched, so
@@ -281,11 +322,7 @@ class BonsaiImageEngine:
         schedule = self.config.schedule if schedule is None else schedule
         if schedule not in ("auto", *sampling.SD_SCHEDULES):
             raise BonsaiRequestError(f"unknown schedule {schedule!r}: choose auto, {', '.join(sampling.SD_SCHEDULES)}")
-        for name, text in (("prompt", prompt), ("negative prompt", negative_prompt or "")):
-            if len(text) > MAX_PROMPT_CHARS:
-                raise BonsaiRequestError(
-                    f"the {name} is {len(text)} characters; this model reads {d.max_tokens} tokens (a few hundred "
-                    f"characters) and prompts over {MAX_PROMPT_CHARS} characters are refused: shorten it")
+        check_prompt_text(prompt, negative_prompt or "", max_tokens=d.max_tokens)
         prompt, negative = apply_prompt_defaults(prompt, negative_prompt or "", config=self.config,
                                                  use_style_prefix=style_prefix,
                                                  use_default_negative=default_negative and cfg_wanted)
@@ -301,9 +338,8 @@ class BonsaiImageEngine:
                                          f"use at least {m}x{m}")
             report.warnings.append(f"{r.width}x{r.height} is not a multiple of {m}: the image is made at {w}x{h}")
             r.width, r.height = w, h
-        seed = random.randint(0, 2**32 - 1) if seed is None else int(seed)
-        if not 0 <= seed < 2**64:
-            raise BonsaiRequestError(f"seed {seed} is out of range 0..2^64-1")
+        seed = check_seed(seed)
+        seed = random.randint(0, 2**32 - 1) if seed is None else seed
         seeds = [(seed + i) % 2**64 for i in range(r.batch)]
         use_cfg = cfg_wanted and r.guidance != 1.0
         peak = _PeakMemory(self.device)
@@ -346,7 +382,8 @@ class BonsaiImageEngine:
                 devices.free_cache(self.device)
                 raise BonsaiMemoryError(
                     f"{self.device} ran out of memory generating {r.batch} image(s) of {r.width}x{r.height}: "
-                    "try a smaller size (upscale afterwards), fewer images per batch, or device cpu") from exc
+                    "try a smaller size (upscale afterwards), fewer images per batch"
+                    + (", or device cpu" if self.device.type != "cpu" else ", or close other programs")) from exc
             raise
         tensor = images.permute(0, 2, 3, 1).contiguous()
         pil = [_to_pil(t) for t in tensor]

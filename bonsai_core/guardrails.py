@@ -103,6 +103,7 @@ def check_request(
     count_tokens: Callable[[str], int] | None = None,
     memory_estimate_bytes: int | Callable[[Request], int] | None = None,
     memory_available_bytes: int | None = None,
+    memory_hard: bool = False,
 ) -> GuardrailReport:
     """Check ``req`` against ``family``'s limits; ``req`` itself is never changed.
 
@@ -111,12 +112,15 @@ def check_request(
     counting; clamping decodes through the tokenizer when there is one, else cuts at a word).
     Memory is checked only when both numbers are given; ``memory_estimate_bytes`` may be a
     callable of the request, which lets clamp mode find a smaller batch that fits (with a
-    plain number it can't, and refuses).
+    plain number it can't, and refuses). ``memory_hard``: running out would not raise but take
+    the machine down (host memory: the OS kills the process, ComfyUI's server with it), so too much
+    is refused in every mode, warn included.
     """
     if mode not in MODES:
         raise BonsaiRequestError(
             f"guardrail mode {mode!r} is unknown; use one of {', '.join(MODES)}"
         )
+    check_prompt_text(req.prompt, req.negative_prompt, family.max_tokens)
     out = replace(req)
     found = _Findings(mode)
     _check_steps(out, family, found)
@@ -126,8 +130,30 @@ def check_request(
     prompt_tokens = _check_prompts(out, family, tokenizer, count_tokens, found)
     if found.problems:
         raise BonsaiRequestError("Request refused:\n- " + "\n- ".join(found.problems))
-    _check_memory(out, memory_estimate_bytes, memory_available_bytes, found)
+    _check_memory(out, memory_estimate_bytes, memory_available_bytes, found, hard=memory_hard)
     return GuardrailReport(out, found.warnings, found.notes, prompt_tokens, mode)
+
+
+MAX_PROMPT_CHARS = 10_000  # far beyond any model's tokens; refused before a tokenizer spends time on it
+
+
+def check_prompt_text(prompt, negative_prompt="", max_tokens: int | None = None) -> None:
+    """Prompts are text that can be encoded: not bytes or numbers, no lone surrogates (what
+    undecodable command-line bytes become in Python), at most ``MAX_PROMPT_CHARS`` characters."""
+    for label, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        if not isinstance(text, str):
+            raise BonsaiRequestError(f"the {label} is a {type(text).__name__} ({text!r:.60}), not text; pass a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BonsaiRequestError(
+                f"the {label} holds {text[exc.start:exc.end]!r} at character {exc.start}, which is not text "
+                "(bytes that are not UTF-8, e.g. from a shell in another encoding); write the prompt in UTF-8"
+            ) from None
+        if len(text) > MAX_PROMPT_CHARS:
+            reads = f"this model reads {max_tokens} tokens (a few hundred characters) and " if max_tokens else ""
+            raise BonsaiRequestError(f"the {label} is {len(text)} characters; {reads}prompts over "
+                                     f"{MAX_PROMPT_CHARS} characters are refused: shorten it")
 
 
 def _check_steps(out: Request, family: FamilyDefaults, found: _Findings) -> None:
@@ -311,6 +337,7 @@ def _check_memory(
     estimate: int | Callable[[Request], int] | None,
     available: int | None,
     found: _Findings,
+    hard: bool = False,
 ) -> None:
     if estimate is None or available is None:
         return
@@ -322,9 +349,10 @@ def _check_memory(
     )
     advice = (
         f"use a smaller size than {out.width}x{out.height}, fewer images than {out.batch} per "
-        f"batch, or run on the cpu (device cpu)"
+        f"batch, or " + ("close other programs (this is the machine's own memory)" if hard else
+                         "run on the cpu (device cpu)")
     )
-    if found.mode == "warn":
+    if found.mode == "warn" and not hard:
         found.warnings.append(f"{problem}; {advice}")
         return
     if found.mode == "clamp" and callable(estimate):
