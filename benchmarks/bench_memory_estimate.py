@@ -80,6 +80,11 @@ def _random(model, device, seed: int):
             p.fill_(1.0)
         else:
             p.zero_()
+    for name, b in model.named_buffers():  # to_empty left buffers uninitialized
+        if name.endswith("position_ids"):
+            b.copy_(torch.arange(b.shape[-1], device=device).expand_as(b))
+        elif b.is_floating_point():
+            b.zero_()
     return model.eval()
 
 

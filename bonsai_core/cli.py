@@ -162,7 +162,8 @@ def _cmd_generate(args) -> int:
         bar.update(step - bar.n)
 
     try:
-        result = engine.generate(args.prompt, args.negative, seed=args.seed, batch=args.batch, guardrail=args.guardrail, style_prefix=args.style_prefix or None,
+        result = engine.generate(args.prompt, args.negative, seed=args.seed, batch=args.batch,
+                                 guardrail=args.guardrail, style_prefix=args.style_prefix or None,
                                  default_negative=not args.no_default_negative,
                                  true_cfg=True if args.true_cfg else None, callback=progress)
     finally:

@@ -22,7 +22,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
-from .config import FAMILY_DEFAULTS, GIB, BonsaiConfig, FamilyDefaults
+from .config import GIB, BonsaiConfig, FamilyDefaults
 from .errors import BonsaiMemoryError, BonsaiRequestError
 
 MODES = ("warn", "clamp", "refuse")

@@ -508,3 +508,13 @@ def test_convert_with_a_1bit_tied_text_encoder_stores_the_tie_once_and_loads(wor
     assert te.lm_head.weight is te.model.embed_tokens.weight  # tied again, one tensor in memory
     assert any(isinstance(m, BonsaiLinear) for m in te.modules())
     assert torch.isfinite(e.generate("a lantern", seed=0, **SMALL).tensor).all()
+
+
+def test_cli_info_config_for_a_klein_model_shows_what_klein_runs(work, monkeypatch, capsys):
+    for var in ("BONSAI_STEPS", "BONSAI_SAMPLER", "BONSAI_GUIDANCE", "BONSAI_WIDTH"):
+        monkeypatch.delenv(var, raising=False)
+    assert cli.main(["info", str(work["bonsai"]), "--config"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "4" in lines["steps"] and "24" not in lines["steps"] and lines["steps"].endswith("flux2_klein family default")
+    assert "'euler'" in lines["sampler"] and "dpmpp_2m" not in lines["sampler"]
+    assert "1.0" in lines["guidance"] and "1024" in lines["width"]

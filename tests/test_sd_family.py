@@ -34,7 +34,17 @@ def sd(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd-family")
     eps = make_tiny_sd_pipeline(root / "sd-eps")
     v = set_prediction_type(shutil.copytree(eps, root / "sd-v"), "v_prediction")
-    return {"epsilon": eps, "v_prediction": v, "root": root}
+    return {"epsilon": eps, "v_prediction": v, "root": root, "loaded": {}}
+
+
+def engine_and_pipeline(sd, prediction):
+    """The engine and diffusers' pipeline of one folder, each loaded once per module."""
+    if prediction not in sd["loaded"]:
+        folder = sd[prediction]
+        pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+        pipe.set_progress_bar_config(disable=True)
+        sd["loaded"][prediction] = (BonsaiImageEngine.from_pretrained(folder, device="cpu"), pipe)
+    return sd["loaded"][prediction]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +53,8 @@ def sdxl(tmp_path_factory):
     src = make_tiny_sdxl_pipeline(root / "sdxl-fp")
     dst = root / "sdxl-bonsai"
     assert cli.main(["convert", str(src), str(dst)]) == 0
-    return {"fp": src, "bonsai": dst, "root": root}
+    return {"fp": src, "bonsai": dst, "root": root,
+            "engine": BonsaiImageEngine.from_pretrained(dst, device="cpu")}
 
 
 def diffusers_scheduler(config, sampler: str, karras: bool):
@@ -72,14 +83,11 @@ def max_diff(result, reference) -> float:
 @pytest.mark.parametrize("karras", [False, True])
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
 def test_sd_equals_stable_diffusion_pipeline(sd, sampler, karras, prediction):
-    folder = sd[prediction]
-    eng = BonsaiImageEngine.from_pretrained(folder, device="cpu")
+    eng, pipe = engine_and_pipeline(sd, prediction)
     ours = eng.generate(PROMPT, NEGATIVE, steps=STEPS, guidance=CFG, width=W, height=H, seed=11, sampler=sampler,
                         karras=karras)
     assert ours.metadata["schedule"] == "auto" and ours.metadata["cfg"] is True
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     pipe.scheduler = diffusers_scheduler(pipe.scheduler.config, sampler, karras)
-    pipe.set_progress_bar_config(disable=True)
     ref = pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG, width=W, height=H,
                latents=initial_noise(eng, ours), output_type="pt").images
     assert max_diff(ours, ref) <= TOL
@@ -89,16 +97,13 @@ def test_dpmpp_2m_on_euler_sigmas_equals_diffusers_dpm_solver_given_eulers_times
     """schedule="euler": DPM++ 2M on the Euler scheduler's sigmas (k-diffusion's way). The seed's
     config spaces timesteps "leading", so Euler's timesteps are whole numbers, and diffusers'
     DPM-Solver given them as custom timesteps interpolates the same sigmas."""
-    folder = sd["epsilon"]
-    eng = BonsaiImageEngine.from_pretrained(folder, device="cpu")
+    eng, pipe = engine_and_pipeline(sd, "epsilon")
     ours = eng.generate(PROMPT, NEGATIVE, steps=STEPS, guidance=CFG, width=W, height=H, seed=2, sampler="dpmpp_2m",
                         schedule="euler")
     euler = EulerDiscreteScheduler.from_config(eng.family.scheduler_config)
     euler.set_timesteps(STEPS)
     assert torch.equal(euler.timesteps, euler.timesteps.round())
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     pipe.scheduler = diffusers_scheduler(pipe.scheduler.config, "dpmpp_2m", False)
-    pipe.set_progress_bar_config(disable=True)
     ref = pipe(PROMPT, negative_prompt=NEGATIVE, timesteps=euler.timesteps.long().tolist(), guidance_scale=CFG,
                width=W, height=H, latents=initial_noise(eng, ours), output_type="pt").images
     assert max_diff(ours, ref) <= TOL
@@ -130,7 +135,7 @@ def test_converted_sd_folder_equals_the_pipeline_run_on_its_own_modules(sd):
 @pytest.mark.parametrize("sampler,karras,negative", [("euler", False, NEGATIVE), ("dpmpp_2m", True, NEGATIVE),
                                                       ("dpmpp_2m", False, "")])
 def test_sdxl_converted_with_the_cli_equals_stable_diffusion_xl_pipeline(sdxl, sampler, karras, negative):
-    eng = BonsaiImageEngine.from_pretrained(sdxl["bonsai"], device="cpu")
+    eng = sdxl["engine"]
     fam = eng.family
     assert fam.xl and set(fam.modules()) == {"text_encoder", "text_encoder_2", "unet", "vae"}
     assert any(isinstance(m, BonsaiLinear) for m in fam.unet.modules())
@@ -158,7 +163,7 @@ def test_full_precision_sdxl_folder_equals_the_pipeline_loaded_by_diffusers(sdxl
 
 
 def test_sdxl_has_its_own_defaults_and_size_limits(sdxl):
-    eng = BonsaiImageEngine.from_pretrained(sdxl["bonsai"], device="cpu")
+    eng = sdxl["engine"]
     d = eng.family.defaults
     assert (d.width, d.height, d.max_side, d.guidance) == (1024, 1024, 1536, 5.0)
     report = eng.check("a cat")
