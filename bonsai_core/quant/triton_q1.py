@@ -161,11 +161,15 @@ def _m_bucket(m: int) -> int:
     return 1 << max(m - 1, 1).bit_length()
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a 2-D ``[tokens, features]`` matrix whose rows have unit stride (what the kernels read)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def linear_fused(x, qs, d, in_features, bias):
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     m, n = x2.shape[0], d.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     b = bias.to(x.dtype) if bias is not None else y  # dummy pointer when there is no bias
@@ -179,8 +183,6 @@ def linear_fused(x, qs, d, in_features, bias):
 
 
 GEMV_MAX_M = 16
-
-
 _SM_COUNT: dict = {}
 
 
@@ -197,9 +199,7 @@ def _split_k(n: int, nb: int, block_n: int, device) -> tuple[int, int]:
 def linear_gemv(x, qs, d, in_features, bias):
     """``x @ W.T + bias`` for up to ``GEMV_MAX_M`` tokens: split-K over the packed weight on tensor cores."""
     shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = _rows(x)
     m, n = x2.shape[0], d.shape[0]
     nb = d.shape[1]
     block_n = 64
