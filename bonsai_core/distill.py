@@ -287,8 +287,8 @@ def distill(teacher: str | os.PathLike, dst: str | os.PathLike, opts: DistillOpt
         dt = time.perf_counter() - t0
         per_step = dt if per_step is None else 0.9 * per_step + 0.1 * dt
         if step % opts.log_every == 0 or step == opts.steps:
-            records.append(_log(work, {"step": step, "loss": round(last_loss, 6), "output": round(float(out_loss), 6),
-                                       "feature": round(float(feat_loss), 6), "s_per_step": round(per_step, 4),
+            records.append(_log(work, {"step": step, "loss": round(last_loss, 6), "output": round(out_loss.item(), 6),
+                                       "feature": round(feat_loss.item(), 6), "s_per_step": round(per_step, 4),
                                        "elapsed": round(time.perf_counter() - t_start, 1)}, echo))
         if step % opts.ckpt_every == 0:
             _save_ckpt(ckpt_path, student, opt, step, cursor, teacher)
