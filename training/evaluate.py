@@ -3,6 +3,7 @@
     python training/evaluate.py classifier --out W/classifier.pt [--steps 1500] [--device auto]
     python training/evaluate.py score --classifier W/classifier.pt --model teacher=W/teacher \\
         --model distilled=W/student --model naive=W/naive [--prompts 200] [--json W/eval.json] [--grid W/grid.png]
+    python training/evaluate.py sample --model W/teacher --grid grid.png   # a look at 16 images
     python training/evaluate.py smoke            # CPU: tiny random models, a few prompts, seconds
 
 The classifier (a small CNN on 64x64 copies of the images) reads four attributes of a one-object
@@ -204,6 +205,32 @@ def save_grid(path: Path, grids: list[torch.Tensor], names: list[str]) -> None:
     (path.with_suffix(".txt")).write_text("rows: " + ", ".join(names) + "\n")
 
 
+SAMPLE_PROMPTS = ["a red circle on a white background", "a small blue star on a yellow background, top left",
+                  "a large green triangle on a black background, bottom right", "purple stripes on a white background",
+                  "a yellow ring on a blue background, right", "an orange cross on a gray background, top",
+                  "a white diamond on a red background, bottom left",
+                  "a red square on the left and a blue circle on the right on a white background"]
+
+
+def sample(folder: str, grid: Path, device, steps=None, size=None, side: int = 128) -> Path:
+    """A quick look: the engine's default images for 8 set prompts and 8 held-out ones, one grid."""
+    from PIL import Image
+
+    from bonsai_core.engine import BonsaiImageEngine
+
+    eng = BonsaiImageEngine.from_pretrained(folder, device=str(device))
+    texts = SAMPLE_PROMPTS + [p.caption for p in S.held_out_prompts(8)]
+    images = generate(eng, texts, list(range(len(texts))), steps=steps, size=size, batch=16)
+    small = F.interpolate(images, size=(side, side), mode="area")
+    rows = [torch.cat(list(small[i:i + 8]), dim=-1) for i in range(0, len(texts), 8)]
+    arr = (torch.cat(rows, dim=-2).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    grid.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(grid)
+    grid.with_suffix(".txt").write_text("\n".join(texts) + "\n")
+    print(f"wrote {grid} (prompts in {grid.with_suffix('.txt').name})")
+    return grid
+
+
 def smoke(log=print) -> dict:
     """The whole path on a CPU in seconds: tiny random models, a briefly trained classifier."""
     import tempfile
@@ -239,6 +266,12 @@ def main(argv=None) -> dict:
     s.add_argument("--device", default="auto")
     s.add_argument("--json", default=None)
     s.add_argument("--grid", default=None, help="PNG of the first 16 images of every model")
+    g = sub.add_parser("sample")
+    g.add_argument("--model", required=True)
+    g.add_argument("--grid", required=True)
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--size", type=int, default=None)
+    g.add_argument("--device", default="auto")
     sub.add_parser("smoke")
     args = ap.parse_args(argv)
     if args.cmd == "smoke":
@@ -246,6 +279,8 @@ def main(argv=None) -> dict:
         print(json.dumps(out, indent=2))
         return out
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.cmd == "sample":
+        return {"grid": str(sample(args.model, Path(args.grid), device, args.steps, args.size))}
     if args.cmd == "classifier":
         return train_classifier(Path(args.out), args.steps, args.batch, device)
     models = dict(m.split("=", 1) for m in args.model)

@@ -1,7 +1,7 @@
 """Train the full-precision teacher of the shipped model: VAE, then text encoder + UNet together.
 
     python training/train_teacher.py vae  --work W [--steps 3000] [--batch 32] [--max-seconds 540]
-    python training/train_teacher.py unet --work W [--steps 20000] [--batch 128] [--max-seconds 540]
+    python training/train_teacher.py unet --work W [--steps 6000] [--batch 128] [--max-seconds 540]
 
 Every call resumes from ``W``'s last checkpoint, stops at ``--steps`` or when ``--max-seconds`` is
 spent (whichever comes first), writes a checkpoint every ``--ckpt-every`` steps and at the end, and
@@ -111,6 +111,8 @@ def train_vae(args) -> dict:
     crop = args.crop or max(res // 2, 64)
     torch.manual_seed(0)
     vae = AutoencoderKL(**cfg["vae"]).to(dev)
+    if dev.type == "cuda":
+        vae.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     ck = load_ckpt(work / "vae.pt")
     step = 0
@@ -203,6 +205,9 @@ def train_unet(args) -> dict:
     tok = CLIPTokenizer.from_pretrained(tok_dir)
     _, te, unet, _ = tiny_sd.build_components(args.config, seed=1, tokenizer_dir=work / "tokenizer")
     te, unet = te.to(dev).train(), unet.to(dev).train()
+    if dev.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     ema_unet, ema_te = copy.deepcopy(unet).eval().requires_grad_(False), copy.deepcopy(te).eval().requires_grad_(False)
@@ -314,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="stage", required=True)
     for name, defaults in (("vae", dict(steps=3000, batch=32, lr=2e-4)),
-                           ("unet", dict(steps=20000, batch=128, lr=3e-4))):
+                           ("unet", dict(steps=6000, batch=128, lr=3e-4))):
         s = sub.add_parser(name)
         s.add_argument("--work", required=True, help="folder for checkpoints, log and outputs (resumed from)")
         s.add_argument("--config", default="shipped", choices=sorted(tiny_sd.CONFIGS))
@@ -329,8 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--crop", type=int, default=None, help="training crop (default: half the resolution)")
             s.add_argument("--kl", type=float, default=1e-6)
         else:
-            s.add_argument("--pool", type=int, default=4096, help="latents kept for sampling batches")
-            s.add_argument("--fresh", type=int, default=32, help="new scenes rendered and encoded a step")
+            s.add_argument("--pool", type=int, default=8192, help="latents kept for sampling batches")
+            s.add_argument("--fresh", type=int, default=16, help="new scenes rendered and encoded a step")
             s.add_argument("--drop", type=float, default=0.1, help="caption dropout (CFG)")
             s.add_argument("--min-snr", type=float, default=5.0)
             s.add_argument("--ema", type=float, default=0.999)
