@@ -6,7 +6,7 @@
     python training/evaluate.py sample --model W/teacher --grid grid.png   # a look at 16 images
     python training/evaluate.py smoke            # CPU: tiny random models, a few prompts, seconds
 
-The classifier (a small CNN on 64x64 copies of the images) reads four attributes of a one-object
+The classifier (a small CNN on 96x96 copies of the images) reads four attributes of a one-object
 scene: shape, colour, background and position (the 3x3 cell). It trains on renderer images of every
 combination, with noise and blur so it tolerates a generator's artefacts, and its accuracy on fresh
 renders is reported beside the models' (it is the ruler; it should be near 100 %).
@@ -40,7 +40,7 @@ from bonsai_core import scenes as S  # noqa: E402
 
 ATTRS = {"shape": list(S.SHAPES), "colour": list(S.COLOURS), "background": list(S.BACKGROUNDS),
          "position": list(S.POSITIONS)}
-SIDE = 64
+SIDE = 96
 
 
 def labels_of(scene: S.Scene) -> dict[str, int]:
@@ -67,33 +67,46 @@ class Classifier(nn.Module):
 
 
 def to_side(images: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] in [0, 1] -> [B, 3, 64, 64] by area averaging (what the classifier reads)."""
+    """[B, 3, H, W] in [0, 1] -> [B, 3, SIDE, SIDE] by area averaging (what the classifier reads)."""
     return F.interpolate(images, size=(SIDE, SIDE), mode="area") if images.shape[-1] != SIDE else images
 
 
-def _batch(seed: int, start: int, n: int, device, augment: bool):
-    sc = S.scenes(seed, n, "any", start=start, two_objects=0.0)
-    x = to_side(S.render_batch(sc, 2 * SIDE, device))
-    if augment:  # a generator's images are not clean renders: blur a little, add noise, shift colours
-        k = torch.rand((), device=device) * 1.2
-        if k > 0.3:
-            x = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
-        x = x + torch.randn_like(x) * 0.04 + (torch.rand(n, 3, 1, 1, device=device) - 0.5) * 0.08
-        x = x.clamp(0, 1)
-    y = {k: torch.tensor([labels_of(s)[k] for s in sc], device=device) for k in ATTRS}
-    return x, y
+def _render_pool(n: int, device) -> tuple[torch.Tensor, dict]:
+    """``n`` one-object scenes of every combination, rendered once (uint8 on ``device``), with labels."""
+    xs, ys = [], {k: [] for k in ATTRS}
+    for k in range(0, n, 256):
+        sc = S.scenes(7, min(256, n - k), "any", start=k, two_objects=0.0)
+        xs.append((to_side(S.render_batch(sc, 2 * SIDE, device)) * 255).round().byte())
+        for s in sc:
+            for a, v in labels_of(s).items():
+                ys[a].append(v)
+    return torch.cat(xs), {a: torch.tensor(v, device=device) for a, v in ys.items()}
 
 
-def train_classifier(out: Path, steps: int, batch: int, device, log=print) -> dict:
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A generator's images are not clean renders: blur some, add noise, shift colours a little."""
+    n, dev = x.shape[0], x.device
+    blurred = F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    pick = (torch.rand(n, 1, 1, 1, generator=gen) < 0.5).to(dev)
+    x = torch.where(pick, blurred, x)
+    x = x + torch.randn(x.shape, generator=gen).to(dev) * 0.04 + (torch.rand(n, 3, 1, 1, generator=gen).to(dev) - 0.5) * 0.08
+    return x.clamp(0, 1)
+
+
+def train_classifier(out: Path, steps: int, batch: int, device, log=print, pool: int = 20000) -> dict:
     torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    images, labels = _render_pool(max(pool, batch), device)
+    log(json.dumps({"classifier_pool": images.shape[0], "render_s": round(time.perf_counter() - t0, 1)}))
     model = Classifier().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=max(steps, 1))
-    t0 = time.perf_counter()
     for step in range(steps):
-        x, y = _batch(7, step * batch, batch, device, augment=True)
+        idx = torch.randint(0, images.shape[0], (batch,), generator=gen).to(device)
+        x = _augment(images[idx].float() / 255, gen)
         logits = model(x)
-        loss = sum(F.cross_entropy(logits[k], y[k]) for k in ATTRS)
+        loss = sum(F.cross_entropy(logits[k], labels[k][idx]) for k in ATTRS)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -196,7 +209,7 @@ def score_models(classifier: Path, models: dict[str, str], n_prompts: int, devic
 
 
 def save_grid(path: Path, grids: list[torch.Tensor], names: list[str]) -> None:
-    """One row per model: its first 16 held-out images, 64x64 each."""
+    """One row per model: its first 16 held-out images, 96x96 each."""
     from PIL import Image
 
     rows = [torch.cat(list(g), dim=-1) for g in grids]
@@ -241,7 +254,7 @@ def smoke(log=print) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         clf = tmp / "classifier.pt"
-        train_classifier(clf, steps=3, batch=8, device=torch.device("cpu"), log=log)
+        train_classifier(clf, steps=3, batch=8, device=torch.device("cpu"), log=log, pool=16)
         teacher = make_pipeline(tmp / "teacher", "tiny")
         convert_pipeline(teacher, tmp / "naive", log=lambda m: None)
         return score_models(clf, {"teacher": str(teacher), "naive": str(tmp / "naive")}, 4, torch.device("cpu"),
@@ -255,6 +268,7 @@ def main(argv=None) -> dict:
     c.add_argument("--out", required=True)
     c.add_argument("--steps", type=int, default=1500)
     c.add_argument("--batch", type=int, default=128)
+    c.add_argument("--pool", type=int, default=20000, help="scenes rendered once and trained on, augmented")
     c.add_argument("--device", default="auto")
     s = sub.add_parser("score")
     s.add_argument("--classifier", required=True)
@@ -282,7 +296,7 @@ def main(argv=None) -> dict:
     if args.cmd == "sample":
         return {"grid": str(sample(args.model, Path(args.grid), device, args.steps, args.size))}
     if args.cmd == "classifier":
-        return train_classifier(Path(args.out), args.steps, args.batch, device)
+        return train_classifier(Path(args.out), args.steps, args.batch, device, pool=args.pool)
     models = dict(m.split("=", 1) for m in args.model)
     out = score_models(Path(args.classifier), models, args.prompts, device, steps=args.steps, size=args.size,
                        batch=args.batch, grid=Path(args.grid) if args.grid else None)

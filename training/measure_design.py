@@ -1,6 +1,8 @@
 """Size and CPU time of the shipped model's design, with random weights (no training needed).
 
     python training/measure_design.py [--config shipped] [--steps 24] [--json out.json]
+    python training/measure_design.py --model bonsai_core/models/... [--json out.json]   # a real folder
+
 
 Prints the Q1_0 plan of the UNet (``plan_report``), builds a random-weight pipeline, converts it with
 ``bonsai convert``'s code, measures the Bonsai folder on disk, then times what ``bonsai generate``
@@ -33,15 +35,20 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=None, help="default: the engine's")
     ap.add_argument("--size", type=int, default=None, help="default: the engine's")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--model", default=None, help="time this Bonsai folder instead of a random-weight one")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args(argv)
 
     import torch
 
     from bonsai_core.convert import convert_pipeline
-    from bonsai_core.engine import BonsaiImageEngine
     from bonsai_core.quant.layers import plan_report
     from training.tiny_sd import build_components, save_pipeline
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model:
+        return time_folder(Path(args.model), args, prompt="a red circle on a white background")
     tok, te, unet, vae = build_components(args.config)
     plan = plan_report(unet)
     q = [l for l in plan.layers if l.quantized]
@@ -58,20 +65,35 @@ def main(argv=None) -> int:
         size = folder_bytes(dst)
         comps = {p.name: folder_bytes(p) for p in dst.iterdir() if p.is_dir()}
         print(f"Bonsai folder: {size / 2**20:.2f} MB  ({', '.join(f'{k} {v / 2**20:.2f}' for k, v in comps.items())})")
-        t0 = time.perf_counter()
-        eng = BonsaiImageEngine.from_pretrained(dst, device="cpu")
-        load = time.perf_counter() - t0
-        kw = {} if args.size is None else {"width": args.size, "height": args.size}
-        r = eng.generate("a red circle on a white background", seed=1, steps=args.steps, **kw)
-        total = time.perf_counter() - t0
-        m = r.metadata
-        out = {"config": args.config, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-               "load_avg": os.getloadavg(), "unet_params": sum(l.bytes_before for l in plan.layers),
-               "unet_fp16_bytes": plan.bytes_before, "unet_q1_bytes": plan.bytes_after,
-               "bonsai_folder_bytes": size, "components_bytes": comps, "load_s": round(load, 2),
-               "generate": m["timings"], "steps": m["steps"], "size": [m["width"], m["height"]],
-               "cfg": m["cfg"], "sampler": m["sampler"], "load_plus_generate_s": round(total, 2),
-               "peak_bytes": m.get("peak_bytes"), "peak_kind": m.get("peak_kind")}
+        extra = {"config": args.config, "unet_params": sum(p.numel() for p in build_components(args.config)[2].parameters()),
+                 "unet_fp16_bytes": plan.bytes_before, "unet_q1_bytes_planned": plan.bytes_after,
+                 "bonsai_folder_bytes": size, "components_bytes": comps}
+        return time_folder(dst, args, prompt="a red circle on a white background", extra=extra)
+
+
+def time_folder(folder: Path, args, prompt: str, extra: dict | None = None) -> int:
+    """What ``bonsai generate PROMPT`` does with its defaults, timed from before the load."""
+    import resource
+
+    import torch
+
+    from bonsai_core.engine import BonsaiImageEngine
+
+    t0 = time.perf_counter()
+    cpu0 = time.process_time()
+    eng = BonsaiImageEngine.from_pretrained(folder, device="cpu")
+    load = time.perf_counter() - t0
+    kw = {} if args.size is None else {"width": args.size, "height": args.size}
+    r = eng.generate(prompt, seed=1, steps=args.steps, **kw)
+    total = time.perf_counter() - t0
+    m = r.metadata
+    out = {**(extra or {}), "model": str(folder), "folder_bytes": folder_bytes(folder),
+           "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_avg_1_5_15": os.getloadavg(),
+           "load_s": round(load, 2), "generate": m["timings"], "steps": m["steps"], "size": [m["width"], m["height"]],
+           "cfg": m["cfg"], "sampler": m["sampler"], "load_plus_generate_s": round(total, 2),
+           "process_cpu_s": round(time.process_time() - cpu0, 2),
+           "peak_bytes": m.get("peak_bytes"), "peak_kind": m.get("peak_kind"),
+           "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     print(json.dumps(out, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))

@@ -141,6 +141,8 @@ def train_vae(args) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (step + 1) / 100)  # 100 steps of warm-up
         opt.step()
         step += 1
         per_step = time.perf_counter() - t_step if per_step is None else 0.9 * per_step + 0.1 * (time.perf_counter() - t_step)
@@ -318,7 +320,7 @@ def export_teacher(work: Path, tok, te, unet) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="stage", required=True)
-    for name, defaults in (("vae", dict(steps=3000, batch=32, lr=2e-4)),
+    for name, defaults in (("vae", dict(steps=3000, batch=32, lr=4e-4)),
                            ("unet", dict(steps=6000, batch=128, lr=3e-4))):
         s = sub.add_parser(name)
         s.add_argument("--work", required=True, help="folder for checkpoints, log and outputs (resumed from)")
