@@ -31,8 +31,8 @@ score() {  # score teacher, distilled student and naive 1-bit on 200 held-out pr
 
 case "$STAGE" in
   teacher)   # ~9 min: VAE (2.5 min), then text encoder + UNet (6 min), teacher packed in fp16
-    $PY training/train_teacher.py vae --work "$W" --steps 3000 --batch 32 --max-seconds 150
-    $PY training/train_teacher.py unet --work "$W" --steps 6000 --batch 128 --max-seconds 330
+    $PY training/train_teacher.py vae --work "$W" --steps 3000 --batch 32 --max-seconds 140
+    $PY training/train_teacher.py unet --work "$W" --steps 6000 --batch 128 --max-seconds 300
     $PY training/evaluate.py sample --model "$W/teacher" --grid "$OUT/teacher_grid.png"
     $PY training/pack.py teacher "$W/teacher" "$OUT"
     cp "$W/log.jsonl" "$OUT/teacher_log.jsonl"
@@ -48,7 +48,7 @@ case "$STAGE" in
     $PY -m bonsai_core convert "$W/teacher" "$W/naive" --overwrite > "$W/naive-convert.txt"
     $PY training/evaluate.py classifier --out "$W/classifier.pt" --steps 1500
     $PY -m bonsai_core distill "$W/teacher" "$W/student" --work "$W/distill-work" --steps 10000 --batch 64 \
-        --max-seconds 300 --overwrite
+        --max-seconds 270 --overwrite
     score --json "$OUT/eval.json" --grid "$OUT/eval_grid.png"
     $PY training/pack.py model "$W/student" "$OUT/student.tar"
     cp "$W/distill-work/log.jsonl" "$OUT/distill_log.jsonl"
@@ -56,7 +56,7 @@ case "$STAGE" in
   more)      # ~9 min: the distillation continued (resumes from its checkpoint), scored and packed again
     need_teacher
     $PY -m bonsai_core distill "$W/teacher" "$W/student" --work "$W/distill-work" --steps 30000 --batch 64 \
-        --max-seconds 390
+        --max-seconds 360
     score --json "$OUT/eval.json" --grid "$OUT/eval_grid.png"
     $PY training/pack.py model "$W/student" "$OUT/student.tar"
     cp "$W/distill-work/log.jsonl" "$OUT/distill_log.jsonl"
@@ -64,7 +64,7 @@ case "$STAGE" in
   ablate)    # ~8 min: output matching only (no feature matching), same budget as 'distill', scored
     need_teacher
     $PY -m bonsai_core distill "$W/teacher" "$W/student-nofeat" --work "$W/distill-nofeat" --steps 10000 \
-        --batch 64 --max-seconds 300 --feature-weight 0 --overwrite
+        --batch 64 --max-seconds 270 --feature-weight 0 --overwrite
     [ -f "$W/classifier.pt" ] || $PY training/evaluate.py classifier --out "$W/classifier.pt" --steps 1500
     $PY training/evaluate.py score --classifier "$W/classifier.pt" --prompts 200 --model teacher="$W/teacher" \
         --model distilled_output_only="$W/student-nofeat" --json "$OUT/eval_ablate.json"

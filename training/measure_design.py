@@ -1,7 +1,7 @@
 """Size and CPU time of the shipped model's design, with random weights (no training needed).
 
     python training/measure_design.py [--config shipped] [--steps 24] [--json out.json]
-    python training/measure_design.py --model bonsai_core/models/... [--json out.json]   # a real folder
+    python training/measure_design.py --model bonsai_core/assets/... [--json out.json]   # a real folder
 
 
 Prints the Q1_0 plan of the UNet (``plan_report``), builds a random-weight pipeline, converts it with
