@@ -48,9 +48,9 @@ def test_the_measurement_reads_a_rendered_scene_right(prompt, colour, background
     shape = prompt.split()[3].rstrip(",")
     o = S.SceneObject(shape, colour, "large", POSITION_OF[cell], 0.27 + 0.23 * cell[0], 0.27 + 0.23 * cell[1],
                       S.SIZES["large"])
-    check(np.asarray(S.render(S.Scene((o,), background, prompt), 256)), prompt, colour, background, cell)
+    check(np.asarray(S.render(S.Scene((o,), background, prompt), 128)), prompt, colour, background, cell)
     with pytest.raises(AssertionError):  # and it is not fooled by the wrong background
-        check(np.asarray(S.render(S.Scene((o,), "gray", prompt), 256)), prompt, colour, background, cell)
+        check(np.asarray(S.render(S.Scene((o,), "gray", prompt), 128)), prompt, colour, background, cell)
 
 
 @needs_model
