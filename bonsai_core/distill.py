@@ -100,6 +100,7 @@ class _Features:
 
     def __init__(self, unet):
         self.out: list = []
+        self.active = True  # off while the teacher samples the pool: nothing is kept then
         self.handles = []
         blocks = list(unet.down_blocks) + [unet.mid_block] + list(unet.up_blocks)
         for b in blocks:
@@ -107,7 +108,8 @@ class _Features:
                 self.handles.append(b.register_forward_hook(self._hook))
 
     def _hook(self, module, args, output):
-        self.out.append(output[0] if isinstance(output, tuple) else output)
+        if self.active:
+            self.out.append(output[0] if isinstance(output, tuple) else output)
 
     def take(self) -> list:
         out, self.out = self.out, []
@@ -203,6 +205,14 @@ def distill(teacher: str | os.PathLike, dst: str | os.PathLike, opts: DistillOpt
     @torch.no_grad()
     def teacher_samples(first: int, count: int):
         """Latents the teacher makes for prompts first..first+count (seeded by prompt number)."""
+        t_feats.active = False
+        try:
+            return _teacher_samples(first, count)
+        finally:
+            t_feats.active = True
+
+    @torch.no_grad()
+    def _teacher_samples(first: int, count: int):
         zs, caps = [], []
         u_all = encode([negative])
         for k in range(first, first + count, 64):
@@ -231,8 +241,8 @@ def distill(teacher: str | os.PathLike, dst: str | os.PathLike, opts: DistillOpt
     pool_n = max(opts.pool, 1)
     if cursor == 0:
         cursor = pool_n
-    pool_z, pool_c = teacher_samples(cursor - pool_n, pool_n)
     t_feats, s_feats = _Features(t_unet), _Features(student)
+    pool_z, pool_c = teacher_samples(cursor - pool_n, pool_n)
     gen = torch.Generator().manual_seed(opts.seed + step)
     uncond_ctx = encode(["", negative])
     last_loss, per_step, records = None, None, []
@@ -264,7 +274,6 @@ def distill(teacher: str | os.PathLike, dst: str | os.PathLike, opts: DistillOpt
         noise = torch.randn(z0.shape, generator=gen).to(device)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        t_feats.take()  # drop what the pool's sampling left in the hooks
         with torch.no_grad(), autocast():
             target = t_unet(zt, t, ctx).sample.float()
         tf = [f.float() for f in t_feats.take()]
