@@ -190,6 +190,10 @@ def score_models(classifier: Path, models: dict[str, str], n_prompts: int, devic
     for name, folder in models.items():
         t0 = time.perf_counter()
         eng = BonsaiImageEngine.from_pretrained(folder, device=str(device))
+        d = eng.family.defaults
+        result.setdefault("generation", {"steps": steps or d.steps, "size": size or d.width, "sampler": d.sampler,
+                                         "guidance": d.guidance, "cfg": d.use_cfg, "default_negative": True,
+                                         "device": str(device)})
         images = generate(eng, texts, seeds, steps=steps, size=size, batch=batch)
         scores = score_images(clf, images, prompts)
         scores["seconds"] = round(time.perf_counter() - t0, 1)
