@@ -197,6 +197,7 @@ def train_unet(args) -> dict:
     from transformers import CLIPTokenizer
 
     work, dev = Path(args.work), pick_device(args.device)
+    clock = Clock(args.max_seconds)  # the budget includes loading and filling the pool
     if not (work / "vae").is_dir():
         raise SystemExit(f"{work}/vae is missing: run the vae stage first")
     cfg = tiny_sd.CONFIGS[args.config]
@@ -240,7 +241,6 @@ def train_unet(args) -> dict:
     cursor = pool_n + step * fresh
     pool_z, pool_c = encode_images(cursor - pool_n, pool_n)
     gen = torch.Generator().manual_seed(step)
-    clock = Clock(args.max_seconds)
     per_step = None
     while step < args.steps:
         if per_step is not None and clock.out_of_time(margin=3 * per_step + 30):
@@ -278,8 +278,7 @@ def train_unet(args) -> dict:
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
             for m_ema, m in ((ema_unet, unet), (ema_te, te)):
-                for pe, p in zip(m_ema.parameters(), m.parameters()):
-                    pe.lerp_(p.detach(), 1 - decay)
+                torch._foreach_lerp_(list(m_ema.parameters()), [p.detach() for p in m.parameters()], 1 - decay)
         dt = time.perf_counter() - t_step
         per_step = dt if per_step is None else 0.9 * per_step + 0.1 * dt
         if step % args.log_every == 0 or step == args.steps:
