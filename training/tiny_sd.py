@@ -14,6 +14,12 @@ Why these sizes (measured by ``training/measure_design.py``, figures in ``traini
   fp16 too (3.6 MB), so the whole Bonsai folder is about 14 MB: under the 16 MB that one file
   brought back from a GPU run may be, as one tar.
 
+Group norms of 8 groups, not SD's 32: at 32 channels, 32 groups normalise every channel over the
+image on its own, and a flat-coloured image (all this model draws) then loses its colour at every
+norm (the VAE did not learn colours so; with 4 channels a group the colour survives as a direction).
+ComfyUI's own SD classes assume 32 groups (and SD's context widths), so in ComfyUI the model runs
+through the Bonsai nodes (the engine), not as a core SD1 checkpoint.
+
 ``CONFIGS["tiny"]`` is the same layout, smaller, for the CPU tests of the training code.
 """
 
@@ -25,7 +31,7 @@ from pathlib import Path
 
 UNET = dict(
     sample_size=64, in_channels=4, out_channels=4, layers_per_block=1,
-    block_out_channels=(32, 64, 128, 256), norm_num_groups=32,
+    block_out_channels=(32, 64, 128, 256), norm_num_groups=8,
     down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
     cross_attention_dim=256, attention_head_dim=4,  # diffusers' name for the number of heads
@@ -33,7 +39,7 @@ UNET = dict(
 VAE = dict(
     in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64, 128),
     down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-    layers_per_block=1, norm_num_groups=32, sample_size=512,
+    layers_per_block=1, norm_num_groups=8, sample_size=512,
 )
 TEXT = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
             max_position_embeddings=77, projection_dim=256)
