@@ -319,7 +319,7 @@ def export_teacher(work: Path, tok, te, unet) -> Path:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="stage", required=True)
-    for name, defaults in (("vae", dict(steps=3000, batch=32, lr=1e-3)),
+    for name, defaults in (("vae", dict(steps=3000, batch=32, lr=4e-4)),
                            ("unet", dict(steps=6000, batch=128, lr=5e-4))):
         s = sub.add_parser(name)
         s.add_argument("--work", required=True, help="folder for checkpoints, log and outputs (resumed from)")
