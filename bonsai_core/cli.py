@@ -259,6 +259,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 _EXTRA_COMMANDS: list = []
 
+from .distill import add_subcommand as _add_distill  # noqa: E402  (light: imports torch only when run)
+
+_EXTRA_COMMANDS.append(_add_distill)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

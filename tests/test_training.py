@@ -1,0 +1,73 @@
+"""The shipped model's tokenizer and the teacher training script (a few CPU steps, tiny config)."""
+
+import json
+
+import pytest
+import torch
+from transformers import CLIPTokenizer
+
+from bonsai_core.engine import BonsaiImageEngine
+from bonsai_core.scenes import caption_words
+from training import tiny_sd, train_teacher
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return CLIPTokenizer.from_pretrained(tiny_sd.write_tokenizer(tmp_path_factory.mktemp("tok"), tiny_sd.vocabulary()))
+
+
+def test_every_caption_word_is_one_token_and_prompts_count_like_sd(tok):
+    for w in caption_words():
+        assert len(tok(w).input_ids) == 3, w  # start, the word, end
+    ids = tok("A red circle on a white background").input_ids
+    assert len(ids) == 2 + 7 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert tok.decode(ids[1:-1]) == "a red circle on a white background"
+    padded = tok("a red circle", padding="max_length", max_length=tok.model_max_length).input_ids
+    assert tok.model_max_length == 77 and len(padded) == 77 and padded[-1] == tok.eos_token_id
+    # words it never saw still tokenize, byte by byte, and decode back
+    ids = tok("zebra").input_ids
+    assert len(ids) > 3 and tok.decode(ids[1:-1]) == "zebra"
+
+
+def test_learned_merges_build_every_word_in_one_symbol():
+    merges = tiny_sd.learn_merges(["red", "green", "reed"])
+    symbols = {a + b for a, b in merges}
+    assert {"red</w>", "green</w>", "reed</w>"} <= symbols
+
+
+def test_teacher_training_resumes_and_leaves_a_teacher_that_generates(tmp_path):
+    work = str(tmp_path / "w")
+    common = ["--work", work, "--config", "tiny", "--device", "cpu", "--batch", "2", "--log-every", "1"]
+    assert train_teacher.main(["vae", *common, "--steps", "1"])["step"] == 1
+    out = train_teacher.main(["vae", *common, "--steps", "2"])
+    assert out["step"] == 2 and out["done"]
+    vae_cfg = json.loads((tmp_path / "w" / "vae" / "config.json").read_text())
+    assert vae_cfg["scaling_factor"] == out["scaling_factor"] > 0
+
+    unet_args = [*common, "--pool", "4", "--fresh", "2", "--ckpt-every", "1"]
+    assert train_teacher.main(["unet", *unet_args, "--steps", "1"])["step"] == 1
+    before = torch.load(tmp_path / "w" / "unet.pt", weights_only=True)["unet"]
+    out = train_teacher.main(["unet", *unet_args, "--steps", "2"])
+    assert out["step"] == 2
+    log = [json.loads(ln) for ln in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r.get("stage") == "unet" and "loss" in r] == [1, 2]
+    after = torch.load(tmp_path / "w" / "unet.pt", weights_only=True)["unet"]
+    name = "conv_in.weight"
+    assert not torch.equal(before[name], after[name])  # the second call trained on from the first
+
+    # a call with no time left still checkpoints and exports, and does not train
+    out = train_teacher.main(["unet", *unet_args, "--steps", "5", "--max-seconds", "0"])
+    assert out["step"] == 3  # only the one step that measures the pace
+
+    eng = BonsaiImageEngine.from_pretrained(tmp_path / "w" / "teacher", device="cpu")
+    r = eng.generate("a small red star on a blue background, top left", seed=1, steps=2, width=64, height=64)
+    assert r.tensor.shape == (1, 64, 64, 3) and torch.isfinite(r.tensor).all()
+    assert eng.family.count_tokens("a small red star on a blue background, top left") == 2 + 11  # the comma is a token, as in SD

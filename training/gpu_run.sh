@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The shipped model's GPU runs, one stage a device call (each under 10 minutes); see training/GPU-RUNS.md.
+#   bash training/gpu_run.sh teacher|teacher-more|distill|more|ablate
+# Work folder: models/train (git-ignored, so it stays on a warm machine between calls); what must come
+# back goes to $OUT (at most 8 files, each under 16 MB).
+# SMOKE=1 runs every stage on the CPU with the tiny config and a few steps (checks the script itself).
+set -euo pipefail
+STAGE=${1:?stage: teacher, teacher-more, distill, more or ablate}
+W=${BONSAI_TRAIN_DIR:-models/train}
+OUT=${OUT:-out}
+PY=${PYTHON:-python}
+if [ "${SMOKE:-0}" = 1 ]; then
+  C="--config tiny --device cpu"; DEV="--device cpu"
+  VAE="--steps 2 --batch 2 --max-seconds 60"; UNET="--steps 2 --batch 2 --pool 4 --fresh 2 --max-seconds 60"
+  UNET_MORE="--steps 3 --batch 2 --pool 4 --fresh 2 --max-seconds 60"
+  DIST="--steps 2 --batch 2 --pool 2 --refresh 1 --sample-steps 2 --max-seconds 60"
+  DIST_MORE="--steps 3 --batch 2 --pool 2 --refresh 1 --sample-steps 2 --max-seconds 60"
+  CLF="--steps 2 --batch 4 --pool 8"; EVAL="--prompts 2 --steps 2 --size 64 --batch 2"; SAMPLE="--steps 2 --size 64"
+else
+  C=""; DEV=""
+  VAE="--steps 3000 --batch 32 --max-seconds ${VAE_SECONDS:-140}"; UNET="--steps 6000 --batch 128 --max-seconds ${UNET_SECONDS:-300}"
+  UNET_MORE="--steps 12000 --batch 128 --max-seconds ${UNET_SECONDS:-450}"
+  DIST="--steps 10000 --batch 64 --max-seconds ${DISTILL_SECONDS:-270}"; DIST_MORE="--steps 30000 --batch 64 --max-seconds ${DISTILL_SECONDS:-360}"
+  CLF="--steps 1500"; EVAL="--prompts 200"; SAMPLE=""
+fi
+mkdir -p "$W" "$OUT"
+exec > >(tee -a "$OUT/$STAGE.log") 2>&1
+echo "== $STAGE $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || true)"
+nvidia-smi -L 2>/dev/null || true
+$PY -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+t0=$SECONDS
+
+need_teacher() {
+  if [ ! -f "$W/teacher/model_index.json" ]; then
+    # a fresh machine: the teacher comes back in with the call (training_carry/, see GPU-RUNS.md)
+    $PY training/pack.py unpack-teacher training_carry "$W/teacher"
+  fi
+}
+classifier() { [ -f "$W/classifier.pt" ] || $PY training/evaluate.py classifier --out "$W/classifier.pt" $CLF $DEV; }
+naive() { [ -d "$W/naive" ] || $PY -m bonsai_core convert "$W/teacher" "$W/naive" --overwrite > "$W/naive-convert.txt"; }
+score() {  # teacher, distilled student and naive 1-bit on the held-out prompts
+  classifier
+  naive
+  $PY training/evaluate.py score --classifier "$W/classifier.pt" $EVAL $DEV \
+      --model teacher="$W/teacher" --model distilled="$W/student" --model naive="$W/naive" \
+      --json "$OUT/eval.json" --grid "$OUT/eval_grid.png"
+}
+pack_teacher() {
+  $PY training/evaluate.py sample --model "$W/teacher" --grid "$OUT/teacher_grid.png" $SAMPLE $DEV
+  $PY training/pack.py teacher "$W/teacher" "$OUT"
+  cp "$W/log.jsonl" "$OUT/teacher_log.jsonl"
+}
+pack_student() {
+  $PY training/pack.py model "$W/student" "$OUT/student.tar"
+  cp "$W/distill-work/log.jsonl" "$OUT/distill_log.jsonl"
+}
+
+case "$STAGE" in
+  teacher)       # ~9 min: VAE (2.5 min), text encoder + UNet (5 min), a sample grid, the teacher packed in fp16
+    $PY training/train_teacher.py vae --work "$W" $C $VAE
+    $PY training/train_teacher.py unet --work "$W" $C $UNET
+    pack_teacher
+    ;;
+  teacher-more)  # ~9 min: the UNet stage resumed from its checkpoint, packed again
+    $PY training/train_teacher.py unet --work "$W" $C $UNET_MORE
+    pack_teacher
+    ;;
+  distill)       # ~9 min: naive 1-bit (seconds), classifier (1 min), distillation (4.5 min), scores (1.5 min)
+    need_teacher
+    rm -rf "$W/naive"; naive
+    classifier
+    $PY -m bonsai_core distill "$W/teacher" "$W/student" --work "$W/distill-work" $DIST $DEV --overwrite
+    score
+    pack_student
+    ;;
+  more)          # ~9 min: the distillation resumed from its checkpoint, scored and packed again
+    need_teacher
+    $PY -m bonsai_core distill "$W/teacher" "$W/student" --work "$W/distill-work" $DIST_MORE $DEV
+    score
+    pack_student
+    ;;
+  ablate)        # ~8 min: output matching only (--feature-weight 0), same budget as 'distill', scored
+    need_teacher
+    $PY -m bonsai_core distill "$W/teacher" "$W/student-nofeat" --work "$W/distill-nofeat" $DIST $DEV \
+        --feature-weight 0 --overwrite
+    classifier
+    $PY training/evaluate.py score --classifier "$W/classifier.pt" $EVAL $DEV --model teacher="$W/teacher" \
+        --model distilled_output_only="$W/student-nofeat" --json "$OUT/eval_ablate.json"
+    cp "$W/distill-nofeat/log.jsonl" "$OUT/distill_nofeat_log.jsonl"
+    ;;
+  *) echo "unknown stage $STAGE"; exit 2 ;;
+esac
+echo "== $STAGE done in $((SECONDS - t0)) s"
+ls -la "$OUT"

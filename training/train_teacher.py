@@ -1,0 +1,353 @@
+"""Train the full-precision teacher of the shipped model: VAE, then text encoder + UNet together.
+
+    python training/train_teacher.py vae  --work W [--steps 3000] [--batch 32] [--max-seconds 540]
+    python training/train_teacher.py unet --work W [--steps 6000] [--batch 128] [--max-seconds 540]
+
+Every call resumes from ``W``'s last checkpoint, stops at ``--steps`` or when ``--max-seconds`` is
+spent (whichever comes first), writes a checkpoint every ``--ckpt-every`` steps and at the end, and
+logs the loss to ``W/log.jsonl``. The ``unet`` stage also writes the teacher as a diffusers
+StableDiffusionPipeline folder, ``W/teacher/`` (EMA weights), at the end of every call, so any call
+leaves a usable teacher behind.
+
+Data: scenes from ``bonsai_core.scenes``, rendered on the training device; scene ``k`` of the
+stream is the same on every call, so resuming repeats nothing and skips nothing.
+* VAE: random 256x256 crops of 512x512 scenes (the VAE is convolutional; a crop has the pixel
+  statistics of the full image at a quarter of the cost); L1 + MSE + a KL of 1e-6 (SD's weight).
+  At the end the latent ``scaling_factor`` is measured (1 / std of latents) and stored in its config.
+* UNet + text encoder: epsilon prediction on the SD schedule (scaled_linear, 0.00085-0.012, 1000
+  steps); min-SNR-5 loss weighting (Hang et al. 2023: converges several times faster); 10 % of
+  captions dropped to "" or to the engine's default negative prompt (what CFG's unconditional branch
+  reads at generation time); EMA of the weights (0.999). Latents come from a pool that is refreshed
+  by ``--fresh`` newly rendered scenes a step, so the VAE encoder does not run on every sample.
+
+Runs on a CPU too (``--device cpu --config tiny``: what the tests do for a few steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from bonsai_core import scenes as S  # noqa: E402
+from training import tiny_sd  # noqa: E402
+
+SEED_VAE, SEED_UNET = 101, 202
+
+
+# ------------------------------------------------------------------------------ shared helpers
+def log_line(work: Path, record: dict, quiet: bool = False) -> None:
+    record = {"time": round(time.time(), 1), **record}
+    with open(work / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if not quiet:
+        print(json.dumps(record), flush=True)
+
+
+def save_ckpt(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".partial")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_ckpt(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=True) if path.is_file() else None
+
+
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return dev
+
+
+def render(seed: int, start: int, count: int, size: int, device, split: str = "train") -> tuple[torch.Tensor, list[str]]:
+    batch = S.scenes(seed, count, split, start=start)
+    return S.render_batch(batch, size, device) * 2 - 1, [s.caption for s in batch]
+
+
+class Clock:
+    def __init__(self, max_seconds: float):
+        self.t0 = time.perf_counter()
+        self.max_seconds = max_seconds
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def out_of_time(self, margin: float) -> bool:
+        return self.elapsed() + margin > self.max_seconds
+
+
+# ------------------------------------------------------------------------------ VAE
+def train_vae(args) -> dict:
+    from diffusers import AutoencoderKL
+
+    work, dev = Path(args.work), pick_device(args.device)
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_sd.CONFIGS[args.config]
+    res = cfg["resolution"]
+    crop = args.crop or max(res // 2, 64)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**cfg["vae"]).to(dev)
+    if dev.type == "cuda":
+        vae.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
+    ck = load_ckpt(work / "vae.pt")
+    step = 0
+    if ck:
+        vae.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+    clock = Clock(args.max_seconds)
+    per_step = None
+    while step < args.steps:
+        if per_step is not None and clock.out_of_time(margin=3 * per_step + 20):
+            break
+        t_step = time.perf_counter()
+        x, _ = render(SEED_VAE, step * args.batch, args.batch, res, dev)
+        if crop < res:
+            g = torch.Generator().manual_seed(step)
+            i, j = (int(v) for v in torch.randint(0, res - crop + 1, (2,), generator=g))
+            x = x[:, :, i:i + crop, j:j + crop]
+        with autocast(dev):
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample()).sample
+        rec = rec.float()
+        l1, l2 = F.l1_loss(rec, x), F.mse_loss(rec, x)
+        # SD's weight: 1e-6 on the KL summed over a latent, beside a reconstruction summed over pixels
+        loss = l1 + l2 + args.kl * post.kl().mean() / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = args.lr * min(1.0, (step + 1) / 100)  # 100 steps of warm-up
+        opt.step()
+        step += 1
+        per_step = time.perf_counter() - t_step if per_step is None else 0.9 * per_step + 0.1 * (time.perf_counter() - t_step)
+        if step % args.log_every == 0 or step == args.steps:
+            log_line(work, {"stage": "vae", "step": step, "loss": round(loss.item(), 5), "l1": round(l1.item(), 5),
+                            "s_per_step": round(per_step, 4), "elapsed": round(clock.elapsed(), 1)})
+        if step % args.ckpt_every == 0:
+            save_ckpt(work / "vae.pt", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step})
+    # the latent scale SD stores in the VAE config: 1 / std of latents over fresh scenes
+    with torch.no_grad(), autocast(dev):
+        x, _ = render(SEED_VAE + 1, 0, min(32, max(args.batch, 4)), res, dev)
+        z = vae.encode(x).latent_dist.sample().float()
+    scaling = float(1.0 / z.std())
+    vae.register_to_config(scaling_factor=round(scaling, 5))
+    save_ckpt(work / "vae.pt", {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step,
+                                "scaling_factor": scaling})
+    vae.save_pretrained(work / "vae", safe_serialization=True)
+    rec_err = _vae_eval(vae, dev, res)
+    out = {"stage": "vae", "step": step, "done": step >= args.steps, "scaling_factor": round(scaling, 5),
+           "eval_l1": round(rec_err, 5), "elapsed": round(clock.elapsed(), 1)}
+    log_line(work, out)
+    return out
+
+
+@torch.no_grad()
+def _vae_eval(vae, dev, res) -> float:
+    x, _ = render(SEED_VAE + 2, 0, 4, res, dev)
+    with autocast(dev):
+        rec = vae.decode(vae.encode(x).latent_dist.mode()).sample.float()
+    return F.l1_loss(rec, x).item()
+
+
+# ------------------------------------------------------------------------------ UNet + text encoder
+def _drop(captions: list[str], gen: torch.Generator, p: float) -> list[str]:
+    from bonsai_core.config import BonsaiConfig
+
+    neg = BonsaiConfig().negative_default
+    out = []
+    for c in captions:
+        u = torch.rand((), generator=gen).item()
+        out.append(c if u >= p else ("" if u < p / 2 else neg))
+    return out
+
+
+def _sd_alphas(device) -> torch.Tensor:
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
+    return torch.cumprod(1 - betas, 0).float().to(device)
+
+
+def train_unet(args) -> dict:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    work, dev = Path(args.work), pick_device(args.device)
+    clock = Clock(args.max_seconds)  # the budget includes loading and filling the pool
+    if not (work / "vae").is_dir():
+        raise SystemExit(f"{work}/vae is missing: run the vae stage first")
+    cfg = tiny_sd.CONFIGS[args.config]
+    res = cfg["resolution"]
+    vae = AutoencoderKL.from_pretrained(work / "vae").to(dev).eval().requires_grad_(False)
+    sf = vae.config.scaling_factor
+    tok_dir = tiny_sd.write_tokenizer(work / "tokenizer", tiny_sd.vocabulary())
+    tok = CLIPTokenizer.from_pretrained(tok_dir)
+    _, te, unet, _ = tiny_sd.build_components(args.config, seed=1, tokenizer_dir=work / "tokenizer")
+    te, unet = te.to(dev).train(), unet.to(dev).train()
+    if dev.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    ema_unet, ema_te = copy.deepcopy(unet).eval().requires_grad_(False), copy.deepcopy(te).eval().requires_grad_(False)
+    ck = load_ckpt(work / "unet.pt")
+    step = 0
+    if ck:
+        unet.load_state_dict(ck["unet"])
+        te.load_state_dict(ck["te"])
+        ema_unet.load_state_dict(ck["ema_unet"])
+        ema_te.load_state_dict(ck["ema_te"])
+        opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+    alphas = _sd_alphas(dev)
+    pool_n = max(args.pool, args.batch)
+    fresh = max(1, min(args.fresh, pool_n))
+
+    def encode_images(start, count):
+        zs, caps = [], []
+        for k in range(0, count, 64):
+            n = min(64, count - k)
+            x, c = render(SEED_UNET, start + k, n, res, dev)
+            with torch.no_grad(), autocast(dev):
+                zs.append(vae.encode(x).latent_dist.sample().float() * sf)
+            caps += c
+        return torch.cat(zs), caps
+
+    # the pool holds scenes [cursor - pool_n, cursor); resuming rebuilds exactly that window
+    cursor = pool_n + step * fresh
+    pool_z, pool_c = encode_images(cursor - pool_n, pool_n)
+    gen = torch.Generator().manual_seed(step)
+    per_step = None
+    while step < args.steps:
+        if per_step is not None and clock.out_of_time(margin=3 * per_step + 30):
+            break
+        t_step = time.perf_counter()
+        z_new, c_new = encode_images(cursor, fresh)
+        slot = torch.arange(cursor, cursor + fresh) % pool_n
+        pool_z[slot.to(pool_z.device)] = z_new
+        for s_, c_ in zip(slot.tolist(), c_new):
+            pool_c[s_] = c_
+        cursor += fresh
+        idx = torch.randint(0, pool_n, (args.batch,), generator=gen)
+        z0 = pool_z[idx.to(pool_z.device)]
+        caps = _drop([pool_c[i] for i in idx.tolist()], gen, args.drop)
+        ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(dev)
+        t = torch.randint(0, 1000, (args.batch,), generator=gen).to(dev)
+        noise = torch.randn(z0.shape, generator=gen).to(dev)
+        a = alphas[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        with autocast(dev):
+            ctx = te(ids)[0]
+            pred = unet(zt, t, ctx).sample
+        snr = a.view(-1) / (1 - a.view(-1))
+        w = torch.clamp(snr, max=args.min_snr) / snr  # min-SNR-gamma for epsilon prediction
+        loss = (w * ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        opt.step()
+        step += 1
+        decay = min(args.ema, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for m_ema, m in ((ema_unet, unet), (ema_te, te)):
+                torch._foreach_lerp_(list(m_ema.parameters()), [p.detach() for p in m.parameters()], 1 - decay)
+        dt = time.perf_counter() - t_step
+        per_step = dt if per_step is None else 0.9 * per_step + 0.1 * dt
+        if step % args.log_every == 0 or step == args.steps:
+            log_line(work, {"stage": "unet", "step": step, "loss": round(loss.item(), 5), "lr": lr,
+                            "s_per_step": round(per_step, 4), "elapsed": round(clock.elapsed(), 1)})
+        if step % args.ckpt_every == 0:
+            _save_unet(work, unet, te, ema_unet, ema_te, opt, step)
+    _save_unet(work, unet, te, ema_unet, ema_te, opt, step)
+    teacher = export_teacher(work, tok, ema_te, ema_unet)
+    out = {"stage": "unet", "step": step, "done": step >= args.steps, "teacher": str(teacher),
+           "elapsed": round(clock.elapsed(), 1)}
+    log_line(work, out)
+    return out
+
+
+def _save_unet(work, unet, te, ema_unet, ema_te, opt, step):
+    save_ckpt(work / "unet.pt", {"unet": unet.state_dict(), "te": te.state_dict(), "ema_unet": ema_unet.state_dict(),
+                                 "ema_te": ema_te.state_dict(), "opt": opt.state_dict(), "step": step})
+
+
+def export_teacher(work: Path, tok, te, unet) -> Path:
+    """Write ``work/teacher`` (a full-precision diffusers folder), replacing an older one whole."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from bonsai_core.checkpoint import staged_dir
+
+    vae = AutoencoderKL.from_pretrained(work / "vae")
+    te_cpu, unet_cpu = copy.deepcopy(te).float().cpu(), copy.deepcopy(unet).float().cpu()
+    with staged_dir(work / "teacher") as tmp:
+        tiny_sd.save_pipeline(tmp, tok, te_cpu, unet_cpu, vae)
+        shutil.copy2(work / "log.jsonl", tmp / "training_log.jsonl")
+    return work / "teacher"
+
+
+# ------------------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="stage", required=True)
+    for name, defaults in (("vae", dict(steps=3000, batch=32, lr=4e-4)),
+                           ("unet", dict(steps=6000, batch=128, lr=5e-4))):
+        s = sub.add_parser(name)
+        s.add_argument("--work", required=True, help="folder for checkpoints, log and outputs (resumed from)")
+        s.add_argument("--config", default="shipped", choices=sorted(tiny_sd.CONFIGS))
+        s.add_argument("--device", default="auto")
+        s.add_argument("--steps", type=int, default=defaults["steps"], help="total steps (a resumed run continues to it)")
+        s.add_argument("--batch", type=int, default=defaults["batch"])
+        s.add_argument("--lr", type=float, default=defaults["lr"])
+        s.add_argument("--max-seconds", type=float, default=540.0, help="stop (with a checkpoint) before this")
+        s.add_argument("--ckpt-every", type=int, default=500)
+        s.add_argument("--log-every", type=int, default=50)
+        if name == "vae":
+            s.add_argument("--crop", type=int, default=None, help="training crop (default: half the resolution)")
+            s.add_argument("--kl", type=float, default=1e-6)
+        else:
+            s.add_argument("--pool", type=int, default=8192, help="latents kept for sampling batches")
+            s.add_argument("--fresh", type=int, default=16, help="new scenes rendered and encoded a step")
+            s.add_argument("--drop", type=float, default=0.1, help="caption dropout (CFG)")
+            s.add_argument("--min-snr", type=float, default=5.0)
+            s.add_argument("--ema", type=float, default=0.999)
+            s.add_argument("--warmup", type=int, default=200)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    return train_vae(args) if args.stage == "vae" else train_unet(args)
+
+
+if __name__ == "__main__":
+    main()
