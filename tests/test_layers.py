@@ -151,3 +151,16 @@ def test_policy_patterns_can_be_changed():
 def test_policy_round_trips_through_dict():
     p = default_policy("flux2_klein")
     assert PrecisionPolicy.from_dict(p.to_dict()) == p
+
+
+def test_under_inference_mode_a_packed_weight_moves_casts_and_loads_and_stays_packed():
+    """ComfyUI runs every node under torch.inference_mode: the weights must survive it."""
+    w = Q1Tensor.from_float(torch.randn(8, 256))  # made outside, as a file read before the node runs
+    with torch.inference_mode():
+        moved = [w.to(torch.float32), w.to(device="cpu", dtype=torch.bfloat16), w.half(), w.float(), w.detach()]
+        assert all(isinstance(t, Q1Tensor) and t.d.dtype == torch.float16 for t in moved)
+        layer = BonsaiLinear(256, 8, device="meta", dtype=torch.float32)
+        layer.load_state_dict({"weight": w.to(dtype=torch.float32), "bias": torch.zeros(8)}, assign=True)
+        layer.to(torch.float16)
+        assert isinstance(layer.weight, Q1Tensor) and layer.weight.dtype == torch.float16
+        assert layer(torch.randn(2, 256, dtype=torch.float16)).shape == (2, 8)

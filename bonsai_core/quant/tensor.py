@@ -149,9 +149,33 @@ class Q1Tensor(torch.Tensor):
         shape, dtype = ctx
         return Q1Tensor(inner["qs"], inner["d"], shape, dtype)
 
+    def _moved(self, device=None, dtype=None, non_blocking: bool = False) -> "Q1Tensor":
+        """This weight on ``device`` computing in ``dtype``: bits and scales move, the scales stay fp16.
+        Done here, not through autograd's dispatch: that path refuses to alias an inference-mode
+        tensor's parts (ComfyUI runs every node under ``torch.inference_mode``)."""
+        dtype = dtype or self._dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"a Q1_0 weight cannot become {dtype}; dequantize() it first")
+        device = self.qs.device if device is None else torch.device(device)
+        if device == self.qs.device and dtype == self._dtype:
+            return self
+        return self._same(self.qs.to(device, non_blocking=non_blocking),
+                          self.d.to(device, non_blocking=non_blocking), dtype)
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if args and isinstance(args[0], Q1Tensor) and func in _MOVES:
+            self = args[0]
+            if func is torch.Tensor.to:
+                device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+                if isinstance(dtype, torch.dtype) or dtype is None:
+                    return self._moved(device, dtype, non_blocking)
+            else:
+                device, dtype = _MOVES[func](self, *args[1:], **kwargs)
+                return self._moved(device, dtype)
+        if func is torch.Tensor.detach and args and isinstance(args[0], Q1Tensor):
+            return args[0]._same(args[0].qs.detach(), args[0].d.detach())
         if func is F.linear or func is F.conv2d:
             x, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
             if isinstance(w, Q1Tensor) and not isinstance(x, Q1Tensor):
@@ -212,6 +236,22 @@ class Q1Tensor(torch.Tensor):
             return t.dequantize() if isinstance(t, Q1Tensor) else t
 
         return func(*tree_map(dense, args), **tree_map(dense, kwargs))
+
+
+def _cuda_target(t, device=None, *a, **k):
+    return (torch.device("cuda") if device is None else torch.device("cuda", device) if isinstance(device, int)
+            else torch.device(device)), None
+
+
+_MOVES = {
+    torch.Tensor.to: None,  # parsed like Tensor.to itself
+    torch.Tensor.cuda: _cuda_target,
+    torch.Tensor.cpu: lambda t, *a, **k: (torch.device("cpu"), None),
+    torch.Tensor.half: lambda t, *a, **k: (None, torch.float16),
+    torch.Tensor.float: lambda t, *a, **k: (None, torch.float32),
+    torch.Tensor.bfloat16: lambda t, *a, **k: (None, torch.bfloat16),
+    torch.Tensor.double: lambda t, *a, **k: (None, torch.float64),
+}
 
 
 def is_q1(t) -> bool:
