@@ -98,6 +98,17 @@ def test_loader_frees_comfy_memory_then_gives_a_pipe(comfy, nodes):
     assert pipe.engine().device.type == "cpu" and pipe.device == "cpu" and pipe.dtype is None
 
 
+def test_a_model_loaded_and_sampled_under_inference_mode_keeps_its_1bit_weights(nodes, comfy):
+    """ComfyUI runs every node under torch.inference_mode; loading (with a cast) happens there too."""
+    with torch.inference_mode():
+        (pipe,) = nodes["BonsaiLoader"].load("tiny-sd-bonsai", "cpu", "bf16")  # a fresh load, cast fp16 -> bf16
+        images, _ = nodes["BonsaiSampler"].sample(pipe, "a red tree", "", 5, 2, 7.5, 64, 64, "euler", False, 1)
+    unet = pipe.engine().family.unet
+    packed = [m.weight for m in unet.modules() if type(m).__name__ in ("BonsaiLinear", "BonsaiConv2d")]
+    assert packed and all(type(w).__name__ == "Q1Tensor" and w.dtype == torch.bfloat16 for w in packed)
+    assert images.shape == (1, 64, 64, 3) and torch.isfinite(images).all()
+
+
 def test_sampler_returns_image_and_metadata_and_moves_progress_every_step(nodes, comfy):
     (pipe,) = nodes["BonsaiLoader"].load("tiny-sd-bonsai", "cpu", "fp32")
     images, meta = nodes["BonsaiSampler"].sample(pipe, "a red tree", "", 5, 3, 7.5, 64, 48, "euler", False, 2)

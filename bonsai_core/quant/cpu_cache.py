@@ -19,6 +19,7 @@ import weakref
 import torch
 
 from . import kernels
+from .tensor import writes
 
 ENV = "BONSAI_CPU_CACHE_MB"
 DEFAULT_MB = 1024
@@ -53,7 +54,7 @@ class CpuCacheKernel:
     def _dense(self, w, dtype: torch.dtype) -> torch.Tensor | None:
         key = (id(w.qs), dtype)
         hit = self._cache.get(key)
-        if hit is not None and hit[0] == w.qs._version:
+        if hit is not None and hit[0] == writes(w.qs):
             return hit[1]
         size = w.numel() * torch.empty(0, dtype=dtype).element_size()
         with self._lock:
@@ -62,7 +63,7 @@ class CpuCacheKernel:
             if self._used + size > self.budget:
                 return None
             dense = w.dequantize(dtype)
-            self._cache[key] = (w.qs._version, dense)
+            self._cache[key] = (writes(w.qs), dense)
             self._used += size
             weakref.finalize(w.qs, self._drop, key)
         return dense

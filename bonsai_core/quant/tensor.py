@@ -224,9 +224,9 @@ class Q1Tensor(torch.Tensor):
                                     "(Q1Tensor.from_float)")
                 dst.qs.copy_(src.qs)
                 dst.d.copy_(src.d)
-                # below autograd nothing counts this write: count it, so caches of the dense
-                # weight (cpu_cache.py) see that the packed one changed
-                torch.autograd.graph.increment_version(dst.qs)
+                # count the write, so caches of the dense weight (cpu_cache.py) see that the packed
+                # one changed (torch's own version counter: not below autograd, not in inference mode)
+                dst.qs._bonsai_writes = writes(dst.qs) + 1
                 return dst
         if func._schema.is_mutable or func.__name__.endswith("_"):
             raise TypeError(f"{func} would change a Q1_0 weight in place; its packed bits are read-only "
@@ -252,6 +252,11 @@ _MOVES = {
     torch.Tensor.bfloat16: lambda t, *a, **k: (None, torch.bfloat16),
     torch.Tensor.double: lambda t, *a, **k: (None, torch.float64),
 }
+
+
+def writes(qs: torch.Tensor) -> int:
+    """How many times a packed weight's bits were overwritten through ``copy_``."""
+    return getattr(qs, "_bonsai_writes", 0)
 
 
 def is_q1(t) -> bool:
