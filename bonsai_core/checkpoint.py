@@ -431,6 +431,34 @@ def read_header(path: str | os.PathLike) -> dict:
         return _checked_header(path, f)
 
 
+def check_scales(path: str | os.PathLike, meta: dict | None = None) -> None:
+    """Every Q1_0 scale of a Bonsai file is finite, read through a memory map: only the 2 scale bytes
+    of each 18-byte block are looked at and no tensor is built (``bonsai info``'s data check; the
+    loader checks the same on the tensors it reads)."""
+    import numpy as np
+
+    path = Path(path)
+    meta = meta or read_header(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        offsets = json.loads(f.read(n).decode("utf-8"))
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for name, info in meta["tensors"].items():
+        if info["type"] != "Q1_0":
+            continue
+        begin, end = offsets[name]["data_offsets"]
+        blocks = data[8 + n + begin: 8 + n + end]
+        if blocks.size % BLOCK_BYTES:
+            raise _fail(path, f"tensor {name!r} holds {blocks.size} bytes, not whole {BLOCK_BYTES}-byte Q1_0 blocks")
+        d = np.ascontiguousarray(blocks.reshape(-1, BLOCK_BYTES)[:, :2]).view("<f2").reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(d))
+        if bad.size:
+            nb = n_blocks(int(np.prod(info["shape"][1:])))
+            raise _fail(path, f"tensor {name!r} has a NaN/inf scale at row {bad[0] // nb}, group {bad[0] % nb}; "
+                              "the file is corrupt: download or convert it again")
+    del data
+
+
 def read_tensors(path: str | os.PathLike) -> ComponentFile:
     """Read and check a Bonsai component file. Every inconsistency is a ``BonsaiCheckpointError``."""
     path = Path(path)

@@ -78,7 +78,8 @@ def describe_model(path: Path) -> str:
             lines.append(f"  {name:<14} {entry[1]:<28} {kind:<12} {size / 2**20:9.1f} MiB")
             files += [(name, p) for p in weights if checkpoint.is_bonsai_file(p)]
     for name, f in files:
-        meta = checkpoint.read_header(f)  # the header says it all: no tensor is read
+        meta = checkpoint.read_header(f)  # the header says what it holds: no tensor is built
+        checkpoint.check_scales(f, meta)  # ... and every Q1_0 scale is finite (memory-mapped, 2 bytes a block)
         policy = meta["policy"]
         q = {k: v for k, v in meta["tensors"].items() if v["type"] == "Q1_0"}
         dense = {k: v for k, v in meta["tensors"].items() if v["type"] != "Q1_0"}

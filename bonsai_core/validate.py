@@ -371,7 +371,7 @@ def check_scheduler_config(cfg: dict, path) -> dict:
     if not isinstance(cfg, dict):
         raise fail(path, f"holds a JSON {type(cfg).__name__}, expected an object")
     cls = cfg.get("_class_name")
-    if cls is not None:
+    if "_class_name" in cfg:
         import diffusers
 
         if not isinstance(cls, str) or not cls.endswith("Scheduler") or getattr(diffusers, cls, None) is None:
