@@ -98,10 +98,15 @@ def sniff_format(path: str | os.PathLike) -> str:
     if len(head) < 8:
         return "broken"
     n = int.from_bytes(head[:8], "little")
-    if n < 2 or 8 + n > st.st_size:
+    if n < 2 or 8 + n > st.st_size or n > 100 * 2**20:
         return "broken-bonsai" if marker else "broken"
     try:
-        raw = head[8:8 + n] if 8 + n <= len(head) else head[8:] + open(path, "rb").read()[len(head):8 + n]
+        if 8 + n <= len(head):
+            raw = head[8:8 + n]
+        else:  # a header longer than the first read: read exactly the rest of it
+            with open(path, "rb") as f:
+                f.seek(8)
+                raw = f.read(n)
         header = json.loads(raw.decode("utf-8"))
         meta = header.get("__metadata__") or {}
         end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
