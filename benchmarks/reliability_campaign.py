@@ -1,15 +1,15 @@
 """Issue 21's two campaigns: >= 1,000 corrupted variants, and >= 100 SIGKILLs at random moments.
 
     python benchmarks/reliability_campaign.py fuzz [--cases 1200] [--seed 21]
-    python benchmarks/reliability_campaign.py kill [--trials 120] [--seed 21]
+    python benchmarks/reliability_campaign.py kill [--kills 120] [--seed 21]
 
 ``fuzz`` runs ``tests/fuzz_harness.py`` (every mutation kind through every entry point, each case in
 a forked child with a timeout and a memory limit) and prints the outcomes by kind.
 
 ``kill`` forks a child that runs one of convert / import / export-gguf / generate (the functions the
 CLI commands call, with every import already done, so a kill lands inside the work and not inside
-Python's start-up), SIGKILLs it at a moment drawn uniformly from 0 to 1.2 x that operation's
-measured duration, and then checks the disk:
+Python's start-up), SIGKILLs it at a moment drawn uniformly from 0 to that operation's duration
+(measured uninterrupted, then followed run by run), and then checks the disk:
 
 * half-written: the destination exists but is not a complete output (a model folder whose
   ``bonsai info`` fails, a .gguf that does not import, a PNG that does not decode);
@@ -150,7 +150,9 @@ def run_kill(args) -> int:
     counts: Counter = Counter()
     by_op: Counter = Counter()
     problems = []
-    for trial in range(args.trials):
+    trial = -1
+    while counts["killed"] < args.kills and trial + 1 < args.trials:
+        trial += 1
         name = OPS[trial % len(OPS)]
         overwrite = name != "generate" and rng.random() < 0.5
         dst = work / f"t{trial}" / f"out{suffix[name]}"
@@ -158,7 +160,7 @@ def run_kill(args) -> int:
         if overwrite:
             good = work / f"good-{name}{suffix[name]}"
             shutil.copytree(good, dst) if good.is_dir() else shutil.copy2(good, dst)
-        delay = rng.uniform(0, 1.2 * durations[name])
+        delay = rng.uniform(0, durations[name])
         pid = _fork_run(_op(name, bases, dst, overwrite))
         time.sleep(delay)
         finished = os.waitpid(pid, os.WNOHANG)[0] != 0
@@ -179,8 +181,12 @@ def run_kill(args) -> int:
         # the next run: the same operation to completion (an overwrite trial half the time without
         # --overwrite, so a restored old model is then refused as existing)
         again_overwrite = overwrite and rng.random() < 0.5 or (not overwrite and present)
+        full = again_overwrite or not dst.exists() or name == "generate"  # the next run does the whole work
+        t0 = time.perf_counter()
         pid = _fork_run(_op(name, bases, dst, again_overwrite))
         _, status = os.waitpid(pid, 0)
+        if full and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:  # follow the machine's current speed
+            durations[name] = 0.5 * durations[name] + 0.5 * (time.perf_counter() - t0)
         if overwrite and not (dst.exists() and _valid(name, dst)):
             counts["lost model under --overwrite"] += 1
             problems.append(f"trial {trial} {name}: model lost under --overwrite")
@@ -192,7 +198,7 @@ def run_kill(args) -> int:
             counts["leftovers after the next run"] += 1
             problems.append(f"trial {trial} {name}: left {left}")
         shutil.rmtree(dst.parent, ignore_errors=True)
-    print(f"\n{args.trials} trials, SIGKILLs by operation: {dict(by_op)}")
+    print(f"\n{trial + 1} trials, SIGKILLs by operation: {dict(by_op)}")
     for k in ("killed", "finished before the kill", "half-written", "lost model under --overwrite",
               "leftovers after the next run", "next run failed",
               "overwrite: old model moved aside at the kill (restored by the next run)"):
@@ -206,7 +212,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("campaign", choices=["fuzz", "kill"])
     p.add_argument("--cases", type=int, default=1200)
-    p.add_argument("--trials", type=int, default=120)
+    p.add_argument("--kills", type=int, default=120, help="stop after this many runs were really killed")
+    p.add_argument("--trials", type=int, default=400, help="at most this many trials")
     p.add_argument("--seed", type=int, default=21)
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--dir", default=os.environ.get("BONSAI_FUZZ_DIR", "/tmp/bonsai-campaign"))

@@ -404,3 +404,19 @@ def test_import_offline_advice_names_src_not_a_model_flag(tmp_path, monkeypatch,
     rc = cli.main(["import", "someone/not-cached-repo", str(tmp_path / "dst"), "--cache-dir", str(tmp_path / "c")])
     err = capsys.readouterr().err
     assert rc == 2 and "--model" not in err and "SRC" in err
+
+
+def test_export_gguf_reports_the_tensor_counts_of_the_file_it_wrote(tmp_path):
+    import gguf
+
+    from bonsai_core.importers.assemble import export_gguf, import_model
+    from tests.klein_fixtures import klein_ground_truth, make_gguf_and_parts
+
+    gguf_path, parts = make_gguf_and_parts(tmp_path / "g", klein_ground_truth(0))
+    import_model(gguf_path, tmp_path / "m", text_encoder=parts["text_encoder"], vae=parts["vae"],
+                 tokenizer=parts["tokenizer"], log=lambda m: None)
+    said = []
+    export_gguf(tmp_path / "m", tmp_path / "out.gguf", log=said.append)
+    reader = gguf.GGUFReader(str(tmp_path / "out.gguf"))
+    q1 = sum(int(t.tensor_type) == 41 for t in reader.tensors)
+    assert f"{q1} Q1_0 tensors, {len(reader.tensors) - q1} dense" in said[-1]
