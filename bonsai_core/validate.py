@@ -350,7 +350,13 @@ def check_tokenizer(tok_dir, class_name: str | None = None) -> None:
                                  "this pack never loads pickles", "remove the entry")
     check_tokens(cfg_path, cfg)
     if (tok_dir / "chat_template.jinja").is_file():
-        check_chat_template(tok_dir / "chat_template.jinja", (tok_dir / "chat_template.jinja").read_text())
+        tpath = tok_dir / "chat_template.jinja"
+        try:
+            text = tpath.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise fail(tpath, f"the chat template is not UTF-8 text ({exc})",
+                       "copy chat_template.jinja from the model's original repository") from None
+        check_chat_template(tpath, text)
     elif "chat_template" in cfg and cfg["chat_template"] is not None:
         check_chat_template(cfg_path, cfg["chat_template"])
 
@@ -376,6 +382,11 @@ def check_scheduler_config(cfg: dict, path) -> dict:
 
         if not isinstance(cls, str) or not cls.endswith("Scheduler") or getattr(diffusers, cls, None) is None:
             raise fail(path, f"_class_name is {cls!r}, not a scheduler of diffusers {diffusers.__version__}")
+    # a key that is present must hold a value: null where a number belongs breaks the schedule later
+    for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "shift", "base_shift", "max_shift",
+                "base_image_seq_len", "max_image_seq_len", "prediction_type", "timestep_spacing"):
+        if key in cfg and cfg[key] is None:
+            raise fail(path, f"{key} is null; expected a value (or no {key} entry, for the library's default)")
     n = cfg.get("num_train_timesteps")
     if n is not None and not (_is_int(n) and 1 <= n <= 100_000):
         raise fail(path, f"num_train_timesteps is {n!r}; expected a whole number from 1 to 100000")
