@@ -117,6 +117,9 @@ def check_model_index(index, path) -> dict:
     for name, entry in index.items():
         if name.startswith("_"):
             continue
+        if name in KNOWN_COMPONENTS and not isinstance(entry, list):
+            raise fail(path, f"component {name!r} is {entry!r}, expected a [library, class] pair such as "
+                             "[\"diffusers\", \"AutoencoderKL\"] (or [null, null])")
         if isinstance(entry, list):
             ok = len(entry) == 2 and (entry == [None, None] or all(isinstance(v, str) and v for v in entry))
             if not ok:
@@ -141,6 +144,10 @@ def check_model_index(index, path) -> dict:
     return index
 
 
+KNOWN_COMPONENTS = {"unet", "transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                    "scheduler", "safety_checker", "feature_extractor", "image_encoder"}
+
+
 def _is_component_name(name: str) -> bool:
     return bool(name) and "/" not in name and "\\" not in name and name not in (".", "..")
 
@@ -157,6 +164,11 @@ def check_required(index: dict, folder, required: tuple[str, ...]) -> None:
     if missing:
         raise fail(folder / "model_index.json", f"names no {', '.join(missing)} component",
                    "the model folder is incomplete: convert or import it again")
+    for name in required:
+        library = comps[name][0]
+        if library not in ("diffusers", "transformers"):
+            raise fail(folder / "model_index.json", f"component {name!r} comes from library {library!r}; "
+                                                    "expected diffusers or transformers")
     for name in comps:
         if not (folder / name).is_dir():
             raise fail(folder, f"model_index.json names component {name!r} but the folder {folder / name} is missing")
