@@ -200,7 +200,7 @@ def check_config_values(cfg: dict, path) -> dict:
     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 64):
         raise fail(path, f"mlp_ratio is {v!r}; expected a number above 0, at most 64")
     for key in POSITIVE_FLOAT_FIELDS:
-        if key in cfg and cfg[key] is not None:
+        if key in cfg:  # present means used: null is as broken as 0 (SD multiplies latents by scaling_factor)
             v = cfg[key]
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
                 raise fail(path, f"{key} is {v!r}; expected a finite number > 0")
