@@ -79,9 +79,12 @@ def check_folder_entries(folder, what: str) -> None:
     if not folder.is_dir():
         raise fail(folder, f"the {what} folder is missing (or is not a folder)")
     for p in sorted(folder.iterdir()):
-        if p.is_dir() and not p.is_symlink():
-            continue
+        if p.is_dir() and not p.is_symlink() and p.suffix.lower() not in FILE_SUFFIXES:
+            continue  # a sub-folder (a repo's tokenizer/ inside text_encoder/, say)
         check_regular_file(p, f"{what} file")
+
+
+FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".jinja", ".model", ".gguf", ".pt", ".bin")
 
 
 def read_json_file(path, what: str = "JSON file", *, kind: type = dict):
@@ -481,7 +484,7 @@ def check_folder(folder, index: dict, family: str) -> None:
     folder = Path(folder)
     check_required(index, folder, FAMILY_REQUIRED.get(family, ()))
     comps = components(index)
-    te_layers = None
+    te_layers = te_positions = None
     for name, (library, class_name) in comps.items():
         d = folder / name
         if "Tokenizer" in class_name or name.startswith("tokenizer"):
@@ -493,4 +496,14 @@ def check_folder(folder, index: dict, family: str) -> None:
             cfg = read_component_config(d)
             if name == "text_encoder" and _is_int(cfg.get("num_hidden_layers")):
                 te_layers = cfg["num_hidden_layers"]
+            if name == "text_encoder" and _is_int(cfg.get("max_position_embeddings")):
+                te_positions = cfg["max_position_embeddings"]
     check_settings(folder, te_layers)
+    if family == "sd_unet" and "tokenizer" in comps and te_positions is not None:
+        # CLIP prompts are padded to model_max_length: it must exist and fit the text encoder's positions
+        path = folder / "tokenizer" / "tokenizer_config.json"
+        cfg = read_json_file(path, "tokenizer config") if (path.exists() or path.is_symlink()) else {}
+        n = cfg.get("model_max_length")
+        if not (_is_int(n) and 1 <= n <= te_positions):
+            raise fail(path, f"model_max_length is {n!r}; the text encoder holds {te_positions} positions, so "
+                             f"expected a whole number from 1 to {te_positions} (77 for CLIP)")
