@@ -187,6 +187,7 @@ def clean_stale(dst: Path) -> list[str]:
             continue
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
         done.append(f"removed {p.name} (left by a run that was stopped)")
+    done += _clean_legacy(dst)
     for _mtime, p in sorted(olds, reverse=True):
         if not dst.exists() and not dst.is_symlink():
             p.rename(dst)
@@ -196,6 +197,40 @@ def clean_stale(dst: Path) -> list[str]:
             done.append(f"removed {p.name}")
         else:
             p.unlink(missing_ok=True)
+    return done
+
+
+LEGACY_STALE_SECONDS = 3600
+
+
+def _clean_legacy(dst: Path) -> list[str]:
+    """Leftovers of versions before the ``.bonsai-<pid>-`` names (``tempfile`` names ``.<name>.<random>.partial``
+    and ``.old`` folders holding the previous model under its own name): no pid says whether their writer
+    still runs, so only those untouched for an hour are cleaned; a model inside an ``.old`` comes back when
+    ``dst`` is missing."""
+    import re
+    import shutil
+    import time
+
+    pattern = re.compile(re.escape(f".{dst.name}.") + r"[A-Za-z0-9_]{6,12}\.(partial|old)$")
+    done = []
+    for p in sorted(dst.parent.iterdir()):
+        if not pattern.match(p.name):
+            continue
+        try:
+            if time.time() - p.lstat().st_mtime < LEGACY_STALE_SECONDS:
+                continue
+        except OSError:
+            continue
+        inner = p / dst.name
+        if p.name.endswith(".old") and inner.is_dir() and not (dst.exists() or dst.is_symlink()):
+            inner.rename(dst)
+            done.append(f"restored {dst} from {p.name} (left by an older version's stopped --overwrite)")
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        done.append(f"removed {p.name} (left by an older version's stopped run)")
     return done
 
 

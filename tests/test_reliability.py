@@ -420,3 +420,19 @@ def test_export_gguf_reports_the_tensor_counts_of_the_file_it_wrote(tmp_path):
     reader = gguf.GGUFReader(str(tmp_path / "out.gguf"))
     q1 = sum(int(t.tensor_type) == 41 for t in reader.tensors)
     assert f"{q1} Q1_0 tensors, {len(reader.tensors) - q1} dense" in said[-1]
+
+
+def test_leftovers_of_the_older_tempfile_names_are_cleaned_after_an_hour_and_a_model_inside_comes_back(tmp_path):
+    partial = tmp_path / ".model.k3j_x9az.partial"  # tempfile.mkdtemp's names before this change
+    partial.mkdir()
+    old = tmp_path / ".model.q0w8e7r6.old"
+    (old / "model").mkdir(parents=True)
+    (old / "model" / "model_index.json").write_text("{}")
+    fresh = tmp_path / ".model.abcdefgh.partial"  # a writer of an older version may still be at work
+    fresh.mkdir()
+    hour_ago = time.time() - 2 * checkpoint.LEGACY_STALE_SECONDS
+    for p in (partial, old):
+        os.utime(p, (hour_ago, hour_ago))
+    checkpoint.clean_stale(tmp_path / "model")
+    assert (tmp_path / "model" / "model_index.json").is_file()
+    assert not partial.exists() and not old.exists() and fresh.exists()
