@@ -20,7 +20,7 @@ SEED = int(os.environ.get("BONSAI_FUZZ_SEED", "2026"))
 
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
-    return build_bases(tmp_path_factory.mktemp("fuzz-bases"))
+    return build_bases(tmp_path_factory.getbasetemp() / "fuzz-bases")  # shared with test_kill.py
 
 
 def test_the_plan_covers_every_kind_and_entry_point_once_the_cycle_is_long_enough():
