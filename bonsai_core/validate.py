@@ -313,16 +313,15 @@ def check_chat_template(path, template) -> None:
         return
     if not isinstance(template, str):
         raise fail(path, f"chat_template is {type(template).__name__} {template!r}, expected a jinja template string")
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise ValueError(message)
-
     try:
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        env.from_string(template).render(messages=[{"role": "user", "content": "a red fox"}],
-                                          add_generation_prompt=True, enable_thinking=False)
+        try:  # transformers' own sandboxed environment (its filters, globals and extensions)
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+            compiled = _compile_jinja_template(template)
+        except ImportError:  # pragma: no cover - older transformers
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            compiled = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
+        compiled.render(messages=[{"role": "user", "content": "a red fox"}], add_generation_prompt=True,
+                        enable_thinking=False)
     except Exception as exc:  # noqa: BLE001 - any template error (syntax, runtime, sandbox) is a broken template
         raise fail(path, f"the chat template does not render a prompt ({type(exc).__name__}: {exc})",
                    "copy chat_template.jinja from the model's original repository") from None
@@ -493,6 +492,8 @@ def check_folder(folder, index: dict, family: str) -> None:
             check_scheduler_dir(d)
         else:
             check_folder_entries(d, name)
+            if name not in FAMILY_REQUIRED.get(family, ()) and not (d / "config.json").exists():
+                continue  # a part this pack does not load (feature_extractor has preprocessor_config.json)
             cfg = read_component_config(d)
             if name == "text_encoder" and _is_int(cfg.get("num_hidden_layers")):
                 te_layers = cfg["num_hidden_layers"]

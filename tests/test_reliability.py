@@ -436,3 +436,13 @@ def test_leftovers_of_the_older_tempfile_names_are_cleaned_after_an_hour_and_a_m
     checkpoint.clean_stale(tmp_path / "model")
     assert (tmp_path / "model" / "model_index.json").is_file()
     assert not partial.exists() and not old.exists() and fresh.exists()
+
+
+def test_a_real_sd15_layout_with_feature_extractor_and_safety_checker_entries_is_accepted(sd, tmp_path):
+    m = copy(sd["src"], tmp_path)
+    (m / "feature_extractor").mkdir()
+    (m / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps({"crop_size": 224}))
+    index = json.loads((m / "model_index.json").read_text())
+    index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
+    (m / "model_index.json").write_text(json.dumps(index))
+    assert read_model_index(m)["feature_extractor"] == ["transformers", "CLIPImageProcessor"]
