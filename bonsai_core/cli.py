@@ -58,7 +58,8 @@ def describe_model(path: Path) -> str:
     lines = []
     path = Path(path)
     files: list[tuple[str, Path]] = []
-    if path.is_file():
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        validate.check_regular_file(path, "Bonsai file")  # a FIFO or socket is named as such, never opened
         files.append(("file", path))
     else:
         index = read_model_index(path)

@@ -446,3 +446,11 @@ def test_a_real_sd15_layout_with_feature_extractor_and_safety_checker_entries_is
     index["feature_extractor"] = ["transformers", "CLIPImageProcessor"]
     (m / "model_index.json").write_text(json.dumps(index))
     assert read_model_index(m)["feature_extractor"] == ["transformers", "CLIPImageProcessor"]
+
+
+def test_info_on_a_fifo_path_names_it_and_does_not_block(tmp_path, capsys):
+    from bonsai_core import cli
+
+    os.mkfifo(tmp_path / "m.safetensors")
+    assert cli.main(["info", str(tmp_path / "m.safetensors")]) == 2
+    assert "found a FIFO" in capsys.readouterr().err
