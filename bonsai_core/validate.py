@@ -306,6 +306,8 @@ def check_chat_template(path, template) -> None:
     """A chat template is a string (or transformers' list of named templates) that jinja compiles and
     that renders one user message."""
     if isinstance(template, list):
+        if not template:
+            raise fail(path, "chat_template is an empty list", "copy chat_template.jinja from the model's repository")
         for t in template:
             if not (isinstance(t, dict) and isinstance(t.get("template"), str)):
                 raise fail(path, f"chat template entry {t!r} is not {{'name': ..., 'template': '...'}}")
@@ -320,11 +322,14 @@ def check_chat_template(path, template) -> None:
         except ImportError:  # pragma: no cover - older transformers
             from jinja2.sandbox import ImmutableSandboxedEnvironment
             compiled = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True).from_string(template)
-        compiled.render(messages=[{"role": "user", "content": "a red fox"}], add_generation_prompt=True,
-                        enable_thinking=False)
+        text = compiled.render(messages=[{"role": "user", "content": "a red fox"}], add_generation_prompt=True,
+                               enable_thinking=False)
     except Exception as exc:  # noqa: BLE001 - any template error (syntax, runtime, sandbox) is a broken template
         raise fail(path, f"the chat template does not render a prompt ({type(exc).__name__}: {exc})",
                    "copy chat_template.jinja from the model's original repository") from None
+    if "a red fox" not in text:
+        raise fail(path, f"the chat template drops the prompt (one user message 'a red fox' renders as "
+                         f"{text[:80]!r})", "copy chat_template.jinja from the model's original repository")
 
 
 def check_tokenizer(tok_dir, class_name: str | None = None) -> None:

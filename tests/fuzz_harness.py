@@ -467,7 +467,9 @@ def m_config_value(d: Path, rng: random.Random):
         cfg[key] = val
         what = f"{comp}/config.json {key} = {val!r}"
     path.write_text(json.dumps(cfg))
-    return what, "refuse"
+    # null is the library's "use the default" for several sizes (a UNet's num_attention_heads): either
+    # outcome is right, as long as it is not a raw exception
+    return what, "any" if val is None else "refuse"
 
 
 def m_config_broken(d: Path, rng: random.Random):
@@ -897,7 +899,7 @@ def _m_parts_config(d, rng):
     val = rng.choice(BAD_NUMBERS)
     cfg[key] = val if not isinstance(cfg[key], list) else [val] + cfg[key][1:]
     path.write_text(json.dumps(cfg))
-    return f"parts/{comp}/config.json {key} = {val!r}", "refuse"
+    return f"parts/{comp}/config.json {key} = {val!r}", "any" if val is None else "refuse"
 
 
 MUTATIONS["klein_gguf:parts_dense"] = ("klein_gguf", ("import",), _m_parts_dense)

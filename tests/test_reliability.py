@@ -454,3 +454,11 @@ def test_info_on_a_fifo_path_names_it_and_does_not_block(tmp_path, capsys):
     os.mkfifo(tmp_path / "m.safetensors")
     assert cli.main(["info", str(tmp_path / "m.safetensors")]) == 2
     assert "found a FIFO" in capsys.readouterr().err
+
+
+def test_a_chat_template_that_drops_the_prompt_is_refused(tmp_path):
+    with pytest.raises(BonsaiCheckpointError, match="drops the prompt"):
+        validate.check_chat_template(tmp_path / "t.jinja", "[]")
+    with pytest.raises(BonsaiCheckpointError, match="empty list"):
+        validate.check_chat_template(tmp_path / "t.jinja", [])
+    validate.check_chat_template(tmp_path / "t.jinja", "{% for m in messages %}{{ m['content'] }}{% endfor %}")
