@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,22 +66,185 @@ class ComponentFile:
 
 
 def is_bonsai_file(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a safetensors file whose header says it is a Bonsai file."""
+    """True when ``path`` is a readable safetensors file whose header says it is a Bonsai file."""
+    return sniff_format(path) == "bonsai"
+
+
+_SNIFF_BYTES = 1 << 20
+
+
+def sniff_format(path: str | os.PathLike) -> str:
+    """What a ``.safetensors`` path holds, from its first bytes only (a FIFO or folder is never opened):
+
+    ``"bonsai"`` (a readable Bonsai header), ``"safetensors"`` (another readable header),
+    ``"broken-bonsai"`` (the header cannot be parsed, or the data is cut short, but its text says
+    ``"format":"bonsai"``: a damaged Bonsai file, reported as such, never taken for a dense one),
+    ``"broken"`` (anything else: not a plain file, empty, truncated, not safetensors)."""
+    import stat as _stat
+
+    path = Path(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == FORMAT_NAME
-    except Exception:
+        st = path.stat()
+    except OSError:
+        return "broken"
+    if not _stat.S_ISREG(st.st_mode):
+        return "broken"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError:
+        return "broken"
+    marker = b'"format":"' + FORMAT_NAME.encode() + b'"' in head
+    if len(head) < 8:
+        return "broken"
+    n = int.from_bytes(head[:8], "little")
+    if n < 2 or 8 + n > st.st_size or n > 100 * 2**20:
+        return "broken-bonsai" if marker else "broken"
+    try:
+        if 8 + n <= len(head):
+            raw = head[8:8 + n]
+        else:  # a header longer than the first read: read exactly the rest of it
+            with open(path, "rb") as f:
+                f.seek(8)
+                raw = f.read(n)
+        header = json.loads(raw.decode("utf-8"))
+        meta = header.get("__metadata__") or {}
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except Exception:  # noqa: BLE001 - any parse failure means "not readable"
+        return "broken-bonsai" if marker else "broken"
+    is_bonsai = isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
+    if 8 + n + end > st.st_size:
+        return "broken-bonsai" if is_bonsai or marker else "broken"
+    return "bonsai" if is_bonsai else "safetensors"
+
+
+# Temporary names: ".<dst name>.bonsai-<pid>-<random>.partial" (being written) and ".old" (the previous
+# model during an --overwrite swap), always beside the destination. The pid says whether the writer
+# still runs, so the next run recognises what a killed run left behind and cleans it (or restores it).
+_TMP_TAG = ".bonsai-"
+
+
+def partial_name(name: str, suffix: str = ".partial") -> str:
+    return f".{name}{_TMP_TAG}{os.getpid()}-{os.urandom(4).hex()}{suffix}"
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where /proc allows (os.umask sets as it reads)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
         return False
+    except PermissionError:
+        return True
+    return True
+
+
+STALE_SECONDS = 24 * 3600  # a leftover whose pid was reused by another process is still removed after a day
+
+
+def clean_stale(dst: Path) -> list[str]:
+    """Remove what killed runs left beside ``dst`` (``.partial`` files and folders of a writer that no
+    longer runs), and restore a model that a killed ``--overwrite`` had moved aside before the new one
+    was in place (a ``.old`` folder while ``dst`` is missing). Returns what was done, for the log."""
+    import shutil
+    import time
+
+    dst = Path(dst)
+    parent = dst.parent
+    if not parent.is_dir():
+        return []
+    prefix = f".{dst.name}{_TMP_TAG}"
+    done = []
+    olds = []
+    for p in sorted(parent.iterdir()):
+        if not p.name.startswith(prefix) or not p.name.endswith((".partial", ".old")):
+            continue
+        try:
+            pid = int(p.name[len(prefix):].split("-", 1)[0])
+        except ValueError:
+            continue
+        try:
+            age = time.time() - p.lstat().st_mtime
+        except OSError:
+            continue
+        if pid != os.getpid() and _pid_alive(pid) and age < STALE_SECONDS:
+            continue  # another run is writing it now
+        if p.name.endswith(".old"):
+            olds.append((p.lstat().st_mtime, p))
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        done.append(f"removed {p.name} (left by a run that was stopped)")
+    done += _clean_legacy(dst)
+    for _mtime, p in sorted(olds, reverse=True):
+        if not dst.exists() and not dst.is_symlink():
+            p.rename(dst)
+            done.append(f"restored {dst} from {p.name} (an --overwrite was stopped before the new model was in place)")
+        elif p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p.name}")
+        else:
+            p.unlink(missing_ok=True)
+    return done
+
+
+LEGACY_STALE_SECONDS = 3600
+
+
+def _clean_legacy(dst: Path) -> list[str]:
+    """Leftovers of versions before the ``.bonsai-<pid>-`` names (``tempfile`` names ``.<name>.<random>.partial``
+    and ``.old`` folders holding the previous model under its own name): no pid says whether their writer
+    still runs, so only those untouched for an hour are cleaned; a model inside an ``.old`` comes back when
+    ``dst`` is missing."""
+    import re
+    import shutil
+    import time
+
+    pattern = re.compile(re.escape(f".{dst.name}.") + r"[A-Za-z0-9_]{6,12}\.(partial|old)$")
+    done = []
+    for p in sorted(dst.parent.iterdir()):
+        if not pattern.match(p.name):
+            continue
+        try:
+            if time.time() - p.lstat().st_mtime < LEGACY_STALE_SECONDS:
+                continue
+        except OSError:
+            continue
+        inner = p / dst.name
+        if p.name.endswith(".old") and inner.is_dir() and not (dst.exists() or dst.is_symlink()):
+            inner.rename(dst)
+            done.append(f"restored {dst} from {p.name} (left by an older version's stopped --overwrite)")
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        done.append(f"removed {p.name} (left by an older version's stopped run)")
+    return done
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, then rename onto ``path``: a failure never leaves a half file."""
+    """Call ``write(tmp_path)``, then rename onto ``path``: a failure never leaves a half file, and a
+    killed run's temporary file is removed by the next write of the same path. The file gets the
+    user's umask permissions (a temporary file is created 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
+    clean_stale(path)
+    tmp = path.parent / partial_name(path.name)
     try:
-        write(Path(tmp))
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -93,24 +255,52 @@ def atomic_write(path: Path, write) -> None:
 def staged_dir(dst: Path):
     """Build a folder in a hidden temporary folder beside ``dst`` and move it onto ``dst`` only when
     the ``with`` block completes (an old ``dst`` is replaced only then); on any failure the
-    temporary folder is removed. At no moment is a half-written model at ``dst``."""
+    temporary folder is removed. At no moment is a half-written model at ``dst``.
+
+    A run killed at any moment leaves at most a ``.partial`` folder (removed by the next run) or, in
+    the instant of an ``--overwrite`` swap, the old model as ``.old`` while ``dst`` is missing: the next
+    run (any command writing ``dst``, or ``clean_stale``) puts it back."""
     import shutil
 
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".partial", dir=dst.parent))
+    clean_stale(dst)
+    tmp = dst.parent / partial_name(dst.name)
+    tmp.mkdir(mode=0o777)  # mode under the umask, as any folder the user makes
     try:
         yield tmp
-        if dst.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".old", dir=dst.parent))
-            dst.rename(trash / dst.name)
+        if dst.exists() or dst.is_symlink():
+            old = dst.parent / partial_name(dst.name, ".old")
+            dst.rename(old)
             tmp.rename(dst)
-            shutil.rmtree(trash, ignore_errors=True)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
         else:
             tmp.rename(dst)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _canonical_header(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys sorted, in place. safetensors keeps the
+    metadata in a hash map, whose order changes from run to run: without this, the same model
+    written twice gives files with different bytes (and sha256). Same length, padded with spaces."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n).decode("utf-8"))
+        meta = header.pop("__metadata__", None)
+        ordered = {}
+        if meta is not None:
+            ordered["__metadata__"] = dict(sorted(meta.items()))
+        ordered.update(sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]))
+        raw = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(raw) > n:
+            return  # cannot happen for a compact header; keep the library's bytes rather than move data
+        f.seek(8)
+        f.write(raw + b" " * (n - len(raw)))
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *,
@@ -144,7 +334,11 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *,
         meta["tied"] = json.dumps(tied)
     for k, v in (extra or {}).items():
         meta[k] = v if isinstance(v, str) else json.dumps(v)
-    atomic_write(Path(path), lambda tmp: save_file(flat, str(tmp), metadata=meta))
+    def write(tmp: Path) -> None:
+        save_file(flat, str(tmp), metadata=meta)
+        _canonical_header(tmp)
+
+    atomic_write(Path(path), write)
 
 
 def tied_names(model: nn.Module) -> dict[str, str]:
@@ -187,8 +381,9 @@ def _fail(path: Path, what: str) -> BonsaiCheckpointError:
 
 
 def _open(path: Path):
-    if not path.is_file():
-        raise _fail(path, "file not found")
+    from .validate import check_regular_file
+
+    check_regular_file(path, "Bonsai weights file")  # never opens a FIFO, socket or folder
     try:
         return safe_open(str(path), framework="pt")
     except Exception as exc:  # truncated or not safetensors at all
@@ -203,7 +398,7 @@ def _checked_header(path: Path, f) -> dict:
         raise _fail(path, f"header format is {meta_raw.get('format')!r}, expected {FORMAT_NAME!r}: "
                           "this is not a Bonsai file (convert it with `bonsai convert`)")
     try:
-        version = int(meta_raw.get("format_version", "?"))
+        version = int(str(meta_raw.get("format_version", "?")).strip())
     except ValueError:
         raise _fail(path, f"format_version {meta_raw.get('format_version')!r} is not a number") from None
     if version > FORMAT_VERSION:
@@ -215,19 +410,58 @@ def _checked_header(path: Path, f) -> dict:
         index = json.loads(meta_raw["tensors"])
         policy = json.loads(meta_raw.get("policy", "{}"))
         tied = json.loads(meta_raw.get("tied", "{}"))
-    except (KeyError, json.JSONDecodeError) as exc:
-        raise _fail(path, f"header 'tensors'/'policy' entry missing or not JSON ({exc})") from exc
+    except (KeyError, ValueError) as exc:
+        raise _fail(path, f"header 'tensors'/'policy'/'tied' entry missing or not JSON ({exc!r})") from exc
+    if version < 1:
+        raise _fail(path, f"format_version {version} is not a Bonsai format version (1..{FORMAT_VERSION})")
+    _check_index_types(path, index, policy, tied)
     keys = set(f.keys())
     if keys != set(index):
         extra, missing = sorted(keys - set(index)), sorted(set(index) - keys)
         raise _fail(path, f"header and data disagree: tensors not in the header {extra[:5]}, "
                           f"header entries with no data {missing[:5]}")
-    bad = sorted(k for k, v in tied.items() if v not in index)
+    bad = sorted(k for k, v in tied.items() if v not in index or k in index)
     if bad:
-        raise _fail(path, f"header ties {bad[:3]} to tensors the file does not hold")
+        raise _fail(path, f"header ties {bad[:3]} to tensors the file does not hold (or ties a stored name)")
     meta = dict(meta_raw)
     meta.update(policy=policy, tensors=index, tied=tied, format_version=version)
     return meta
+
+
+_TYPE_LABELS = frozenset(_DTYPE_NAMES.values()) | {"Q1_0"}
+MAX_DIM = 1 << 32
+MAX_NUMEL = 1 << 40
+
+
+def _check_index_types(path: Path, index, policy, tied) -> None:
+    """The JSON of a Bonsai header has the types the format says: ``tensors`` an object of
+    ``{"type": label, "shape": [whole numbers]}``, ``policy`` an object, ``tied`` an object of names."""
+    if not isinstance(index, dict) or not index:
+        raise _fail(path, f"header 'tensors' is {type(index).__name__} {str(index)[:60]!r}, expected an object "
+                          "naming every tensor; the file is corrupt: convert or import the model again")
+    if not isinstance(policy, dict):
+        raise _fail(path, f"header 'policy' is {type(policy).__name__} {str(policy)[:60]!r}, expected an object")
+    if not isinstance(tied, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()):
+        raise _fail(path, f"header 'tied' is {str(tied)[:80]!r}, expected an object of tensor names")
+    for name, info in index.items():
+        if not isinstance(info, dict):
+            raise _fail(path, f"header entry of tensor {name!r} is {info!r}, expected {{'type': ..., 'shape': [...]}}")
+        qtype, shape = info.get("type"), info.get("shape")
+        if not isinstance(qtype, str) or qtype not in _TYPE_LABELS:
+            raise _fail(path, f"tensor {name!r} has type {qtype!r}; expected one of {', '.join(sorted(_TYPE_LABELS))}")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_DIM
+                                                for s in shape)):
+            raise _fail(path, f"tensor {name!r} has shape {shape!r}; expected a list of whole numbers >= 0")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel > MAX_NUMEL:
+            raise _fail(path, f"tensor {name!r} has shape {shape} ({numel} values), more than any model holds")
+        if qtype == "Q1_0" and (len(shape) not in (2, 4) or 0 in shape):
+            raise _fail(path, f"tensor {name!r} is Q1_0 of shape {shape}; a Q1_0 weight is [out, in] or "
+                              "[out, in, kh, kw] with no zero dimension")
+        if "reason" in info and not isinstance(info["reason"], str):
+            raise _fail(path, f"tensor {name!r} has reason {info['reason']!r}, expected text")
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -235,6 +469,34 @@ def read_header(path: str | os.PathLike) -> dict:
     path = Path(path)
     with _open(path) as f:
         return _checked_header(path, f)
+
+
+def check_scales(path: str | os.PathLike, meta: dict | None = None) -> None:
+    """Every Q1_0 scale of a Bonsai file is finite, read through a memory map: only the 2 scale bytes
+    of each 18-byte block are looked at and no tensor is built (``bonsai info``'s data check; the
+    loader checks the same on the tensors it reads)."""
+    import numpy as np
+
+    path = Path(path)
+    meta = meta or read_header(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        offsets = json.loads(f.read(n).decode("utf-8"))
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    for name, info in meta["tensors"].items():
+        if info["type"] != "Q1_0":
+            continue
+        begin, end = offsets[name]["data_offsets"]
+        blocks = data[8 + n + begin: 8 + n + end]
+        if blocks.size % BLOCK_BYTES:
+            raise _fail(path, f"tensor {name!r} holds {blocks.size} bytes, not whole {BLOCK_BYTES}-byte Q1_0 blocks")
+        d = np.ascontiguousarray(blocks.reshape(-1, BLOCK_BYTES)[:, :2]).view("<f2").reshape(-1)
+        bad = np.flatnonzero(~np.isfinite(d))
+        if bad.size:
+            nb = n_blocks(int(np.prod(info["shape"][1:])))
+            raise _fail(path, f"tensor {name!r} has a NaN/inf scale at row {bad[0] // nb}, group {bad[0] % nb}; "
+                              "the file is corrupt: download or convert it again")
+    del data
 
 
 def read_tensors(path: str | os.PathLike) -> ComponentFile:

@@ -28,7 +28,11 @@ def _cmd_import(args) -> int:
     from .importers.assemble import import_model
 
     # SRC may be a Hub repo id (e.g. prism-ml/bonsai-image-binary-4B-mlx-1bit): fetched into the cache
-    src = resolve_model(args.src, args.cache_dir)
+    try:
+        src = resolve_model(args.src, args.cache_dir)
+    except BonsaiError as exc:  # resolve_model's advice names generate's --model; import takes SRC
+        text = str(exc).replace("point --model at a local folder", "give a local folder as SRC")
+        raise type(exc)(text) from exc
     result = import_model(src, args.dst, layout=args.layout, text_encoder=args.text_encoder, vae=args.vae,
                           tokenizer=args.tokenizer, scheduler=args.scheduler,
                           allow_dequantize=args.allow_dequantize, overwrite=args.overwrite,
@@ -48,13 +52,14 @@ def _cmd_export_gguf(args) -> int:
 
 def describe_model(path: Path) -> str:
     """What a Bonsai model folder or file holds: family, components, quantized layers, bytes."""
-    from . import checkpoint
-    from .loader import family_of, read_model_index
+    from . import checkpoint, validate
+    from .loader import check_component, family_of, read_model_index
 
     lines = []
     path = Path(path)
     files: list[tuple[str, Path]] = []
-    if path.is_file():
+    if path.is_file() or (path.exists() and not path.is_dir()):
+        validate.check_regular_file(path, "Bonsai file")  # a FIFO or socket is named as such, never opened
         files.append(("file", path))
     else:
         index = read_model_index(path)
@@ -63,18 +68,19 @@ def describe_model(path: Path) -> str:
         lines.append(f"family:  {family} (denoiser: {denoiser})")
         bonsai = index.get("_bonsai")
         lines.append(f"format:  {'Bonsai v' + str(bonsai['format_version']) if bonsai else 'full precision (not converted)'}")
-        for name, entry in index.items():
-            if name.startswith("_") or not isinstance(entry, list) or entry[0] is None:
-                continue
+        for name, entry in validate.components(index).items():
             comp = path / name
-            weights = sorted(comp.glob("*.safetensors"))
+            if "Tokenizer" in entry[1] or "Scheduler" in entry[1]:  # checked by read_model_index
+                weights, kind = [], "files"
+            else:  # the loader's own checks: config, skeleton, every header against it
+                _skeleton, weights, bonsai = check_component(path, name, entry)
+                kind = "Bonsai Q1_0" if bonsai else "dense"
             size = sum(p.stat().st_size for p in weights)
-            kind = "Bonsai Q1_0" if any(checkpoint.is_bonsai_file(p) for p in weights) else (
-                "dense" if weights else "files")
-            lines.append(f"  {name:<14} {entry[1]:<28} {kind:<12} {size / 2**20:9.1f} MB")
+            lines.append(f"  {name:<14} {entry[1]:<28} {kind:<12} {size / 2**20:9.1f} MiB")
             files += [(name, p) for p in weights if checkpoint.is_bonsai_file(p)]
     for name, f in files:
-        meta = checkpoint.read_header(f)  # the header says it all: no tensor is read
+        meta = checkpoint.read_header(f)  # the header says what it holds: no tensor is built
+        checkpoint.check_scales(f, meta)  # ... and every Q1_0 scale is finite (memory-mapped, 2 bytes a block)
         policy = meta["policy"]
         q = {k: v for k, v in meta["tensors"].items() if v["type"] == "Q1_0"}
         dense = {k: v for k, v in meta["tensors"].items() if v["type"] != "Q1_0"}

@@ -18,7 +18,8 @@ from torch import nn
 
 from . import checkpoint
 from .errors import BonsaiCheckpointError
-from .loader import component_class, family_of, read_model_index
+from .loader import check_component, component_class, family_of, read_model_index
+from .quant.tensor import Q1Tensor
 from .quant.layers import QuantReport, quantize_model
 from .quant.policy import PrecisionPolicy, default_policy
 
@@ -42,7 +43,7 @@ class ConvertResult:
             parts.append(f"== {comp} (policy {rep.policy.name}) ==")
             parts.append(rep.table(max_rows=None if all_rows else 40))
         parts.append("")
-        parts.append(f"whole model: {self.bytes_before / 2**20:.1f} MB at fp16 -> {self.bytes_after / 2**20:.1f} MB "
+        parts.append(f"whole model: {self.bytes_before / 2**20:.1f} MiB at fp16 -> {self.bytes_after / 2**20:.1f} MiB "
                      f"(ratio 1/{self.bytes_before / max(self.bytes_after, 1):.2f})")
         return "\n".join(parts)
 
@@ -50,6 +51,7 @@ class ConvertResult:
 def _quantize_and_save(model: nn.Module, out_dir: Path, src_dir: Path, *, family: str, component: str,
                        policy: PrecisionPolicy, weights_name: str) -> QuantReport:
     report = quantize_model(model, policy, reference_dtype=torch.float16)
+    _check_scales(model, src_dir, component)
     model.to(torch.float16)  # kept layers, norms and biases in fp16; Q1_0 scales stay as they are
     for p in model.parameters():
         if not torch.isfinite(p).all():
@@ -61,6 +63,21 @@ def _quantize_and_save(model: nn.Module, out_dir: Path, src_dir: Path, *, family
     for f in src_dir.glob("*.json"):
         shutil.copy2(f, out_dir / f.name)
     return report
+
+
+def _check_scales(model: nn.Module, src_dir: Path, component: str) -> None:
+    """Refuse (rather than saturate) a group whose scale, mean |w|, is beyond fp16 (65504): its file
+    would hold an infinite scale, which the loader refuses. Saturating would silently change the
+    layer's output; the source model is what needs fixing."""
+    for name, t in model.state_dict().items():
+        if isinstance(t, Q1Tensor):
+            bad = ~torch.isfinite(t.d)
+            if bad.any():
+                row, group = bad.nonzero()[0].tolist()
+                raise BonsaiCheckpointError(
+                    f"{src_dir}: {component} weight {name!r}, row {row}, group {group}: the mean |w| of the group "
+                    "is beyond fp16's range (65504), so its Q1_0 scale would be infinite; nothing was written. "
+                    "Rescale the layer (or keep it in 16-bit with a policy pattern) and convert again")
 
 
 def _check_finite(model: nn.Module, where: Path) -> None:
@@ -76,6 +93,8 @@ def convert_pipeline(src: str | Path, dst: str | Path, *, quantize_text_encoder:
     src, dst = Path(src), Path(dst)
     index = read_model_index(src)
     family, denoiser = family_of(index, src)
+    for line in checkpoint.clean_stale(dst):  # what a killed run left (a model it had moved aside comes back)
+        log(line)
     if dst.exists() and not overwrite:
         raise BonsaiCheckpointError(f"{dst} already exists; pick another destination or pass --overwrite")
     policy = policy or default_policy(family)
@@ -96,10 +115,11 @@ def convert_pipeline(src: str | Path, dst: str | Path, *, quantize_text_encoder:
                 shutil.copytree(comp_src, comp_dst)
                 continue
             log(f"loading {name} ({entry[1]}) from {comp_src}")
+            check_component(src, name, entry)  # config in range, weights cover the model: never random values
             cls = component_class(*entry)
             try:
                 model = cls.from_pretrained(comp_src, torch_dtype=torch.float32)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, RuntimeError) as exc:
                 raise BonsaiCheckpointError(f"{comp_src}: cannot load {entry[1]} ({exc})") from exc
             _check_finite(model, comp_src)
             before = sum(p.numel() * 2 for p in model.parameters())

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import checkpoint
+from . import checkpoint, validate
 from .checkpoint import ComponentFile
 from .errors import BonsaiCheckpointError
 from .quant.layers import QUANTIZED_TYPES, empty_like_float
@@ -39,18 +39,28 @@ DENOISER_CLASSES = {"UNet2DConditionModel": "sd_unet", "Flux2Transformer2DModel"
 
 
 def read_model_index(folder: Path) -> dict:
+    """The folder's checked ``model_index.json``. For a supported family every small file of the
+    folder is checked too (``validate.check_folder``: components present, configs in range, tokenizer,
+    scheduler, ``bonsai.json``), so every entry point refuses a broken folder before building anything."""
+    folder = Path(folder)
+    if not folder.exists():
+        checkpoint.clean_stale(folder)  # a model a killed --overwrite had moved aside comes back
     path = folder / "model_index.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise BonsaiCheckpointError(
             f"{folder}: no model_index.json; expected a diffusers pipeline folder (unet/ or transformer/, "
             "vae/, text_encoder/, tokenizer/, scheduler/)")
+    index = validate.check_model_index(validate.read_json_file(path, "model_index.json", kind=object), path)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BonsaiCheckpointError(f"{path}: not valid JSON ({exc})") from exc
+        family, _ = family_of(index, folder)
+    except BonsaiCheckpointError:
+        return index  # not a supported family: family_of says so where the caller asks
+    validate.check_folder(folder, index, family)
+    return index
 
 
 def family_of(index: dict, folder: Path) -> tuple[str, str]:
+    validate.check_model_index(index, Path(folder) / "model_index.json")
     cls = index.get("_class_name", "")
     if cls in PIPELINE_FAMILIES:
         return PIPELINE_FAMILIES[cls]
@@ -65,6 +75,8 @@ def family_of(index: dict, folder: Path) -> tuple[str, str]:
 
 def component_class(library: str, class_name: str):
     """The diffusers / transformers class a ``model_index.json`` entry names."""
+    if not isinstance(class_name, str) or not class_name.isidentifier():
+        raise BonsaiCheckpointError(f"component class {class_name!r} is not a class name")
     if library not in ("diffusers", "transformers"):
         raise BonsaiCheckpointError(f"component library {library!r} is not supported (diffusers or transformers)")
     module = importlib.import_module(library)
@@ -76,22 +88,79 @@ def component_class(library: str, class_name: str):
 
 
 def build_skeleton(component_dir: Path, library: str, class_name: str) -> nn.Module:
-    """The component's module tree with parameters on the meta device (no memory for weights)."""
+    """The component's module tree with parameters on the meta device (no memory for weights).
+
+    The config is checked first (``validate.read_component_config``: sizes bounded, epsilons
+    positive), so no value a real model cannot hold reaches the library; whatever else the library
+    refuses in the config is a ``BonsaiCheckpointError`` naming it."""
     from accelerate import init_empty_weights
 
+    component_dir = Path(component_dir)
     cls = component_class(library, class_name)
-    with init_empty_weights():
-        if library == "diffusers":
-            model = cls.from_config(cls.load_config(component_dir))
-        else:
-            from transformers import AutoConfig
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise BonsaiCheckpointError(f"{component_dir}: {library}.{class_name} is not a model class")
+    cfg = validate.read_component_config(component_dir)
+    try:
+        with init_empty_weights():
+            if library == "diffusers":
+                model = cls.from_config(cls.load_config(component_dir))
+            else:
+                from transformers import AutoConfig
 
-            model = cls._from_config(AutoConfig.from_pretrained(component_dir))
+                model = cls._from_config(AutoConfig.from_pretrained(component_dir))
+    except BonsaiCheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the library's refusal of a config value, whatever its type
+        raise BonsaiCheckpointError(
+            f"{component_dir / 'config.json'}: {class_name} cannot be built from this config "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+            f"restore the model's config.json (model_type {cfg.get('model_type', cfg.get('_class_name'))!r})"
+        ) from None
     return model
 
 
 def is_bonsai_component(component_dir: Path) -> bool:
-    return any(checkpoint.is_bonsai_file(p) for p in Path(component_dir).glob("*.safetensors"))
+    """True when a ``.safetensors`` file of the folder is a Bonsai file, even a broken one (a
+    truncated Bonsai file is reported as broken, never taken for a dense component)."""
+    return any(checkpoint.sniff_format(p) in ("bonsai", "broken-bonsai")
+               for p in sorted(Path(component_dir).glob("*.safetensors")))
+
+
+def check_component(folder: Path, name: str, entry: list) -> tuple[nn.Module, list[Path], bool]:
+    """Check one component before loading it: its folder, config, a skeleton built from the config
+    on the meta device, and the weight files' headers against that skeleton, name for name and
+    shape for shape. Returns ``(skeleton, weight files, is_bonsai)``; reads no tensor data."""
+    library, class_name = entry
+    comp_dir = Path(folder) / name
+    if not comp_dir.is_dir():
+        raise BonsaiCheckpointError(f"{folder}: model_index.json names component {name!r} but {comp_dir} is missing")
+    validate.check_folder_entries(comp_dir, name)
+    files = validate.weight_files(comp_dir)
+    if not files:
+        pickles = [p.name for p in comp_dir.iterdir() if p.suffix in validate.PICKLE_SUFFIXES]
+        raise BonsaiCheckpointError(
+            f"{comp_dir}: no .safetensors weights{' (only ' + ', '.join(pickles) + ', never unpickled)' if pickles else ''}"
+            "; save the component with safe_serialization=True")
+    kinds = {p: checkpoint.sniff_format(p) for p in files}
+    for p, kind in kinds.items():
+        if kind == "broken-bonsai":
+            checkpoint.read_header(p)  # raises, saying what is wrong
+        if kind == "broken":
+            from .importers import read_safetensors_header
+            read_safetensors_header(p)  # raises with the reason
+            raise BonsaiCheckpointError(f"{p}: not a readable safetensors file; download or convert it again")
+    model = build_skeleton(comp_dir, library, class_name)
+    want, tied = validate.skeleton_shapes(model)
+    bonsai = any(k == "bonsai" for k in kinds.values())
+    if bonsai:
+        weights = checkpoint.find_weights(comp_dir)
+        meta = checkpoint.read_header(weights)
+        have = {k: tuple(v["shape"]) for k, v in meta["tensors"].items()}
+        have.update({k: want.get(k, ()) for k in meta.get("tied", {}) if k in want})
+        validate.check_coverage(weights, have, want, tied, f"{class_name}")
+    else:
+        validate.check_coverage(comp_dir, validate.header_shapes(files), want, tied, class_name)
+    return model, files, bonsai
 
 
 def _fail(path: Path, what: str) -> BonsaiCheckpointError:
@@ -158,19 +227,19 @@ def load_into(model: nn.Module, cf: ComponentFile, dtype: torch.dtype | None = N
 def load_component(folder: Path, name: str, entry: list, dtype: torch.dtype | None,
                    device: torch.device | str = "cpu") -> nn.Module:
     """Load one pipeline component: a Bonsai file through the skeleton, anything else through
-    its library's ``from_pretrained`` (safetensors only)."""
+    its library's ``from_pretrained`` (safetensors only). ``check_component`` runs first: a
+    component whose weights do not cover its model is refused, never filled with random values."""
     library, class_name = entry
     comp_dir = Path(folder) / name
-    if not comp_dir.is_dir():
-        raise BonsaiCheckpointError(f"{folder}: model_index.json names component {name!r} but {comp_dir} is missing")
-    if is_bonsai_component(comp_dir):
+    model, _files, bonsai = check_component(folder, name, entry)
+    if bonsai:
         cf = checkpoint.read_tensors(checkpoint.find_weights(comp_dir))
-        model = build_skeleton(comp_dir, library, class_name)
         return load_into(model, cf, dtype=dtype, device=device)
+    del model
     cls = component_class(library, class_name)
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     try:
         model = cls.from_pretrained(comp_dir, use_safetensors=True, **kwargs)
-    except (OSError, EnvironmentError, ValueError) as exc:
+    except (OSError, EnvironmentError, ValueError, RuntimeError) as exc:
         raise BonsaiCheckpointError(f"{comp_dir}: cannot load {class_name} ({exc})") from exc
     return model.to(device).eval().requires_grad_(False)

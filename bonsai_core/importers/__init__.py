@@ -90,6 +90,10 @@ def load_pt_weights_only(path: Path, *, what: str, expected: str) -> dict:
     """Read a public ``.pt`` payload with ``torch.load(weights_only=True)`` only: PyTorch's
     restricted loader admits tensors and plain containers and refuses any other object, so
     nothing is ever unpickled. Any refusal becomes a ``BonsaiCheckpointError`` naming the file."""
+    from ..validate import check_regular_file
+
+    if Path(path).exists() or Path(path).is_symlink():
+        check_regular_file(path, what)  # a FIFO would block torch.load
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -105,6 +109,10 @@ def load_pt_weights_only(path: Path, *, what: str, expected: str) -> dict:
 
 
 def read_json(path: Path) -> dict:
+    from ..validate import check_regular_file
+
+    if Path(path).exists() or Path(path).is_symlink():
+        check_regular_file(path, "JSON file")
     try:
         with open(path, "r", encoding="utf-8") as f:
             data = json.load(f)
@@ -131,8 +139,10 @@ def read_safetensors_header(path) -> tuple[dict[str, dict], dict[str, str]]:
     ``__metadata__`` strings. Truncated or malformed files are refused naming the tensor.
     """
     path = Path(path)
+    from ..validate import check_regular_file
+
+    size = check_regular_file(path, "safetensors file")  # never opens a FIFO, socket or folder
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
@@ -151,23 +161,36 @@ def read_safetensors_header(path) -> tuple[dict[str, dict], dict[str, str]]:
     if not isinstance(header, dict):
         raise refuse(path, "header is not a JSON object", expected="a safetensors file")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise refuse(path, f"header __metadata__ is {str(meta)[:80]!r}", expected="an object of strings")
     data_len = size - 8 - n
+    regions = []
     for name, info in header.items():
         try:
-            begin, end = (int(x) for x in info["data_offsets"])
+            begin, end = info["data_offsets"]
+            shape = info["shape"]
             dtype = _ST_DTYPES[info["dtype"]]
+            ints = [begin, end, *shape]
+            if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in ints) or begin > end:
+                raise ValueError(info)
             numel = 1
-            for s in info["shape"]:
-                numel *= int(s)
+            for s in shape:
+                numel *= s
         except (KeyError, TypeError, ValueError):
-            raise refuse(path, f"malformed header entry {info!r}", tensor=name,
-                         expected="dtype, shape and data_offsets") from None
+            raise refuse(path, f"malformed header entry {str(info)[:120]!r}", tensor=name,
+                         expected="dtype, shape (whole numbers) and data_offsets [begin, end]") from None
+        regions.append((begin, end, name))
         if end > data_len:
             raise refuse(path, f"its bytes end at {end} but the file holds only {data_len} data bytes",
                          tensor=name, expected="a complete file (truncated download?)")
         if end - begin != numel * dtype.itemsize:
             raise refuse(path, f"{end - begin} bytes for shape {info['shape']} {info['dtype']}", tensor=name,
                          expected=f"{numel * dtype.itemsize} bytes")
+    regions.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(regions, regions[1:]):
+        if b1 < e0:
+            raise refuse(path, f"its bytes {b1}..{e1} overlap tensor '{n0}' ({b0}..{e0})", tensor=n1,
+                         expected="every tensor in its own region (the file is corrupt)")
     return header, meta
 
 

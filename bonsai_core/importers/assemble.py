@@ -93,7 +93,7 @@ class ImportResult:
     def table(self) -> str:
         total = max(self.packed_bytes + self.kept_bytes, 1)
         lines = [f"imported {self.source_layout} -> {self.dst}",
-                 f"{'transformer':<14}{'tensors':>8}{'MB':>10}{'share':>8}",
+                 f"{'transformer':<14}{'tensors':>8}{'MiB':>10}{'share':>8}",
                  f"{'  packed Q1_0':<14}{self.packed:>8}{self.packed_bytes / 2**20:>10.2f}"
                  f"{100 * self.packed_bytes / total:>7.1f}%",
                  f"{'  kept dense':<14}{self.kept:>8}{self.kept_bytes / 2**20:>10.2f}"
@@ -286,11 +286,19 @@ def _save_dense_text_encoder(imported, out: Path) -> str:
 
 
 def _write_text_encoder(te_dir: Path, out: Path, result: ImportResult, log) -> str:
+    from .. import validate
+    from ..loader import check_component
+
+    validate.check_folder_entries(te_dir, "text encoder")
     kind = _text_encoder_kind(te_dir)
     if kind == "dense":
+        cfg = validate.read_component_config(te_dir)
+        archs = cfg.get("architectures") or [TEXT_ENCODER_CLASS]
+        arch = archs[0] if isinstance(archs, list) and archs else archs
+        if not isinstance(arch, str):
+            raise BonsaiCheckpointError(f"{te_dir / 'config.json'}: architectures is {archs!r}, expected a class name")
+        check_component(te_dir.parent, te_dir.name, ["transformers", arch])  # weights cover the model
         _copy_files(te_dir, out, "text encoder")
-        cfg = read_json(out / "config.json")
-        arch = (cfg.get("architectures") or [TEXT_ENCODER_CLASS])[0]
         result.parts["text_encoder"] = f"{te_dir} (dense, copied)"
         return arch
     try:
@@ -314,6 +322,8 @@ def _write_tokenizer(tok_dir: Path, out: Path, templates: list[Path], result: Im
     if not (out / "tokenizer.json").is_file() and not (out / "vocab.json").is_file():
         raise BonsaiCheckpointError(
             f"{tok_dir}: no tokenizer.json (or vocab.json + merges.txt) in the tokenizer folder")
+    from .. import validate
+
     cfg_path = out / "tokenizer_config.json"
     cfg = read_json(cfg_path) if cfg_path.is_file() else {}
     has_template = bool(cfg.get("chat_template")) or (out / "chat_template.jinja").is_file()
@@ -324,6 +334,7 @@ def _write_tokenizer(tok_dir: Path, out: Path, templates: list[Path], result: Im
                 result.notes.append(f"tokenizer: chat template taken from {t}")
                 has_template = True
                 break
+    validate.check_tokenizer(out, cfg.get("tokenizer_class") if isinstance(cfg.get("tokenizer_class"), str) else None)
     tok_class = cfg.get("tokenizer_class")
     tok_class = TOKENIZER_CLASS if tok_class in (None, "Qwen2Tokenizer", "Qwen2TokenizerFast") else tok_class
     import transformers
@@ -331,8 +342,8 @@ def _write_tokenizer(tok_dir: Path, out: Path, templates: list[Path], result: Im
     cls = getattr(transformers, tok_class, None) or transformers.AutoTokenizer
     try:
         tok = cls.from_pretrained(out)
-    except (OSError, ValueError, TypeError) as exc:
-        raise BonsaiCheckpointError(f"{tok_dir}: the tokenizer does not load ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - the tokenizers library raises plain Exception for broken files
+        raise BonsaiCheckpointError(f"{tok_dir}: the tokenizer does not load ({type(exc).__name__}: {exc})") from exc
     if not getattr(tok, "chat_template", None):
         raise BonsaiCheckpointError(
             f"{tok_dir}: the tokenizer has no chat template and none was found beside it "
@@ -346,33 +357,31 @@ def _check_vae_layout(vae_dir: Path) -> None:
     """The VAE's tensors must be what diffusers' AutoencoderKLFlux2 expects, name for name and shape
     for shape: a VAE in another layout (an MLX conversion stores conv weights channels-last, say)
     is refused here, at import, rather than failing when the first image is decoded."""
-    from safetensors import safe_open
-
+    from .. import validate
     from ..loader import build_skeleton
 
-    want = {k: tuple(v.shape) for k, v in build_skeleton(vae_dir, "diffusers", VAE_CLASS).state_dict().items()}
-    have: dict[str, tuple] = {}
-    for f in sorted(vae_dir.glob("*.safetensors")):
-        try:
-            with safe_open(str(f), framework="pt") as h:
-                have.update({k: tuple(h.get_slice(k).get_shape()) for k in h.keys()})
-        except Exception as exc:
-            raise BonsaiCheckpointError(f"{f}: not a readable safetensors file ({exc})") from exc
+    want, _tied = validate.skeleton_shapes(build_skeleton(vae_dir, "diffusers", VAE_CLASS))
+    have = validate.header_shapes(validate.weight_files(vae_dir))  # headers checked, no data read
     missing = sorted(set(want) - set(have))
+    extra = sorted(set(have) - set(want))
     wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
-    if missing or wrong:
+    if missing or wrong or extra:
         detail = (f"tensor {wrong[0]!r} has shape {list(have[wrong[0]])}, diffusers expects {list(want[wrong[0]])}"
-                  if wrong else f"{len(missing)} tensors missing, e.g. {missing[:3]}")
+                  if wrong else f"{len(missing)} tensors missing, e.g. {missing[:3]}" if missing
+                  else f"{len(extra)} tensors the model does not have, e.g. {extra[:3]}")
         raise BonsaiCheckpointError(
             f"{vae_dir}: the VAE weights are not in diffusers' {VAE_CLASS} layout ({detail}); pass --vae with a "
             f"diffusers {VAE_CLASS} folder (config.json + safetensors)")
 
 
 def _write_vae(vae_dir: Path, out: Path, result: ImportResult) -> None:
+    from .. import validate
+
     cfg_path = vae_dir / "config.json"
+    validate.check_folder_entries(vae_dir, "VAE")
     if not cfg_path.is_file():
         raise BonsaiCheckpointError(f"{vae_dir}: the VAE folder has no config.json")
-    cls = read_json(cfg_path).get("_class_name", VAE_CLASS)
+    cls = validate.read_component_config(vae_dir).get("_class_name", VAE_CLASS)
     if cls != VAE_CLASS:
         raise BonsaiCheckpointError(f"{cfg_path}: the VAE is a {cls}; FLUX.2 [klein] needs {VAE_CLASS} "
                                     "(32 latent channels, batch-norm statistics)")
@@ -386,12 +395,16 @@ def _write_vae(vae_dir: Path, out: Path, result: ImportResult) -> None:
 
 def _write_scheduler(sch_dir: Path | None, out: Path, result: ImportResult) -> str:
     if sch_dir is not None:
+        from .. import validate
+
+        validate.check_folder_entries(sch_dir, "scheduler")
         _copy_files(sch_dir, out, "scheduler")
         cfg_path = out / "scheduler_config.json"
         if not cfg_path.is_file():
             raise BonsaiCheckpointError(f"{sch_dir}: the scheduler folder has no scheduler_config.json")
+        cfg = validate.check_scheduler_dir(out)
         result.parts["scheduler"] = f"{sch_dir} (copied)"
-        return read_json(cfg_path).get("_class_name", SCHEDULER_CLASS)
+        return cfg.get("_class_name", SCHEDULER_CLASS)
     out.mkdir(parents=True)
     (out / "scheduler_config.json").write_text(json.dumps(DEFAULT_SCHEDULER_CONFIG, indent=2))
     result.parts["scheduler"] = "default FLUX.2 [klein] FlowMatchEuler config (written)"
@@ -418,6 +431,8 @@ def import_model(src, dst, *, layout: str | None = None, text_encoder=None, vae=
     at ``dst`` then.
     """
     src, dst = Path(src), Path(dst)
+    for line in checkpoint.clean_stale(dst):  # what a killed run left (a model it had moved aside comes back)
+        log(line)
     if dst.exists() and not overwrite:
         raise BonsaiCheckpointError(f"{dst} already exists; pick another destination or pass --overwrite")
     if not src.exists():
@@ -441,8 +456,13 @@ def import_model(src, dst, *, layout: str | None = None, text_encoder=None, vae=
         _write_vae(parts["vae"], tmp / "vae", result)
         sched_class = _write_scheduler(parts["scheduler"], tmp / "scheduler", result)
 
+        from .. import validate
+
+        te_layers = validate.read_json_file(tmp / "text_encoder" / "config.json", "text encoder config").get(
+            "num_hidden_layers")
         for base in ([src] if src.is_dir() else []) + [parts["text_encoder"]]:
-            if (base / SETTINGS_FILE).is_file():
+            if (base / SETTINGS_FILE).exists():
+                validate.check_settings(base, te_layers if isinstance(te_layers, int) else None)
                 shutil.copy2(base / SETTINGS_FILE, tmp / SETTINGS_FILE)
                 result.notes.append(f"settings: {SETTINGS_FILE} taken from {base}")
                 break
@@ -479,6 +499,7 @@ def export_gguf(model_dir, out, *, overwrite: bool = False, log: Callable[[str],
     from .gguf_q1 import write_gguf
 
     model_dir, out = Path(model_dir), Path(out)
+    checkpoint.clean_stale(out)
     if out.exists() and not overwrite:
         raise BonsaiCheckpointError(f"{out} already exists; pick another file name or pass --overwrite")
     index = read_model_index(model_dir)
@@ -489,11 +510,14 @@ def export_gguf(model_dir, out, *, overwrite: bool = False, log: Callable[[str],
     if not comp.is_dir() or not is_bonsai_component(comp):
         raise BonsaiCheckpointError(
             f"{comp}: not a Bonsai Q1_0 transformer (full precision?); run `bonsai convert` first, then export")
+    from ..loader import check_component
+
+    check_component(model_dir, denoiser, index[denoiser])  # the same checks as loading: config, shapes
     cf = checkpoint.read_tensors(checkpoint.find_weights(comp))
-    packed = sum(isinstance(t, Q1Tensor) for t in cf.tensors.values())
-    log(f"writing {out}: {packed} Q1_0 tensors, {len(cf.tensors) - packed} dense")
     out.parent.mkdir(parents=True, exist_ok=True)
-    return write_gguf(out, cf.tensors)
+    path, counts = write_gguf(out, cf.tensors, with_counts=True)
+    log(f"wrote {out}: {counts['Q1_0']} Q1_0 tensors, {counts['dense']} dense (BFL names: q/k/v fused into qkv)")
+    return path
 
 
 __all__ = ["ImportResult", "import_model", "export_gguf", "DEFAULT_SCHEDULER_CONFIG"]

@@ -82,6 +82,26 @@ def _raw_reader(path: Path):
                      expected="a complete GGUF v2/v3 file (truncated download?)") from None
 
 
+def _check_fixed_header(path: Path, size: int) -> None:
+    """Magic, version and the two counts, checked before the gguf package parses anything: a
+    count no file of this size can hold would make the parser loop or allocate for a long time."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:4] != b"GGUF":
+        raise refuse(path, f"starts with {head[:4]!r} and holds {size} bytes",
+                     expected="a GGUF file (magic 'GGUF', 24-byte fixed header)")
+    version = int.from_bytes(head[4:8], "little")
+    if version not in (2, 3):
+        raise refuse(path, f"is GGUF version {version}", expected="GGUF version 2 or 3")
+    n_tensors = int.from_bytes(head[8:16], "little")
+    n_kv = int.from_bytes(head[16:24], "little")
+    # a tensor record is at least 8 (name length) + 4 (dims) + 8 (one dim) + 4 (type) + 8 (offset) bytes,
+    # a key/value at least 8 + 4 + 1
+    if n_tensors * 32 + n_kv * 13 > size:
+        raise refuse(path, f"claims {n_tensors} tensors and {n_kv} key/values in {size} bytes",
+                     expected="counts the file can hold (the file is corrupt or truncated)")
+
+
 def _kv_string(reader, key: str) -> str | None:
     f = reader.fields.get(key)
     if f is None:
@@ -100,8 +120,10 @@ def read_gguf(path, allow_dequantize: bool = False) -> ImportedTransformer:
     Q2_0 (ternary) or other types importable (Q8_0 is always dequantized, with a note).
     """
     path = Path(path)
-    if not path.is_file():
-        raise refuse(path, "file not found", expected="a .gguf file")
+    from ..validate import check_regular_file
+
+    size = check_regular_file(path, ".gguf file")  # never opens a FIFO or folder
+    _check_fixed_header(path, size)
     reader = _raw_reader(path)
     if reader.byte_order != "I":
         raise refuse(path, "is a big-endian GGUF", expected="a little-endian GGUF (every published one is)")
@@ -113,7 +135,12 @@ def read_gguf(path, allow_dequantize: bool = False) -> ImportedTransformer:
     raw: dict[str, torch.Tensor | Q1Tensor] = {}
     q8: list[str] = []
     stripped = 0
+    data_start = int(getattr(reader, "data_offset", 0))
+    regions: list[tuple[int, int, str]] = []
     for name, ne, ttype, offset in reader.raw_tensors:
+        if not 1 <= len(ne) <= 4 or any(n < 1 or n > 1 << 32 for n in ne):
+            raise refuse(path, f"has dimensions ne {ne}", tensor=name,
+                         expected="1 to 4 dimensions, each from 1 to 2^32 (the file is corrupt)")
         torch_shape = tuple(reversed(ne))
         if ttype == GGML_Q2_0:
             raise refuse(path, f"is {_type_name(ttype)}, a 2-bit (ternary) code", tensor=name,
@@ -131,9 +158,11 @@ def read_gguf(path, allow_dequantize: bool = False) -> ImportedTransformer:
             raise refuse(path, f"has ne {ne}, whose ne[0] is not a multiple of {per_block}", tensor=name,
                          expected=f"rows made of whole {_TYPE_NAMES[ttype]} blocks")
         nbytes = numel // per_block * block_bytes
-        if offset + nbytes > size:
-            raise refuse(path, f"its data ends at byte {offset + nbytes} but the file has {size} bytes",
-                         tensor=name, expected="a complete file (truncated download?)")
+        if offset + nbytes > size or offset < data_start:
+            raise refuse(path, f"its data spans bytes {offset}..{offset + nbytes} but the file's tensor data is "
+                               f"bytes {data_start}..{size}", tensor=name,
+                         expected="a complete file (truncated download?)")
+        regions.append((offset, offset + nbytes, name))
         buf = np.array(reader.data[offset:offset + nbytes], dtype=np.uint8, copy=True)
         rows = numel // ne[0]
         if ttype == GGML_TYPE_Q1_0:
@@ -142,6 +171,12 @@ def read_gguf(path, allow_dequantize: bool = False) -> ImportedTransformer:
                              expected="a 2-D linear weight [out, in]")
             blocks = torch.from_numpy(buf).reshape(rows, nbytes // rows)
             t = Q1Tensor.from_blocks(blocks, torch_shape)
+            finite = torch.isfinite(t.d)
+            if not finite.all():
+                row, group = (~finite).nonzero()[0].tolist()
+                raise refuse(path, f"has a NaN/inf scale at row {row}, group {group} "
+                                   f"({float(t.d[row, group])})", tensor=name,
+                             expected="finite fp16 scales (the file is corrupt: download it again)")
         elif ttype == GGML_Q8_0:
             from gguf import GGMLQuantizationType
             from gguf.quants import dequantize
@@ -159,6 +194,11 @@ def read_gguf(path, allow_dequantize: bool = False) -> ImportedTransformer:
         if name in raw:
             raise refuse(path, "appears twice", tensor=name, expected="unique tensor names")
         raw[name] = t
+    regions.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(regions, regions[1:]):
+        if b1 < e0:
+            raise refuse(path, f"its data (bytes {b1}..{e1}) overlaps tensor '{n0}' (bytes {b0}..{e0})", tensor=n1,
+                         expected="every tensor in its own region (the file is corrupt)")
     if stripped:
         notes.append(f"removed the 'model.diffusion_model.'/'diffusion_model.' prefix from {stripped} tensor names")
     if q8:
@@ -189,12 +229,14 @@ def read_gguf(path, allow_dequantize: bool = False) -> ImportedTransformer:
     return ImportedTransformer(tensors=tensors, config=None, source_layout="gguf_q1", notes=notes)
 
 
-def write_gguf(path, tensors: dict, arch: str = "flux") -> Path:
+def write_gguf(path, tensors: dict, arch: str = "flux", with_counts: bool = False):
     """Write diffusers-named tensors as a BFL-named ``.gguf`` (Q1_0 raw type-41 blocks, BF16/F16/F32).
 
     ``arch`` goes into ``general.architecture`` (the gguf package's writer always writes that key;
     stable-diffusion.cpp ignores it, ComfyUI-GGUF keys image models on it: "flux" is assumed to
     be accepted there [unverified for FLUX.2]). Written to a temporary name, then renamed.
+    ``with_counts``: return ``(path, {"Q1_0": n, "dense": m})``, counted in the file as written (BFL
+    names fuse q/k/v into one qkv tensor, so the file holds fewer tensors than the model has names).
     """
     gguf = _gguf()
     path = Path(path)
@@ -211,7 +253,11 @@ def write_gguf(path, tensors: dict, arch: str = "flux") -> Path:
     except (ValueError, KeyError):
         raise BonsaiCheckpointError(
             f"{path}: the installed gguf package does not know Q1_0 (type 41); pip install -U 'gguf>=0.19'") from None
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    counts = {"Q1_0": sum(isinstance(t, Q1Tensor) for t in bfl.values())}
+    counts["dense"] = len(bfl) - counts["Q1_0"]
+    from ..checkpoint import partial_name
+
+    tmp = path.with_name(partial_name(path.name))
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         for name, t in bfl.items():
@@ -233,10 +279,16 @@ def write_gguf(path, tensors: dict, arch: str = "flux") -> Path:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         writer.close()
         if tmp.exists():
             tmp.unlink()
         raise
-    return path
+    return (path, counts) if with_counts else path
+
+
+def _umask() -> int:
+    from ..checkpoint import current_umask
+    return current_umask()

@@ -254,10 +254,13 @@ class QuantReport:
 
     def table(self, max_rows: int | None = 40) -> str:
         """A readable table: layers quantized / kept and why, bytes before / after, ratio."""
-        rows = [f"{'layer':<58} {'kind':<7} {'shape':<22} {'before':>10} {'after':>10}  decision"]
         shown = self.layers if max_rows is None else self.layers[:max_rows]
+        # the name column fits the longest name shown (never cut); a column of 58 at least keeps
+        # short tables aligned as before
+        width = max([58] + [len(layer.name) for layer in shown])
+        rows = [f"{'layer':<{width}} {'kind':<7} {'shape':<22} {'before':>10} {'after':>10}  decision"]
         for layer in shown:
-            rows.append(f"{layer.name[:58]:<58} {layer.kind:<7} {str(list(layer.shape)):<22} "
+            rows.append(f"{layer.name:<{width}} {layer.kind:<7} {str(list(layer.shape)):<22} "
                         f"{_fmt_bytes(layer.bytes_before):>10} {_fmt_bytes(layer.bytes_after):>10}  {layer.reason}")
         if max_rows is not None and len(self.layers) > max_rows:
             rows.append(f"... {len(self.layers) - max_rows} more layers (--all shows every one)")
@@ -278,11 +281,12 @@ class QuantReport:
 
 
 def _fmt_bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+    """Bytes in binary units, labelled as such (1 KiB = 1024 B)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} GB"
+    return f"{n:.1f} GiB"
 
 
 def _set_child(root: nn.Module, name: str, child: nn.Module) -> None:
