@@ -181,7 +181,7 @@ def _cmd_generate(args) -> int:
         target = out if len(result.images) == 1 else out.with_name(f"{out.stem}_{i:02d}{out.suffix or '.png'}")
         written.append(result.save(target, i))
     m = result.metadata
-    peak = f", peak {m['peak_bytes'] / 2**20:.0f} MB ({m['peak_kind']})" if m.get("peak_bytes") else ""
+    peak = f", peak {m['peak_bytes'] / 2**20:.0f} MiB ({m['peak_kind']})" if m.get("peak_bytes") else ""
     print(f"{m['width']}x{m['height']}, {m['steps']} steps {m['sampler']}, seed {m['seed']}: "
           f"{m['timings']['total_s']:.1f} s{peak}", file=sys.stderr)
     for p in written:
