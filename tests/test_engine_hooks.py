@@ -139,7 +139,8 @@ def test_the_memory_guardrail_uses_the_hosts_count_when_given(eng):
     asked = []
     eng.available_memory = lambda dev: asked.append(dev.type) or 2**20  # the host says: 1 MiB free
     try:
-        with pytest.raises(BonsaiMemoryError, match="0.00 GiB is available"):
+        # 1 MiB from the host, plus the tiny model's own weights (the estimate counts them too)
+        with pytest.raises(BonsaiMemoryError, match=r"0\.0\d GiB is available"):
             eng.check("a cat", width=64, height=64, mode="refuse")
         assert asked == ["cpu"]
         eng.available_memory = lambda dev: 2**40
