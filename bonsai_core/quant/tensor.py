@@ -149,15 +149,17 @@ class Q1Tensor(torch.Tensor):
         shape, dtype = ctx
         return Q1Tensor(inner["qs"], inner["d"], shape, dtype)
 
-    def _moved(self, device=None, dtype=None, non_blocking: bool = False) -> "Q1Tensor":
-        """This weight on ``device`` computing in ``dtype``: bits and scales move, the scales stay fp16.
-        Done here, not through autograd's dispatch: that path refuses to alias an inference-mode
-        tensor's parts (ComfyUI runs every node under ``torch.inference_mode``)."""
+    def _moved(self, device=None, dtype=None, non_blocking: bool = False, copy: bool = False) -> "Q1Tensor":
+        """This weight on ``device`` computing in ``dtype``: bits and scales move, the scales stay fp16
+        (``copy``: a new tensor object even when nothing changes, as ``_to_copy`` must give). Tensor.to
+        and its kin come here from ``__torch_function__``, not through autograd's dispatch: that path
+        refuses to alias an inference-mode tensor's parts (ComfyUI runs every node under
+        ``torch.inference_mode``)."""
         dtype = dtype or self._dtype
         if not dtype.is_floating_point:
             raise TypeError(f"a Q1_0 weight cannot become {dtype}; dequantize() it first")
         device = self.qs.device if device is None else torch.device(device)
-        if device == self.qs.device and dtype == self._dtype:
+        if device == self.qs.device and dtype == self._dtype and not copy:
             return self
         return self._same(self.qs.to(device, non_blocking=non_blocking),
                           self.d.to(device, non_blocking=non_blocking), dtype)
@@ -200,17 +202,9 @@ class Q1Tensor(torch.Tensor):
         if func is aten.clone.default:
             return args[0]._same(args[0].qs.clone(), args[0].d.clone())
         if func is aten._to_copy.default:
-            src = args[0]
-            device = kwargs.get("device") or src.device
-            dtype = kwargs.get("dtype") or src.dtype
-            if not dtype.is_floating_point:
-                raise TypeError(f"a Q1_0 weight cannot become {dtype}; dequantize() it first")
-            pin = bool(kwargs.get("pin_memory"))
-            nb = bool(kwargs.get("non_blocking"))
-            qs, d = src.qs.to(device, non_blocking=nb), src.d.to(device, non_blocking=nb)
-            if pin:
-                qs, d = qs.pin_memory(), d.pin_memory()
-            return src._same(qs, d, dtype)
+            out = args[0]._moved(kwargs.get("device"), kwargs.get("dtype"), bool(kwargs.get("non_blocking")),
+                                 copy=True)
+            return out._same(out.qs.pin_memory(), out.d.pin_memory()) if kwargs.get("pin_memory") else out
         if func is aten._pin_memory.default:
             return args[0]._same(args[0].qs.pin_memory(), args[0].d.pin_memory())
         if func is aten.is_pinned.default:
