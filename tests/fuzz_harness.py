@@ -256,38 +256,30 @@ def m_meta_bad_version(d: Path, rng: random.Random):
     return f"metadata {key} = {val!r}", "refuse"
 
 
-def m_entry_shape(d: Path, rng: random.Random):
-    val = rng.choice(BAD_SHAPES)
-
+def _edit_entry(d: Path, rng: random.Random, change) -> None:
+    """Apply ``change(index, name)`` to one random entry of the Bonsai header's tensor index."""
     def edit(m):
         idx = json.loads(m["tensors"])
-        name = rng.choice(sorted(idx))
-        idx[name]["shape"] = val
+        change(idx, rng.choice(sorted(idx)))
         m["tensors"] = json.dumps(idx)
     _edit_meta(_bonsai_file(d), edit)
+
+
+def m_entry_shape(d: Path, rng: random.Random):
+    val = rng.choice(BAD_SHAPES)
+    _edit_entry(d, rng, lambda idx, name: idx[name].__setitem__("shape", val))
     return f"a tensor's shape = {val!r}", "refuse"
 
 
 def m_entry_type(d: Path, rng: random.Random):
     val = rng.choice(BAD_TYPES)
-
-    def edit(m):
-        idx = json.loads(m["tensors"])
-        name = rng.choice(sorted(idx))
-        idx[name]["type"] = val
-        m["tensors"] = json.dumps(idx)
-    _edit_meta(_bonsai_file(d), edit)
+    _edit_entry(d, rng, lambda idx, name: idx[name].__setitem__("type", val))
     return f"a tensor's type = {val!r}", "refuse"
 
 
 def m_entry_not_object(d: Path, rng: random.Random):
     val = rng.choice([5, [], None, "Q1_0", [1, 2]])
-
-    def edit(m):
-        idx = json.loads(m["tensors"])
-        idx[rng.choice(sorted(idx))] = val
-        m["tensors"] = json.dumps(idx)
-    _edit_meta(_bonsai_file(d), edit)
+    _edit_entry(d, rng, lambda idx, name: idx.__setitem__(name, val))
     return f"a tensors entry = {val!r}", "refuse"
 
 

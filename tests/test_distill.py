@@ -23,13 +23,7 @@ FAST = dict(batch=4, pool=4, refresh=2, refresh_every=1, sample_steps=2, log_eve
             device="cpu", uncond=0.5)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core CPU: one thread is many times faster (no OpenMP waiting)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
