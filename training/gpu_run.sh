@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The shipped model's GPU runs, one stage a device call (each under 10 minutes); see training/GPU-RUNS.md.
-#   bash training/gpu_run.sh teacher|teacher-more|distill|more|ablate
+#   bash training/gpu_run.sh teacher|teacher-more|distill|more|ablate|retrain
 # Work folder: models/train (git-ignored, so it stays on a warm machine between calls); what must come
 # back goes to $OUT (at most 8 files, each under 16 MB).
 # SMOKE=1 runs every stage on the CPU with the tiny config and a few steps (checks the script itself).
 set -euo pipefail
-STAGE=${1:?stage: teacher, teacher-more, distill, more or ablate}
+STAGE=${1:?stage: teacher, teacher-more, distill, more, ablate or retrain}
 W=${BONSAI_TRAIN_DIR:-models/train}
 OUT=${OUT:-out}
 PY=${PYTHON:-python}
@@ -64,6 +64,19 @@ case "$STAGE" in
   teacher-more)  # ~9 min: the UNet stage resumed from its checkpoint, packed again
     $PY training/train_teacher.py unet --work "$W" $C $UNET_MORE
     pack_teacher
+    ;;
+  retrain)       # ~9.5 min: a new UNet + text encoder on the carried teacher's VAE, then 'distill' in the same call
+    need_teacher
+    rm -rf "$W/vae" "$W/unet.pt" "$W/log.jsonl"; cp -r "$W/teacher/vae" "$W/vae"
+    $PY training/train_teacher.py unet --work "$W" $C $UNET
+    $PY training/pack.py teacher "$W/teacher" "$OUT"
+    cp "$W/log.jsonl" "$OUT/teacher_log.jsonl"
+    rm -rf "$W/naive"; naive
+    classifier
+    $PY -m bonsai_core distill "$W/teacher" "$W/student" --work "$W/distill-work" $DIST $DEV --overwrite
+    score
+    pack_student
+    rm -f "$OUT/eval_grid.txt" "$OUT/distill_log.jsonl"  # 8 files come back at most: both are in retrain.log
     ;;
   distill)       # ~9 min: naive 1-bit (seconds), classifier (1 min), distillation (4.5 min), scores (1.5 min)
     need_teacher

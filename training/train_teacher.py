@@ -17,7 +17,8 @@ stream is the same on every call, so resuming repeats nothing and skips nothing.
 * UNet + text encoder: epsilon prediction on the SD schedule (scaled_linear, 0.00085-0.012, 1000
   steps); min-SNR-5 loss weighting (Hang et al. 2023: converges several times faster); 10 % of
   captions dropped to "" or to the engine's default negative prompt (what CFG's unconditional branch
-  reads at generation time); EMA of the weights (0.999). Latents come from a pool that is refreshed
+  reads at generation time); offset noise (0.1: a constant per channel added to the noise, so flat
+  background colours can be made); EMA of the weights (0.999). Latents come from a pool that is refreshed
   by ``--fresh`` newly rendered scenes a step, so the VAE encoder does not run on every sample.
 
 Runs on a CPU too (``--device cpu --config tiny``: what the tests do for a few steps).
@@ -258,7 +259,10 @@ def train_unet(args) -> dict:
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(dev)
         t = torch.randint(0, 1000, (args.batch,), generator=gen).to(dev)
-        noise = torch.randn(z0.shape, generator=gen).to(dev)
+        noise = torch.randn(z0.shape, generator=gen)
+        if args.offset_noise:  # a per-image, per-channel constant: see --offset-noise
+            noise = noise + args.offset_noise * torch.randn(z0.shape[0], z0.shape[1], 1, 1, generator=gen)
+        noise = noise.to(dev)
         a = alphas[t].view(-1, 1, 1, 1)
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         with autocast(dev):
@@ -339,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--fresh", type=int, default=16, help="new scenes rendered and encoded a step")
             s.add_argument("--drop", type=float, default=0.1, help="caption dropout (CFG)")
             s.add_argument("--min-snr", type=float, default=5.0)
+            s.add_argument("--offset-noise", type=float, default=0.1,
+                           help="std of a constant per-channel term added to the training noise. SD's schedule "
+                                "never reaches zero SNR, so without it the model keeps the starting noise's mean "
+                                "and cannot make flat, saturated backgrounds (the first teacher drew every "
+                                "background grey); 0 turns it off")
             s.add_argument("--ema", type=float, default=0.999)
             s.add_argument("--warmup", type=int, default=200)
     return p
