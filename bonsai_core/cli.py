@@ -161,6 +161,11 @@ def _cmd_generate(args) -> int:
                                                cache_dir=config.cache_dir, config=config)
     print(f"loaded {engine.model_name} ({engine.family.name}) on {engine.choice.reason} "
           f"in {engine.load_seconds:.1f} s", file=sys.stderr)
+    for spec in args.lora or ():
+        from .lora import parse_lora_arg
+
+        path, strength = parse_lora_arg(spec)
+        engine.load_lora(path, strength)  # one file at a time; refused as a whole if any key fits nothing
     bar = tqdm(total=config.family_value("steps", engine.family.defaults), unit="step", file=sys.stderr)
 
     def progress(step, total, _preview):
@@ -218,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--true-cfg", action="store_true",
                    help="classifier-free guidance with the negative prompt also for guidance-distilled models "
                         "(FLUX.2 klein; needs --cfg other than 1; two passes a step)")
+    g.add_argument("--lora", action="append", metavar="FILE[:STRENGTH]",
+                   help="attach a LoRA .safetensors (kohya or diffusers/PEFT keys) at STRENGTH (default 1); repeatable")
     g.add_argument("--out", default="bonsai.png",
                    help="image to write: .png (parameters as PNG text), .jpg or .webp (in EXIF); a batch adds _00, _01, ...")
     g.set_defaults(func=_cmd_generate)

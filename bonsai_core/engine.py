@@ -63,7 +63,8 @@ class GenerationResult:
         return (f"{m['prompt']}{neg}\nSteps: {m['steps']}, Sampler: {m['sampler']}"
                 f"{' Karras' if m.get('karras') else ''}, CFG scale: {m['guidance']}, Seed: {m['seeds'][index]}, "
                 f"Size: {m['width']}x{m['height']}, Model: {m['model']}, Family: {m['family']}, "
-                f"Device: {m['device']}, Dtype: {m['dtype']}")
+                f"Device: {m['device']}, Dtype: {m['dtype']}"
+                + "".join(f", LoRA: {a['name']}:{a['strength']:g}" for a in m.get("loras", ())))
 
     def save(self, path: str | os.PathLike, index: int = 0) -> Path:
         """Write one image, atomically, in the format its extension names (``IMAGE_FORMATS``): PNG
@@ -246,10 +247,42 @@ class BonsaiImageEngine:
 
     def unload(self) -> None:
         """Release every module and give cached device memory back."""
+        self._lora_set = None
         if self.family is not None:
             self.family.release()
             self.family = None
         devices.free_cache(self.choice.device)
+
+    # ------------------------------------------------------------------ LoRA adapters
+    def lora_set(self):
+        """The adapters attached to this model (``lora.LoRASet``)."""
+        from .lora import LoRASet
+
+        fam = self._family()
+        current = getattr(self, "_lora_set", None)
+        if current is None or current.family is not fam:
+            current = self._lora_set = LoRASet(fam)
+        return current
+
+    def load_lora(self, path: str | os.PathLike, strength: float = 1.0, name: str | None = None,
+                  strict: bool = True):
+        """Attach a LoRA file as side branches (see ``lora.py``); returns the ``lora.Adapter``."""
+        return self.lora_set().load(path, strength, name=name, strict=strict)
+
+    def unload_lora(self, name: str) -> None:
+        """Detach adapter ``name`` (the model is then exactly as before it) and free the device cache."""
+        self.lora_set().unload(name)
+        devices.free_cache(self.device)
+
+    def set_lora_strength(self, name: str, strength: float) -> None:
+        self.lora_set().set_strength(name, strength)
+
+    def use_loras(self, loras=()) -> None:
+        """Make the attached adapters exactly ``loras`` (``(file, strength)`` pairs)."""
+        before = self.lora_set().names()
+        self.lora_set().use(list(loras))
+        if set(before) - set(self.lora_set().names()):
+            devices.free_cache(self.device)
 
     # ------------------------------------------------------------------ generating
     def check(self, prompt: str, negative_prompt: str | None = None, *, steps: int | None = None,
@@ -403,6 +436,7 @@ class BonsaiImageEngine:
             "estimate_bytes": estimate_memory_bytes(fam.memory_model(cfg=use_cfg), width=r.width, height=r.height,
                                                     batch=r.batch),
             "guardrail": {"mode": report.mode, "warnings": report.warnings, "notes": report.notes},
+            "loras": [{"name": a.path.name, "strength": a.strength} for a in self.lora_set().adapters.values()],
             "bonsai_version": _version(),
         }
         return GenerationResult(pil, tensor, metadata, report, list(report.warnings))

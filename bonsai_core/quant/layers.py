@@ -206,6 +206,98 @@ class BonsaiConv2d(_Q1Layer, nn.Conv2d):
 QUANTIZED_TYPES = (BonsaiLinear, BonsaiConv2d)
 
 
+def attach_lora(module: nn.Module, name: str, down: torch.Tensor, up: torch.Tensor, strength: float = 1.0) -> None:
+    """Attach side branch ``name`` to any weight layer a LoRA file can target: a 1-bit layer's own
+    slot, or the same slot given to a dense ``nn.Linear`` / ``nn.Conv2d`` (layers the precision
+    policy keeps in 16-bit, text encoders): a ``lora`` list and one forward hook that adds the
+    branches to the layer's output, both removed again with the last branch. Never a merge: the
+    layer's weight is not touched."""
+    if isinstance(module, QUANTIZED_TYPES):
+        module.add_lora(name, down, up, strength)
+        return
+    if not _dense_slot_fits(module):
+        raise BonsaiCheckpointError(f"LoRA {name!r}: cannot attach to a {type(module).__name__} (a branch needs a "
+                                    "Linear, or a Conv2d with groups=1 and zero padding)")
+    down, up = _Q1Layer._check_lora(_DenseView(module), name, down, up)
+    detach_lora(module, name)
+    if getattr(module, "lora", None) is None:
+        module.lora = nn.ModuleList()
+        module._bonsai_lora_hook = module.register_forward_hook(_dense_lora_hook)
+    dtype, device = module.weight.dtype, module.weight.device
+    module.lora.append(LoRABranch(name, down.to(device, dtype), up.to(device, dtype), strength))
+    _LORA_EPOCH[0] += 1
+
+
+def detach_lora(module: nn.Module, name: str) -> bool:
+    """Remove branch ``name`` from a 1-bit or dense layer; False when it had none of that name."""
+    if isinstance(module, QUANTIZED_TYPES):
+        return module.remove_lora(name)
+    branches = getattr(module, "lora", None)
+    if branches is None:
+        return False
+    for i, b in enumerate(branches):
+        if b.name == name:
+            del branches[i]
+            _LORA_EPOCH[0] += 1
+            if not len(branches):  # the last one: the layer is a plain layer again (no hook, no list)
+                module._bonsai_lora_hook.remove()
+                del module._bonsai_lora_hook
+                del module.lora
+            return True
+    return False
+
+
+def reweight_lora(module: nn.Module, name: str, strength: float) -> None:
+    """Set branch ``name``'s strength on a 1-bit or dense layer."""
+    if isinstance(module, QUANTIZED_TYPES):
+        module.set_lora_strength(name, strength)
+        return
+    for b in getattr(module, "lora", None) or ():
+        if b.name == name:
+            b.strength = float(strength)
+            _LORA_EPOCH[0] += 1
+            return
+    raise KeyError(f"no LoRA branch {name!r} on this layer")
+
+
+def lora_fan_in(module: nn.Module) -> tuple[int, ...] | None:
+    """What a branch's ``down`` must be shaped after its rank (``(in,)`` or ``(in, kh, kw)``), or None
+    for a module no branch can be attached to."""
+    if isinstance(module, QUANTIZED_TYPES):
+        return tuple(module._logical_shape()[1:])
+    return tuple(module.weight.shape[1:]) if _dense_slot_fits(module) else None
+
+
+def _dense_slot_fits(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+
+
+class _DenseView:
+    """What ``_Q1Layer._check_lora`` asks of a layer, for a dense one."""
+
+    def __init__(self, module: nn.Module):
+        self._shape = module.weight.shape
+
+    def _logical_shape(self) -> torch.Size:
+        return self._shape
+
+
+def _dense_lora_hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    x = args[0]
+    for b in module.lora:
+        if not b.strength:
+            continue
+        down, up = b.down.to(x.dtype), b.up.to(x.dtype)
+        if isinstance(module, nn.Conv2d):
+            delta = BonsaiConv2d._lora_delta(module, x, down, up)
+        else:
+            delta = F.linear(F.linear(x, down), up)
+        output = output + b.strength * delta
+    return output
+
+
 def empty_like_float(module: nn.Module, device=None, dtype: torch.dtype | None = None) -> nn.Module:
     """A quantized layer with the shape of ``module`` and an unfilled weight (for loading a checkpoint)."""
     dtype = dtype or (module.weight.dtype if module.weight.dtype.is_floating_point else torch.float16)

@@ -1,0 +1,191 @@
+"""LoRA files on a 1-bit model: the output equals the same LoRA merged into the dequantized weights.
+
+The reference is built without the engine (tests/lora_fixtures.py): Q1_0 dequantized from the
+format's definition into a plain diffusers UNet and transformers CLIP text encoder, the LoRA's
+``strength * alpha / rank * up @ down`` added to each target weight, diffusers'
+``StableDiffusionPipeline`` run on it. The engine keeps its packed bits and adds side branches.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+from bonsai_core import cli
+from bonsai_core.convert import convert_pipeline
+from bonsai_core.engine import BonsaiImageEngine
+from bonsai_core.errors import BonsaiCheckpointError, BonsaiRequestError
+from bonsai_core.quant.layers import BonsaiLinear
+from tests import lora_fixtures as lf
+from tests.sd_fixtures import make_tiny_sd_pipeline
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+W, H, STEPS, CFG, SEED = 64, 64, 3, 5.0, 3
+PROMPT, NEGATIVE = "a red cat on a mat", "a blue dog"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    src = make_tiny_sd_pipeline(root / "fp")
+    dst = convert_pipeline(src, root / "bonsai", log=lambda m: None).dst
+    eng = BonsaiImageEngine.from_pretrained(dst, device="cpu", dtype="fp32")
+    fam = eng.family
+    unet_mods = {m: fam.unet.get_submodule(m) for m in lf.UNET_TARGETS}
+    te_mods = {m: fam.text_encoder.get_submodule(m) for m in lf.TE_TARGETS}
+    assert isinstance(unet_mods[lf.UNET_TARGETS[0]], BonsaiLinear)  # 1-bit and dense targets both present
+    assert type(unet_mods[lf.UNET_TARGETS[1]]) is torch.nn.Linear
+    pairs = {("unet", k): v for k, v in lf.random_pairs(unet_mods, rank=4, seed=1).items()}
+    pairs |= {("text_encoder", k): v for k, v in lf.random_pairs(te_mods, rank=4, seed=2).items()}
+    alphas = {key: (2.0 if i % 2 else 4.0) for i, key in enumerate(pairs)}  # scales 0.5 and 1.0, per layer
+    kohya = lf.write_kohya(root / "style_kohya.safetensors", pairs, alphas)
+    return dict(root=root, folder=dst, eng=eng, pairs=pairs, alphas=alphas, kohya=kohya)
+
+
+def reference_images(model, merges_by_comp, seed=SEED):
+    folder = model["folder"]
+    fam = model["eng"].family
+    unet = lf.reference_unet(folder, merges_by_comp.get("unet", []))
+    te = lf.reference_text_encoder(folder, merges_by_comp.get("text_encoder", []))
+    pipe = StableDiffusionPipeline(vae=fam.vae, text_encoder=te, tokenizer=fam.tokenizer(), unet=unet,
+                                   scheduler=EulerDiscreteScheduler.from_config(fam.scheduler_config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    latents = torch.randn(fam.latent_shape(W, H), generator=torch.Generator().manual_seed(seed))[None]
+    return pipe(PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=CFG, width=W, height=H,
+                latents=latents, output_type="pt").images.permute(0, 2, 3, 1)
+
+
+def generate(eng, seed=SEED):
+    return eng.generate(PROMPT, NEGATIVE, steps=STEPS, guidance=CFG, width=W, height=H, seed=seed, sampler="euler")
+
+
+def kohya_merges(model, strength):
+    out = {}
+    for (comp, module), (down, up) in model["pairs"].items():
+        out.setdefault(comp, []).append((module, down, up, strength * model["alphas"][(comp, module)] / down.shape[0]))
+    return out
+
+
+def test_a_kohya_lora_changes_the_image_exactly_as_merging_it_into_the_dequantized_weights(model):
+    eng = model["eng"]
+    bits = {n: m.weight.qs.clone() for n, m in eng.family.unet.named_modules() if isinstance(m, BonsaiLinear)}
+    base = generate(eng).tensor
+    eng.load_lora(model["kohya"], strength=0.8)
+    try:
+        ours = generate(eng)
+        ref = reference_images(model, kohya_merges(model, 0.8))
+        assert ref.std() > 0.01
+        assert (ours.tensor - ref).abs().max().item() <= 1e-4
+        assert (ours.tensor - base).abs().max().item() > 1e-3  # the LoRA did change the image
+        assert ours.metadata["loras"] == [{"name": "style_kohya.safetensors", "strength": 0.8}]
+        assert "LoRA: style_kohya.safetensors:0.8" in ours.parameters_text()
+        # the packed bits were never rewritten
+        assert all(torch.equal(m.weight.qs, bits[n]) for n, m in eng.family.unet.named_modules()
+                   if isinstance(m, BonsaiLinear))
+    finally:
+        eng.unload_lora("style_kohya")
+    again = generate(eng).tensor
+    assert torch.equal(again, base)  # unloaded: exactly the model it was (prompt cache refreshed too)
+    assert not any(hasattr(m, "lora") and len(m.lora) for m in eng.family.unet.modules())
+    assert not any(hasattr(m, "lora") for m in eng.family.text_encoder.modules())  # dense slots removed
+
+
+def test_two_adapters_at_once_with_their_own_strengths_and_one_unloaded_alone(model):
+    eng = model["eng"]
+    unet_only = {k: v for k, v in model["pairs"].items() if k[0] == "unet"}
+    second = {k: (torch.flip(d, [0]) * 0.5, u) for k, (d, u) in unet_only.items()}
+    peft = lf.write_peft(model["root"] / "second_peft.safetensors", second, lora_alpha=2.0)  # scale 2/4
+    eng.load_lora(model["kohya"], strength=0.5)
+    eng.load_lora(peft, strength=1.5)
+    try:
+        both = generate(eng).tensor
+        merges = kohya_merges(model, 0.5)
+        merges["unet"] += [(m, d, u, 1.5 * 2.0 / 4) for (_c, m), (d, u) in second.items()]
+        assert (both - reference_images(model, merges)).abs().max().item() <= 1e-4
+        eng.unload_lora("style_kohya")
+        eng.set_lora_strength("second_peft", 0.25)
+        only = generate(eng).tensor
+        ref = reference_images(model, {"unet": [(m, d, u, 0.25 * 2.0 / 4) for (_c, m), (d, u) in second.items()]})
+        assert (only - ref).abs().max().item() <= 1e-4
+    finally:
+        eng.use_loras([])
+    assert eng.lora_set().names() == []
+
+
+def test_use_loras_keeps_unchanged_files_and_sums_a_file_listed_twice(model):
+    eng = model["eng"]
+    eng.use_loras([(model["kohya"], 0.3), (model["kohya"], 0.2)])
+    adapter = eng.lora_set().adapters[str(model["kohya"])]
+    eng.use_loras([(model["kohya"], 0.5)])
+    assert eng.lora_set().adapters[str(model["kohya"])] is adapter and adapter.strength == 0.5  # not re-read
+    eng.use_loras([])
+    assert eng.lora_set().names() == []
+
+
+def test_keys_that_match_nothing_are_named_and_nothing_is_attached(model, tmp_path):
+    from safetensors.torch import save_file
+
+    eng = model["eng"]
+    good = lf.kohya_key("unet", lf.UNET_TARGETS[0])
+    down, up = model["pairs"][("unet", lf.UNET_TARGETS[0])]
+    sd = {f"{good}.lora_down.weight": down, f"{good}.lora_up.weight": up,
+          "lora_unet_down_blocks_7_resnets_0_conv1.lora_down.weight": torch.zeros(4, 128, 3, 3),
+          "lora_unet_down_blocks_7_resnets_0_conv1.lora_up.weight": torch.zeros(128, 4, 1, 1)}
+    save_file(sd, str(tmp_path / "other.safetensors"))
+    with pytest.raises(BonsaiCheckpointError, match=r"(?s)1 of the LoRA's layers match nothing.*"
+                                                    r"down_blocks\.7\.resnets\.0\.conv1: no such layer"):
+        eng.load_lora(tmp_path / "other.safetensors")
+    assert eng.lora_set().names() == [] and not len(eng.family.unet.get_submodule(lf.UNET_TARGETS[0]).lora)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapter = eng.load_lora(tmp_path / "other.safetensors", strict=False)
+    assert any("down_blocks.7.resnets.0.conv1" in str(w.message) for w in caught)
+    assert [n for n, _m in adapter.modules] == [f"unet.{lf.UNET_TARGETS[0]}"]
+    eng.unload_lora("other")
+    # wrong shape: named with both shapes
+    save_file({f"{good}.lora_down.weight": torch.zeros(4, 64), f"{good}.lora_up.weight": torch.zeros(128, 4)},
+              str(tmp_path / "shape.safetensors"))
+    with pytest.raises(BonsaiCheckpointError, match=r"attn1\.to_q: down \[4, 64\] / up \[128, 4\] do not fit"):
+        eng.load_lora(tmp_path / "shape.safetensors")
+
+
+def test_files_that_are_not_plain_safetensors_loras_are_refused(model, tmp_path):
+    from safetensors.torch import save_file
+
+    eng = model["eng"]
+    (tmp_path / "x.pt").write_bytes(b"\x80\x04")
+    with pytest.raises(BonsaiCheckpointError, match=r"x\.pt: LoRA files are read as \.safetensors only"):
+        eng.load_lora(tmp_path / "x.pt")
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(BonsaiCheckpointError, match="not a readable safetensors file"):
+        eng.load_lora(tmp_path / "bad.safetensors")
+    key = lf.kohya_key("unet", lf.UNET_TARGETS[0])
+    save_file({f"{key}.lora_down.weight": torch.zeros(4, 128), f"{key}.lora_up.weight": torch.zeros(128, 4),
+               f"{key}.dora_scale": torch.ones(128, 1)}, str(tmp_path / "dora.safetensors"))
+    with pytest.raises(BonsaiCheckpointError, match="DoRA"):
+        eng.load_lora(tmp_path / "dora.safetensors")
+    with pytest.raises(BonsaiRequestError, match="no LoRA 'nothing' is loaded"):
+        eng.unload_lora("nothing")
+    with pytest.raises(BonsaiCheckpointError, match="LoRA file not found"):
+        eng.load_lora(tmp_path / "missing.safetensors")
+
+
+def test_cli_generate_takes_repeatable_lora_file_strength(model, tmp_path, capsys):
+    out = tmp_path / "a.png"
+    args = ["generate", PROMPT, "-n", NEGATIVE, "--model", str(model["folder"]), "--device", "cpu", "--steps",
+            str(STEPS), "--cfg", str(CFG), "--width", str(W), "--height", str(H), "--seed", str(SEED),
+            "--sampler", "euler", "--dtype", "fp32", "--out", str(out)]
+    assert cli.main(args + ["--lora", f"{model['kohya']}:0.8"]) == 0
+    from PIL import Image
+
+    with Image.open(out) as im:
+        assert "LoRA: style_kohya.safetensors:0.8" in im.text["parameters"]
+        pixels = torch.tensor(list(im.getdata()), dtype=torch.float32).view(H, W, 3) / 255
+    ref = reference_images(model, kohya_merges(model, 0.8))[0]
+    assert (pixels - ref).abs().max().item() <= 1 / 255 + 1e-4
+    assert cli.main(args + ["--lora", str(tmp_path / "none.safetensors")]) == 2
+    assert "none.safetensors" in capsys.readouterr().err
