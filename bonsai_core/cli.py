@@ -276,6 +276,10 @@ from .distill import add_subcommand as _add_distill  # noqa: E402  (light: impor
 
 _EXTRA_COMMANDS.append(_add_distill)
 
+from .batch import add_subcommand as _add_batch  # noqa: E402  (light: torch, accelerate only when run)
+
+_EXTRA_COMMANDS.append(_add_batch)
+
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

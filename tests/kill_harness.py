@@ -163,3 +163,70 @@ COUNT_NAMES = ("killed", "finished before the kill", "half-written", "lost model
                "overwrite: old model moved aside at the kill (restored by the next run)")
 
 
+
+
+# ---------------------------------------------------------------------------------------------
+# bonsai batch: killed at random moments, restarted with the same command
+# ---------------------------------------------------------------------------------------------
+def batch_state(out: Path) -> dict:
+    """What a batch folder holds right now: finished PNGs (each must open), records (each must be
+    JSON), temporary files, the manifest's lines (each JSON) if there is one."""
+    import json
+
+    from PIL import Image
+
+    out = Path(out)
+    pngs, broken = [], []
+    for p in sorted(out.glob("*.png")):
+        try:
+            with Image.open(p) as im:
+                im.load()
+            pngs.append(p.name)
+        except Exception:  # noqa: BLE001 - unreadable: half-written
+            broken.append(p.name)
+    records = {}
+    for p in sorted((out / ".bonsai-batch" / "records").glob("*.json")) if out.exists() else ():
+        try:
+            records[p.name] = json.loads(p.read_text())
+        except ValueError:
+            broken.append(p.name)
+    temps = sorted(p.name for p in out.rglob("*") if ".bonsai-" in p.name and p.name.endswith(".partial"))
+    manifest = None
+    if (out / "manifest.jsonl").exists():
+        try:
+            manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+        except ValueError:
+            broken.append("manifest.jsonl")
+    return {"pngs": pngs, "broken": broken, "records": records, "temps": temps, "manifest": manifest}
+
+
+def batch_kill_campaign(run, out: Path, kills: int, seed: int, max_trials: int = 200):
+    """``run()`` renders a batch into ``out`` (the same command every time). Fork it, SIGKILL it at a
+    random moment, check that nothing is half-written, and start it again, until ``kills`` runs
+    were really killed; a run that finishes before its kill starts the batch over (folder removed).
+    Returns ``(kills by moment, problems)``; the caller runs the batch to the end afterwards."""
+    rng = random.Random(seed)
+    t0 = time.perf_counter()
+    pid = _fork_run(run)
+    _, status = os.waitpid(pid, 0)
+    duration = time.perf_counter() - t0
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"the batch does not run uninterrupted ({status})"
+    shutil.rmtree(out)
+    problems, killed, trials = [], [], 0
+    while len(killed) < kills and trials < max_trials:
+        trials += 1
+        done_before = len(batch_state(out)["pngs"]) if out.exists() else 0
+        delay = rng.uniform(0.05, duration)
+        pid = _fork_run(run)
+        time.sleep(delay)
+        if os.waitpid(pid, os.WNOHANG)[0] == 0:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            killed.append((round(delay, 2), done_before))
+        else:  # it finished: start over so that later kills land in real work
+            shutil.rmtree(out, ignore_errors=True)
+            continue
+        state = batch_state(out)
+        if state["broken"]:
+            problems.append(f"kill {len(killed)} at {delay:.2f} s: half-written {state['broken']}")
+    return killed, problems
