@@ -47,7 +47,7 @@ from torch import nn
 from .errors import BonsaiCheckpointError, BonsaiRequestError
 from .quant import layers
 
-LORA_EXTENSIONS = (".safetensors",)
+LORA_EXTENSIONS = (".safetensors", ".sft")  # .sft: ComfyUI's short name for safetensors
 MAX_LISTED = 12  # unmatched keys named in one message (the count says how many more)
 
 
@@ -368,23 +368,29 @@ class LoRASet:
         self._changed(adapter)
 
     def use(self, wanted: list[tuple[str, float]] | tuple = ()) -> None:
-        """Make the attached set exactly ``wanted`` (``(file, strength)`` pairs; one file listed
-        twice adds its strengths): adapters not wanted go first, so at most the wanted ones are ever
-        in memory; files already attached and unchanged on disk only get their strength set."""
+        """Make the attached set exactly ``wanted`` (``(file, strength)`` pairs, in order; one file
+        listed twice adds its strengths). Attached adapters that start the list in the same order,
+        unchanged on disk, stay (their strength is set); all others are detached first, so at most
+        the wanted adapters are ever in memory, and the branches always sum in the list's order
+        (the same pipe gives the same pixels whatever ran before)."""
         want: dict[str, float] = {}
         for path, strength in wanted:
             key = str(Path(path))
             want[key] = want.get(key, 0.0) + _check_strength(strength)
-        for name in [n for n in self.adapters if n not in want]:
-            self.unload(name)
-        for key, strength in want.items():
-            adapter = self.adapters.get(key)
+        keep = 0
+        for (name, adapter), key in zip(self.adapters.items(), want):
             current = file_signature(Path(key)) if Path(key).exists() else None
-            if adapter is not None and adapter.signature == current:
-                if adapter.strength != strength:
+            if name != key or adapter.signature != current:
+                break
+            keep += 1
+        for name in list(self.adapters)[keep:]:
+            self.unload(name)
+        for i, (key, strength) in enumerate(want.items()):
+            if i < keep:
+                if self.adapters[key].strength != strength:
                     self.set_strength(key, strength)
-                continue
-            self.load(key, strength, name=key)
+            else:
+                self.load(key, strength, name=key)
 
     def clear(self) -> None:
         for name in list(self.adapters):

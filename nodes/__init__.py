@@ -5,6 +5,7 @@ ComfyUI internals the nodes touch are all in ``host.py``.
 
 from .guardrail import BonsaiGuardrail
 from .loader import BonsaiLoader
+from .lora import BonsaiLoRA
 from .sampler import BonsaiSampler
 from .text_overlay import BonsaiTextOverlay
 
@@ -13,10 +14,12 @@ NODE_CLASS_MAPPINGS = {
     "BonsaiSampler": BonsaiSampler,
     "BonsaiGuardrail": BonsaiGuardrail,
     "BonsaiTextOverlay": BonsaiTextOverlay,
+    "BonsaiLoRA": BonsaiLoRA,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "BonsaiLoader": "Bonsai Loader",
     "BonsaiSampler": "Bonsai Sampler",
     "BonsaiGuardrail": "Bonsai Guardrail",
     "BonsaiTextOverlay": "Bonsai Text Overlay",
+    "BonsaiLoRA": "Bonsai LoRA",
 }

@@ -53,6 +53,22 @@ def model_path(name: str) -> str:
     return name
 
 
+def lora_names() -> list[str]:
+    """LoRA files in ComfyUI's own models/loras/ (and its extra paths) that the engine reads: safetensors."""
+    import folder_paths
+
+    from ..bonsai_core.lora import LORA_EXTENSIONS
+
+    return [n for n in folder_paths.get_filename_list("loras") if n.lower().endswith(LORA_EXTENSIONS)]
+
+
+def lora_path(name: str) -> str:
+    """A listed LoRA name -> its file (ComfyUI's own lookup; a missing file is its FileNotFoundError)."""
+    import folder_paths
+
+    return folder_paths.get_full_path_or_raise("loras", name)
+
+
 def font_folders() -> list[str]:
     import folder_paths
 

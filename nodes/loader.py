@@ -21,10 +21,16 @@ class BonsaiPipe:
     source: str
     device: str | None
     dtype: str | None
+    #: (LoRA file, strength) pairs this pipe samples with (Bonsai LoRA nodes add to a copy): applied to
+    #: the engine each time the pipe is used, so two LoRA nodes branching off one loader never see
+    #: each other's adapters and ComfyUI's cached loader output is never changed
+    loras: tuple = ()
 
     def engine(self) -> BonsaiImageEngine:
-        return load_engine(self.source, device=self.device, dtype=self.dtype, free_memory=host.free_memory,
-                           available_memory=host.available_memory)
+        engine = load_engine(self.source, device=self.device, dtype=self.dtype, free_memory=host.free_memory,
+                             available_memory=host.available_memory)
+        engine.use_loras(self.loras)
+        return engine
 
 
 class BonsaiLoader:

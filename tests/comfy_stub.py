@@ -22,8 +22,28 @@ def make_modules(models_dir: pathlib.Path) -> dict[str, types.ModuleType]:
     log = {"progress": [], "free_memory": [], "soft_empty_cache": 0}
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.models_dir = str(models_dir)
-    folder_paths.folder_names_and_paths = {}
+    folder_paths.folder_names_and_paths = {  # core's own keys the pack reads (ComfyUI registers them at import)
+        "loras": ([str(models_dir / "loras")], {".ckpt", ".pt", ".bin", ".pth", ".safetensors", ".pkl", ".sft"})}
     folder_paths.get_folder_paths = lambda key: list(folder_paths.folder_names_and_paths[key][0])
+
+    def get_filename_list(key):
+        paths, exts = folder_paths.folder_names_and_paths[key]
+        found = []
+        for root in map(pathlib.Path, paths):
+            if root.is_dir():
+                found += sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                                if p.is_file() and p.suffix.lower() in exts)
+        return found
+
+    def get_full_path_or_raise(key, name):
+        for root in folder_paths.folder_names_and_paths[key][0]:
+            path = pathlib.Path(root) / name
+            if path.is_file():
+                return str(path)
+        raise FileNotFoundError(f"Model in folder '{key}' with filename '{name}' not found.")
+
+    folder_paths.get_filename_list = get_filename_list
+    folder_paths.get_full_path_or_raise = get_full_path_or_raise
 
     mm = types.ModuleType("comfy.model_management")
     mm.InterruptProcessingException = InterruptProcessingException

@@ -53,7 +53,7 @@ def nodes(comfy):
 
 def test_every_node_declares_a_well_formed_interface(comfy):
     m = comfy["pack"].NODE_CLASS_MAPPINGS
-    assert set(m) == {"BonsaiLoader", "BonsaiSampler", "BonsaiGuardrail", "BonsaiTextOverlay"}
+    assert set(m) == {"BonsaiLoader", "BonsaiSampler", "BonsaiGuardrail", "BonsaiTextOverlay", "BonsaiLoRA"}
     assert set(comfy["pack"].NODE_DISPLAY_NAME_MAPPINGS) == set(m)
     assert comfy["pack"].WEB_DIRECTORY == "./web"
     for node_id, cls in m.items():
@@ -199,3 +199,62 @@ def test_the_guardrail_budget_is_comfyuis_free_memory(nodes, comfy):
     # 1 MiB free, plus the tiny model's own weights (the estimate counts them too)
     assert type(err.value).__name__ == "BonsaiMemoryError"
     assert re.search(r"0\.0\d GiB is available", str(err.value)), err.value
+
+
+# ---------------------------------------------------------------------------------------------- Bonsai LoRA
+def _lora_file(comfy, name: str, seed: int):
+    """A kohya LoRA on one 1-bit and one dense layer of the tiny model, in models/loras/."""
+    from tests import lora_fixtures as lf
+
+    path = comfy["models"] / "loras" / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fam = comfy["engine"].load_engine(str(comfy["models"] / "bonsai" / "tiny-sd-bonsai"), device="cpu").family
+        mods = {m: fam.unet.get_submodule(m) for m in lf.UNET_TARGETS[:2]}
+        pairs = {("unet", k): v for k, v in lf.random_pairs(mods, rank=4, seed=seed, scale=0.3).items()}
+        lf.write_kohya(path, pairs, {k: 4.0 for k in pairs})
+    return path
+
+
+def _sample(nodes, pipe):
+    args = dict(prompt="a fox", negative="", seed=1, steps=2, cfg=5.0, width=64, height=64, sampler="euler",
+                karras=False, batch=1)
+    return nodes["BonsaiSampler"].sample(pipe, **args)[0]
+
+
+def test_lora_node_lists_models_loras_and_gives_a_new_pipe_leaving_the_loaders_alone(nodes, comfy):
+    _lora_file(comfy, "style_a.safetensors", 1)
+    _lora_file(comfy, "style_b.safetensors", 2)
+    (comfy["models"] / "loras" / "pickled.pt").write_bytes(b"x")
+    spec = comfy["pack"].NODE_CLASS_MAPPINGS["BonsaiLoRA"].INPUT_TYPES()["required"]
+    assert spec["lora"][0] == ["style_a.safetensors", "style_b.safetensors"]  # safetensors only
+    (base,) = nodes["BonsaiLoader"].load("tiny-sd-bonsai", "cpu", "fp32")
+    plain = _sample(nodes, base)
+    (with_a,) = nodes["BonsaiLoRA"].apply(base, "style_a.safetensors", 1.0)
+    (with_b,) = nodes["BonsaiLoRA"].apply(base, "style_b.safetensors", 1.0)  # a second branch off the same loader
+    (with_ab,) = nodes["BonsaiLoRA"].apply(with_a, "style_b.safetensors", 0.5)
+    assert base.loras == () and len(with_a.loras) == 1 and len(with_ab.loras) == 2  # the input pipe is untouched
+    a, b, ab = _sample(nodes, with_a), _sample(nodes, with_b), _sample(nodes, with_ab)
+    # ComfyUI reruns only what changed: the cached loader output still samples without any LoRA,
+    # and each branch samples with its own LoRAs whatever ran before
+    assert torch.equal(_sample(nodes, base), plain)
+    assert torch.equal(_sample(nodes, with_b), b) and torch.equal(_sample(nodes, with_a), a)
+    assert torch.equal(_sample(nodes, with_ab), ab)
+    assert not torch.equal(a, plain) and not torch.equal(a, b) and not torch.equal(ab, a)
+    eng = base.engine()
+    assert eng.lora_set().names() == []  # nothing left attached once the base pipe is used
+
+
+def test_lora_node_errors_are_bonsai_errors_naming_the_file(nodes, comfy):
+    from safetensors.torch import save_file
+
+    bad = comfy["models"] / "loras" / "for_another_model.safetensors"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"lora_unet_nothing_here.lora_down.weight": torch.zeros(2, 8),
+               "lora_unet_nothing_here.lora_up.weight": torch.zeros(8, 2)}, str(bad))
+    (base,) = nodes["BonsaiLoader"].load("tiny-sd-bonsai", "cpu", "fp32")
+    with pytest.raises(comfy["errors"].BonsaiCheckpointError,
+                       match=r"(?s)for_another_model\.safetensors: no key of this LoRA fits.*unet\.nothing\.here"):
+        nodes["BonsaiLoRA"].apply(base, "for_another_model.safetensors", 1.0)
+    with pytest.raises(comfy["errors"].BonsaiRequestError, match="models/loras"):
+        nodes["BonsaiLoRA"].apply(base, "(no .safetensors LoRA in models/loras)", 1.0)
