@@ -169,7 +169,13 @@ def _diffusers_names(family, sd: dict, path: Path) -> dict[str, torch.Tensor]:
         if family.name == "flux2_klein":
             from diffusers.loaders.lora_pipeline import Flux2LoraLoaderMixin
 
-            sd = Flux2LoraLoaderMixin.lora_state_dict(dict(sd))
+            # diffusers' ai-toolkit converter reads every key as "diffusion_model.<BFL name>": keys of other
+            # parts (a text encoder's) go around it, to be named as unmatched below
+            aside = {}
+            if any(k.startswith("diffusion_model.") for k in sd):
+                aside = {k: v for k, v in sd.items() if not k.startswith("diffusion_model.")}
+                sd = {k: v for k, v in sd.items() if k.startswith("diffusion_model.")}
+            sd = {**Flux2LoraLoaderMixin.lora_state_dict(dict(sd)), **aside}
             denoiser = "transformer"
         else:
             from diffusers.loaders.lora_pipeline import (StableDiffusionLoraLoaderMixin,

@@ -189,3 +189,63 @@ def test_cli_generate_takes_repeatable_lora_file_strength(model, tmp_path, capsy
     assert (pixels - ref).abs().max().item() <= 1 / 255 + 1e-4
     assert cli.main(args + ["--lora", str(tmp_path / "none.safetensors")]) == 2
     assert "none.safetensors" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- FLUX.2 klein
+def test_an_ai_toolkit_flux2_lora_on_1bit_klein_equals_it_merged_into_the_dequantized_transformer(tmp_path):
+    """BFL names (``diffusion_model.double_blocks.0.img_attn.qkv`` is q, k, v stacked by rows) mapped by
+    diffusers' FLUX.2 converter; the reference splits the rows itself and merges into a plain
+    ``Flux2Transformer2DModel`` holding the spec-dequantized weights."""
+    from diffusers import Flux2Transformer2DModel
+    from safetensors.torch import save_file
+
+    from tests.klein_fixtures import make_full_pipeline
+
+    folder = convert_pipeline(make_full_pipeline(tmp_path / "fp"), tmp_path / "bonsai", log=lambda m: None).dst
+    eng = BonsaiImageEngine.from_pretrained(folder, device="cpu", dtype="fp32")
+    g = torch.Generator().manual_seed(5)
+    r = 4
+
+    def pair(fan_in, out):
+        return torch.randn(r, fan_in, generator=g) * 0.05, torch.randn(out, r, generator=g) * 0.05
+
+    bfl = {"double_blocks.0.img_attn.qkv": pair(128, 384), "single_blocks.1.linear1": pair(128, 1152),
+           "final_layer.linear": pair(128, 128), "img_in": pair(128, 128)}
+    sd = {}
+    for name, (a, b) in bfl.items():
+        sd[f"diffusion_model.{name}.lora_A.weight"], sd[f"diffusion_model.{name}.lora_B.weight"] = a, b
+    save_file(sd, str(tmp_path / "klein_style.safetensors"))
+    merges = []  # the FLUX.2 names of BFL's layers, from the two models' layouts
+    a, b = bfl["double_blocks.0.img_attn.qkv"]
+    for part, rows in zip(("to_q", "to_k", "to_v"), b.chunk(3)):
+        merges.append((f"transformer_blocks.0.attn.{part}", a, rows))
+    merges += [("single_transformer_blocks.1.attn.to_qkv_mlp_proj", *bfl["single_blocks.1.linear1"]),
+               ("proj_out", *bfl["final_layer.linear"]), ("x_embedder", *bfl["img_in"])]
+    state = lf.dequantized_state_dict(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    for module, down, up in merges:
+        lf.merge(state, module, down, up, 0.7)
+    ref = Flux2Transformer2DModel.from_config(Flux2Transformer2DModel.load_config(folder / "transformer"))
+    ref.load_state_dict(state)
+    ref.eval()
+
+    cfg = ref.config
+    x = torch.randn(1, 16, cfg.in_channels, generator=g)
+    ctx = torch.randn(1, 8, cfg.joint_attention_dim, generator=g)
+    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.zeros(1), torch.arange(4.0), torch.arange(4.0),
+                                         indexing="ij"), -1).reshape(1, 16, 4)
+    txt_ids = torch.cat([torch.zeros(1, 8, 3), torch.arange(8.0).view(1, 8, 1)], -1)
+    kw = dict(hidden_states=x, encoder_hidden_states=ctx, timestep=torch.tensor([0.5]), img_ids=img_ids,
+              txt_ids=txt_ids)
+    with torch.inference_mode():
+        base = eng.family._forward(**kw)
+        eng.load_lora(tmp_path / "klein_style.safetensors", strength=0.7)
+        ours = eng.family._forward(**kw)
+        want = ref(**kw, guidance=None, return_dict=False)[0]
+    assert (ours - base).abs().max() > 1e-3
+    torch.testing.assert_close(ours, want, rtol=1e-4, atol=1e-4)
+    # a text-encoder key on klein: transformer only (as diffusers' Flux2 loader), so it is named as unmatched
+    save_file({"text_encoder.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 64),
+               "text_encoder.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(64, 2),
+               **{k: v for k, v in sd.items() if "img_in" in k}}, str(tmp_path / "te.safetensors"))
+    with pytest.raises(BonsaiCheckpointError, match=r"no LoRA-capable 'text_encoder' \(it has transformer\)"):
+        eng.load_lora(tmp_path / "te.safetensors")

@@ -312,6 +312,73 @@ def test_api_workflow_runs_and_writes_its_images(comfy, name):
                                  "preview_frames": previews, "images": sum(len(v) for v in saved.values())}
 
 
+def test_two_lora_nodes_off_one_loader_keep_their_own_loras_through_comfyuis_cache(comfy):
+    """Loader -> (sampler), (LoRA a -> sampler), (LoRA b -> sampler); then only b's strength changes:
+    ComfyUI reruns b's branch alone, from its cached Loader output, and the other two images stay."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from tests import lora_fixtures as lf
+
+    loras = comfy.base / "models" / "loras"
+    loras.mkdir(parents=True, exist_ok=True)
+    for name, seed in (("style_a.safetensors", 1), ("style_b.safetensors", 2)):
+        shapes = {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": (128, 128),
+                  "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k": (128, 128)}
+        mods = {m: type("W", (), {"weight": torch.zeros(s)})() for m, s in shapes.items()}
+        pairs = {("unet", k): v for k, v in lf.random_pairs(mods, rank=4, seed=seed, scale=0.3).items()}
+        lf.write_kohya(loras / name, pairs, {k: 4.0 for k in pairs})
+    base = {"class_type": "BonsaiLoader", "inputs": {"model": "bonsai-sd-tiny", "device": "auto", "dtype": "auto",
+                                                     "path": ""}}
+
+    def sampler(pipe):
+        return {"class_type": "BonsaiSampler", "inputs": {
+            "pipe": [pipe, 0], "prompt": "a fox", "negative": "", "seed": 5, "steps": 2, "cfg": 5.0, "width": 64,
+            "height": 64, "sampler": "euler", "karras": False, "batch": 1}}
+
+    def graph(strength_b):
+        return {"1": base,
+                "2": {"class_type": "BonsaiLoRA", "inputs": {"pipe": ["1", 0], "lora": "style_a.safetensors",
+                                                              "strength": 1.0}},
+                "3": {"class_type": "BonsaiLoRA", "inputs": {"pipe": ["1", 0], "lora": "style_b.safetensors",
+                                                              "strength": strength_b}},
+                "4": sampler("1"), "5": sampler("2"), "6": sampler("3"),
+                **{str(7 + i): {"class_type": "SaveImage", "inputs": {"images": [src, 0],
+                                                                        "filename_prefix": f"bonsai/lora_{tag}"}}
+                   for i, (src, tag) in enumerate((("4", "none"), ("5", "a"), ("6", "b")))}}
+
+    def images(history):
+        out = {}
+        for node_id, o in history["outputs"].items():
+            for i in o.get("images", []):
+                with Image.open(comfy.base / "output" / i["subfolder"] / i["filename"]) as im:
+                    out[node_id] = np.asarray(im.convert("RGB")).astype(int)
+        return out
+
+    status, msgs, history, _s = comfy.run(graph(1.0))
+    assert status == "success", [m for m in msgs if isinstance(m, dict) and m.get("type") == "execution_error"]
+    first = images(history)
+    assert set(first) == {"7", "8", "9"}
+    assert not np.array_equal(first["7"], first["8"]) and not np.array_equal(first["8"], first["9"])
+    status, msgs, history, _s = comfy.run(graph(0.5))
+    assert status == "success"
+    ran = {m["data"]["node"] for m in msgs if isinstance(m, dict) and m.get("type") == "executing"
+           and m["data"].get("node")}
+    assert {"3", "6", "9"} <= ran and not ran & {"1", "2", "4", "5"}  # only b's branch ran again
+    second = images(history)
+    assert not np.array_equal(second["9"], first["9"])
+    # the no-LoRA branch once more, after the LoRA runs left adapters attached in the engine: the same
+    # model named by path makes ComfyUI run loader and sampler again, on the engine already loaded
+    wf = graph(1.0)
+    wf["1"] = {"class_type": "BonsaiLoader", "inputs": dict(base["inputs"], path=str(
+        comfy.base / "models" / "bonsai" / "bonsai-sd-tiny"))}
+    wf["7"]["inputs"]["filename_prefix"] = "bonsai/lora_none_again"
+    status, msgs, history, _s = comfy.run({k: wf[k] for k in ("1", "4", "7")})
+    assert status == "success"
+    assert np.array_equal(images(history)["7"], first["7"])
+
+
 def test_interrupt_stops_sampling_within_one_step(comfy):
     wf = _workflow("bonsai_txt2img")
     wf["2"]["inputs"].update(steps=150, seed=9001)
