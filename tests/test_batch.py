@@ -202,3 +202,22 @@ def test_killed_at_random_moments_and_restarted_every_image_is_there_once_and_th
     assert batch(model, prompts, reference) == 0
     for r in lines:  # and each is the image an uninterrupted run makes
         assert torch.equal(pixels(out / r["file"]), pixels(reference / r["file"]))
+
+
+def test_a_batch_with_a_lora_records_it_and_a_rerun_with_another_strength_is_refused(model, tmp_path, capsys):
+    from tests import lora_fixtures as lf
+
+    fam = BonsaiImageEngine.from_pretrained(model, device="cpu", dtype="fp32").family
+    mods = {m: fam.unet.get_submodule(m) for m in lf.UNET_TARGETS[:3]}
+    pairs = {("unet", k): v for k, v in lf.random_pairs(mods, rank=4, seed=3, scale=0.3).items()}
+    lora = lf.write_kohya(tmp_path / "style.safetensors", pairs, {k: 4.0 for k in pairs})
+    prompts = write(tmp_path / "p.txt", ["a red fox"])
+    assert batch(model, prompts, tmp_path / "plain") == 0
+    assert batch(model, prompts, tmp_path / "styled", "--lora", f"{lora}:0.9") == 0
+    (line,) = manifest(tmp_path / "styled")
+    assert line["loras"] == [{"name": "style.safetensors", "strength": 0.9}]
+    file = line["file"]
+    assert not torch.equal(pixels(tmp_path / "styled" / file), pixels(tmp_path / "plain" / file))
+    shutil.rmtree(tmp_path / "styled" / ".bonsai-batch")  # only the PNG's own record is left
+    assert batch(model, prompts, tmp_path / "styled", "--lora", f"{lora}:0.5") == 2
+    assert "was not made by this batch entry" in capsys.readouterr().err

@@ -249,3 +249,36 @@ def test_an_ai_toolkit_flux2_lora_on_1bit_klein_equals_it_merged_into_the_dequan
                **{k: v for k, v in sd.items() if "img_in" in k}}, str(tmp_path / "te.safetensors"))
     with pytest.raises(BonsaiCheckpointError, match=r"no LoRA-capable 'text_encoder' \(it has transformer\)"):
         eng.load_lora(tmp_path / "te.safetensors")
+
+
+# ---------------------------------------------------------------------------------------------- SDXL
+def test_an_sdxl_kohya_lora_in_sgm_names_reaches_the_unet_and_both_text_encoders(tmp_path):
+    """kohya trains SDXL on the sgm UNet (``input_blocks_3_1`` is the second down block's attention
+    when layers_per_block is 1) and names the encoders ``te1`` / ``te2``: diffusers' SDXL loader maps
+    them with the UNet's config."""
+    from safetensors.torch import save_file
+
+    from tests.sd_fixtures import make_tiny_sdxl_pipeline
+
+    folder = convert_pipeline(make_tiny_sdxl_pipeline(tmp_path / "fp"), tmp_path / "bonsai", log=lambda m: None).dst
+    eng = BonsaiImageEngine.from_pretrained(folder, device="cpu", dtype="fp32")
+    g = torch.Generator().manual_seed(0)
+    sd = {}
+    for key, fan_in, out in (("lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q", 256, 256),
+                             ("lora_unet_output_blocks_0_1_transformer_blocks_1_attn2_to_k", 128, 256),
+                             ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 64, 64),
+                             ("lora_te2_text_model_encoder_layers_2_mlp_fc2", 128, 64)):
+        sd[f"{key}.lora_down.weight"] = torch.randn(2, fan_in, generator=g) * 0.3
+        sd[f"{key}.lora_up.weight"] = torch.randn(out, 2, generator=g) * 0.3
+        sd[f"{key}.alpha"] = torch.tensor(1.0)
+    save_file(sd, str(tmp_path / "xl.safetensors"))
+    kw = dict(steps=2, width=64, height=64, seed=1)
+    base = eng.generate("a fox", **kw).tensor
+    adapter = eng.load_lora(tmp_path / "xl.safetensors")
+    assert sorted(n.split(".")[0] for n, _m in adapter.modules) == ["text_encoder", "text_encoder_2", "unet", "unet"]
+    assert [n for n, _m in adapter.modules if n.startswith("unet")] == [
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+        "unet.up_blocks.0.attentions.0.transformer_blocks.1.attn2.to_k"]
+    assert not torch.equal(eng.generate("a fox", **kw).tensor, base)
+    eng.unload_lora("xl")
+    assert torch.equal(eng.generate("a fox", **kw).tensor, base)
