@@ -283,15 +283,17 @@ def run_batch(prompts: str | Path, opts: BatchOptions, *, state=None, log=None, 
             "mpirun (MPI); without MPI, `accelerate launch --multi_gpu --num_processes N` starts N CPU processes "
             "(torchrun, gloo) on a machine without GPUs")
     entries = read_entries(prompts)
-    opts.out.mkdir(parents=True, exist_ok=True)
     if opts.out.exists() and not opts.out.is_dir():
         raise BonsaiRequestError(f"--out {opts.out} is a file; give a folder")
+    opts.out.mkdir(parents=True, exist_ok=True)
     state.wait_for_everyone()  # every process reads the folder as the previous run left it...
     todo, notes = scan(entries, opts)
     state.wait_for_everyone()  # ... before any of them writes to it
     for n in notes if state.is_main_process else ():
         log(n)
-    device = opts.device or (_engine_device(state.device) if state.num_processes > 1 else None)
+    device = opts.device
+    if state.num_processes > 1 and device in (None, "auto", "cuda"):  # one device per process, not all on cuda:0
+        device = _engine_device(state.device)
     with state.split_between_processes(todo) as mine:
         mine = list(mine)
     rank = state.process_index

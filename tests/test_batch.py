@@ -221,3 +221,15 @@ def test_a_batch_with_a_lora_records_it_and_a_rerun_with_another_strength_is_ref
     shutil.rmtree(tmp_path / "styled" / ".bonsai-batch")  # only the PNG's own record is left
     assert batch(model, prompts, tmp_path / "styled", "--lora", f"{lora}:0.5") == 2
     assert "was not made by this batch entry" in capsys.readouterr().err
+
+
+def test_bad_prompt_files_and_outputs_are_refused_before_any_work(model, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert batch(model, write(tmp_path / "p.txt", ["a fox"]), tmp_path / "file") == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert batch(model, write(tmp_path / "p.jsonl", ['{"prompt": "a", "colour": 1}']), tmp_path / "o") == 2
+    assert "p.jsonl:1: unknown key(s) ['colour']" in capsys.readouterr().err
+    assert batch(model, write(tmp_path / "e.txt", ["# only a comment"]), tmp_path / "o") == 2
+    assert "no prompts in the file" in capsys.readouterr().err
+    assert batch(model, write(tmp_path / "p.csv", ["a"]), tmp_path / "o") == 2
+    assert not (tmp_path / "o").exists()
