@@ -145,7 +145,9 @@ def inner(args) -> int:
     """Launched under accelerate: one batch across the launched processes."""
     from bonsai_core.batch import BatchOptions, run_batch
 
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="bonsai-throughput-"))
+    # one folder for every process of the launch (a per-process temporary folder would split the batch)
+    work = Path(args.workdir or Path(tempfile.gettempdir()) / f"bonsai-throughput-{os.environ.get('MASTER_PORT', 0)}")
+    work.mkdir(parents=True, exist_ok=True)
     prompts = work / "prompts.txt"
     out = work / "out"
     from accelerate import PartialState
@@ -183,7 +185,12 @@ def main() -> int:
     p.add_argument("--workdir", default=None)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
+    if "WORLD_SIZE" in os.environ or "MASTER_ADDR" in os.environ:  # launched under accelerate
+        if args.model is None:
+            p.error("under accelerate launch give --model (build the --tiny model with a plain run first)")
+        return inner(args)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bonsai-throughput-"))
+    work.mkdir(parents=True, exist_ok=True)
     if args.tiny and args.model is None:
         from bonsai_core.convert import convert_pipeline
         from tests.sd_fixtures import make_tiny_sd_pipeline
@@ -193,9 +200,6 @@ def main() -> int:
             convert_pipeline(make_tiny_sd_pipeline(work / "tiny-fp"), args.model, log=lambda m: None)
     if args.model is None:
         p.error("give --model (a Bonsai folder) or --tiny")
-    if "WORLD_SIZE" in os.environ or "MASTER_ADDR" in os.environ:
-        return inner(args)
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = machine_info(device)
     print(header("bonsai batch throughput", info))
