@@ -165,7 +165,8 @@ def _cmd_generate(args) -> int:
         from .lora import parse_lora_arg
 
         path, strength = parse_lora_arg(spec)
-        engine.load_lora(path, strength)  # one file at a time; refused as a whole if any key fits nothing
+        adapter = engine.load_lora(path, strength)  # one file at a time; refused as a whole if any key fits nothing
+        print(f"LoRA {adapter.path.name}: {len(adapter.modules)} layers at strength {strength:g}", file=sys.stderr)
     bar = tqdm(total=config.family_value("steps", engine.family.defaults), unit="step", file=sys.stderr)
 
     def progress(step, total, _preview):

@@ -187,6 +187,7 @@ def test_cli_generate_takes_repeatable_lora_file_strength(model, tmp_path, capsy
         pixels = torch.tensor(list(im.getdata()), dtype=torch.float32).view(H, W, 3) / 255
     ref = reference_images(model, kohya_merges(model, 0.8))[0]
     assert (pixels - ref).abs().max().item() <= 1 / 255 + 1e-4
+    assert "LoRA style_kohya.safetensors: 10 layers at strength 0.8" in capsys.readouterr().err
     assert cli.main(args + ["--lora", str(tmp_path / "none.safetensors")]) == 2
     assert "none.safetensors" in capsys.readouterr().err
 
