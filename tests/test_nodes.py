@@ -81,7 +81,7 @@ def test_every_node_declares_a_well_formed_interface(comfy):
 
 def test_loader_lists_models_folder_and_registers_it_with_explicit_extensions(comfy):
     names = comfy["pack"].NODE_CLASS_MAPPINGS["BonsaiLoader"].INPUT_TYPES()["required"]["model"][0]
-    assert names == ["tiny-sd-bonsai", "(use the path input)"]
+    assert names == ["bonsai-shapes", "tiny-sd-bonsai", "(use the path input)"]  # the shipped model first
     paths, exts = comfy["fp"].folder_names_and_paths["bonsai"]
     assert paths == [str(comfy["models"] / "bonsai")] and exts == {".gguf", ".safetensors", ".json"}
 
@@ -180,11 +180,20 @@ def test_errors_reach_the_user_as_bonsai_errors_naming_the_value(nodes, comfy, t
         nodes["BonsaiSampler"].sample(pipe, "x" * 100_000, "", 0, 2, 7.5, 64, 64, "euler", False, 1)
 
 
-def test_the_shipped_model_is_always_listed_once_it_exists(comfy, monkeypatch):
+def test_the_shipped_model_is_listed_first_so_it_is_the_default(comfy, monkeypatch):
     config = sys.modules[comfy["pack"].__name__ + ".bonsai_core.config"]
-    monkeypatch.setattr(config, "SHIPPED_MODEL", "comfyui-bonsai/bonsai-sd-1bit")
-    names = comfy["pack"].NODE_CLASS_MAPPINGS["BonsaiLoader"].INPUT_TYPES()["required"]["model"][0]
-    assert names == ["tiny-sd-bonsai", "comfyui-bonsai/bonsai-sd-1bit", "(use the path input)"]
+    assert comfy["pack"].NODE_CLASS_MAPPINGS["BonsaiLoader"].INPUT_TYPES()["required"]["model"][0] == \
+        ["bonsai-shapes", "tiny-sd-bonsai", "(use the path input)"]
+    monkeypatch.setattr(config, "SHIPPED_MODEL", None)  # an install without it lists what it finds
+    assert comfy["pack"].NODE_CLASS_MAPPINGS["BonsaiLoader"].INPUT_TYPES()["required"]["model"][0] == \
+        ["tiny-sd-bonsai", "(use the path input)"]
+
+
+def test_the_loader_loads_the_shipped_model_by_its_listed_name(nodes):
+    (pipe,) = nodes["BonsaiLoader"].load("bonsai-shapes", "cpu", "auto")
+    images, meta = nodes["BonsaiSampler"].sample(pipe, "a red circle on a white background", "", 0, 2, 7.5, 64, 64,
+                                                 "euler", False, 1)
+    assert tuple(images.shape) == (1, 64, 64, 3)
 
 
 def test_the_guardrail_budget_is_comfyuis_free_memory(nodes, comfy):
