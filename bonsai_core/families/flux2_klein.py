@@ -178,7 +178,7 @@ class Flux2KleinFamily(Family):
         return MemoryModel(
             resident_bytes=resident, dtype_bytes=torch.empty(0, dtype=self.dtype).element_size(),
             step_elements=lambda w, h: flux_step_elements(tcfg, w, h, text),
-            decode_elements=lambda w, h: vae_decode_elements(vcfg, w, h),
+            decode_elements=lambda w, h: vae_decode_elements(vcfg, w, h, cuda=self.device.type == "cuda"),
             encode_elements=text_encode_elements(self.text_encoder.config, text, True),
             lent_bytes=lent, unpacked_bytes=self.unpacked_bytes(), rows_per_image=2 if cfg else 1,
             graph_pool=cuda_graph.enabled(self.device))
