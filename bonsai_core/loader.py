@@ -26,7 +26,7 @@ from . import checkpoint, validate
 from .checkpoint import ComponentFile
 from .errors import BonsaiCheckpointError
 from .quant.layers import QUANTIZED_TYPES, empty_like_float
-from .quant.tensor import Q1Tensor
+from .quant.tensor import PackedTensor
 
 # model_index.json `_class_name` -> (family, denoiser component)
 PIPELINE_FAMILIES = {
@@ -178,15 +178,17 @@ def load_into(model: nn.Module, cf: ComponentFile, dtype: torch.dtype | None = N
     state: dict[str, torch.Tensor] = {}
     for name, t in cf.tensors.items():
         mod_name, _, leaf = name.rpartition(".")
-        if isinstance(t, Q1Tensor):
+        if isinstance(t, PackedTensor):
             module = modules.get(mod_name)
-            if module is None or leaf != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
-                raise _fail(cf.path, f"tensor {name!r} is Q1_0 but the model has no Linear/Conv2d "
-                                     f"named {mod_name!r}: wrong model for this file")
+            # Q1_0: linears and convs; Q4_AFFINE: linears, and embeddings (rows expanded as looked up)
+            kinds = (nn.Linear, nn.Conv2d) if t.qtype == "Q1_0" else (nn.Linear, nn.Embedding)
+            if module is None or leaf != "weight" or not isinstance(module, kinds):
+                raise _fail(cf.path, f"tensor {name!r} is {t.qtype} but the model has no "
+                                     f"{'/'.join(k.__name__ for k in kinds)} named {mod_name!r}: wrong model for this file")
             if tuple(module.weight.shape) != tuple(t.shape):
                 raise _fail(cf.path, f"tensor {name!r} has shape {list(t.shape)}, the model expects "
                                      f"{list(module.weight.shape)}")
-            if not isinstance(module, QUANTIZED_TYPES):
+            if not isinstance(module, (*QUANTIZED_TYPES, nn.Embedding)):
                 q = empty_like_float(module, device="meta", dtype=dtype)
                 parent_name, _, attr = mod_name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, attr, q)
