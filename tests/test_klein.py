@@ -18,7 +18,7 @@ from bonsai_core.errors import BonsaiCheckpointError, BonsaiRequestError
 from bonsai_core.families import flux2_klein as klein_mod
 from bonsai_core.importers.assemble import DEFAULT_SCHEDULER_CONFIG, export_gguf, import_model
 from bonsai_core.quant.layers import BonsaiLinear
-from bonsai_core.quant.tensor import Q1Tensor
+from bonsai_core.quant.tensor import Q1Tensor, Q4Tensor
 from tests.flux2_fixtures import packed_names
 from tests.klein_fixtures import (
     OUT_LAYERS, build_pipeline, klein_ground_truth, make_full_pipeline, make_gemlite_repo, make_gguf_and_parts,
@@ -171,11 +171,11 @@ def test_import_public_repo_folders_with_the_cli(work, gt, layout, capsys):
     assert index["_bonsai"]["source_layout"] == layout
     assert index["text_encoder"] == ["transformers", "Qwen3ForCausalLM"]
     e = BonsaiImageEngine.from_pretrained(dst, device="cpu")
-    if te_truth is not None:  # the 4-bit text encoder arrives dequantized (bf16 rounding only)
-        assert any("4-bit dequantized" in n for n in index["_bonsai"]["notes"])
-        w = e.family.text_encoder.state_dict()["model.layers.0.mlp.down_proj.weight"].double()
-        want = te_truth["model.layers.0.mlp.down_proj.weight"]
-        torch.testing.assert_close(w, want.double(), atol=0, rtol=2**-8)  # MLX and HQQ alike
+    if te_truth is not None:  # the 4-bit text encoder arrives 4-bit, every value exact
+        assert any("kept 4-bit" in n for n in index["_bonsai"]["notes"])
+        w = e.family.text_encoder.state_dict()["model.layers.0.mlp.down_proj.weight"]
+        assert isinstance(w, Q4Tensor)
+        assert torch.equal(w.dequantize(torch.float64), te_truth["model.layers.0.mlp.down_proj.weight"].double())
     r1 = e.generate("a lantern", seed=3, **SMALL)
     r2 = e.generate("a lantern", seed=3, **SMALL)
     assert torch.isfinite(r1.tensor).all() and torch.equal(r1.tensor, r2.tensor)
