@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="turn a full-precision diffusers pipeline folder into a Bonsai folder")
     c.add_argument("src", help="diffusers pipeline folder (model_index.json, unet/ or transformer/, vae/, ...)")
     c.add_argument("dst", help="Bonsai folder to write (written atomically)")
-    c.add_argument("--quantize-text-encoder", action="store_true", help="also make the text encoder 1-bit")
+    c.add_argument("--quantize-text-encoder", action="store_true", help="also make the text encoder 4-bit (Q4_AFFINE, group 64); "
+                   "the table shows its prompt embeddings' cosine per token against the dense one")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     c.add_argument("--all", action="store_true", help="print every layer in the table")
     c.set_defaults(func=_cmd_convert)
