@@ -153,7 +153,8 @@ def _cmd_generate(args) -> int:
     # flags are the top layer of the settings: defaults, then BONSAI_* variables, then these
     config = BonsaiConfig.from_env(model=args.model, device=args.device, cache_dir=args.cache_dir, steps=args.steps,
                                    width=args.width, height=args.height, guidance=args.cfg, sampler=args.sampler,
-                                   karras=True if args.karras else None, schedule=args.schedule)
+                                   karras=True if args.karras else None, schedule=args.schedule,
+                                   max_vram_gb=args.max_vram)
     if config.model is None:
         raise BonsaiError("no model given: pass --model DIR_OR_REPO (or set BONSAI_MODEL)")
     out = _checked_out(Path(args.out))
@@ -211,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1, help="images to make; image i uses seed+i")
     g.add_argument("--device", default=None, help="auto | cuda | cuda:N | mps | cpu (default: BONSAI_DEVICE or auto)")
     g.add_argument("--dtype", default=None, help="auto | fp16 | bf16 | fp32")
+    g.add_argument("--max-vram", type=float, default=None, metavar="GB",
+                   help="GPU memory budget (default: BONSAI_MAX_VRAM_GB, else 6): the text encoder stays on the "
+                        "GPU only when the run fits it, measured")
     g.add_argument("--cache-dir", default=None, help="Hub download cache (default: BONSAI_CACHE)")
     g.add_argument("--guardrail", choices=["warn", "clamp", "refuse"], default="warn")
     g.add_argument("--style-prefix", action="store_true", help="prepend the config's style prefix")

@@ -385,7 +385,7 @@ def test_encode_lends_the_text_encoder_to_cuda_from_host_memory_and_parks_it_aft
     monkeypatch.setattr(fam, "_te_parked", None)
     monkeypatch.setattr(fam, "_fits_on_device", lambda nbytes: True)
     fam._encode("anything")
-    assert FakePipe.seen == (fam.text_encoder, [("lend", cuda)], cuda, OUT_LAYERS, 512)  # lent during the forward
+    assert FakePipe.seen == (fam.text_encoder.model, [("lend", cuda)], cuda, OUT_LAYERS, 512)  # lent during the forward; the decoder stack runs alone
     assert len(Parked.made) == 1 and Parked.made[0].module is fam.text_encoder
     assert Parked.made[0].events == [("lend", cuda), "park"]
     fam._encode("another prompt")
@@ -520,3 +520,43 @@ def test_cli_info_config_for_a_klein_model_shows_what_klein_runs(work, monkeypat
     assert "4" in lines["steps"] and "24" not in lines["steps"] and lines["steps"].endswith("flux2_klein family default")
     assert "'euler'" in lines["sampler"] and "dpmpp_2m" not in lines["sampler"]
     assert "1.0" in lines["guidance"] and "1024" in lines["width"]
+
+
+def test_a_resident_text_encoder_is_used_in_place_and_parked_after_a_run_over_the_budget(eng, monkeypatch):
+    """placement.py said RESIDENT: the encode neither lends nor moves it; a run measured over the budget
+    (engine -> observe_peak) moves it to host memory for the next runs."""
+    from bonsai_core.placement import RESIDENT, Placement
+
+    fam = eng.family
+    seen = []
+
+    class FakePipe:
+        @staticmethod
+        def _get_qwen3_prompt_embeds(te, tok, prompts, **kw):
+            seen.append(te)
+            return torch.zeros(1, 512, 192)
+
+    def no_lending(module):
+        raise AssertionError("a resident text encoder is not lent")
+
+    moves = []
+    monkeypatch.setattr(klein_mod, "HostParked", no_lending)
+    monkeypatch.setattr(klein_mod, "_pipeline", lambda: FakePipe)
+    monkeypatch.setattr(klein_mod.devices, "free_cache", lambda d: None)
+    monkeypatch.setattr(fam, "device", torch.device("cuda"))
+    monkeypatch.setattr(fam, "te_placement", Placement(RESIDENT, "fits"))
+    monkeypatch.setattr(fam, "max_device_bytes", 4 * 2**30)
+    monkeypatch.setattr(fam.text_encoder, "to", lambda device: moves.append(str(device)))
+    fam._encode("a resident prompt")
+    assert seen == [fam.text_encoder.model] and moves == []
+    assert fam.observe_peak(int(3.9 * 2**30)) is None and fam.te_resident
+    msg = fam.observe_peak(int(4.5 * 2**30))
+    assert "measured peak 4.50 GiB" in msg and moves == ["cpu"] and not fam.te_resident
+
+
+def test_place_text_encoder_leaves_a_cpu_run_alone(eng, monkeypatch):
+    fam = eng.family
+    monkeypatch.setattr(fam, "max_device_bytes", None)
+    fam.place_text_encoder(4 * 2**30, lambda: 0)
+    assert fam.te_placement is None and fam.observe_peak(10 * 2**30) is None
+    assert {p.device.type for p in fam.text_encoder.parameters()} == {"cpu"}
