@@ -270,3 +270,29 @@ def test_imported_4bit_text_encoder_saves_and_loads_as_q4_layers(tmp_path, ref):
     want = hidden_states(build_reference_model(TINY_TE_CONFIG, truth))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_file_with_a_q4_weight_reads_back_exactly_through_the_gguf_package(tmp_path):
+    """Written as Q4_1 by our writer, read and dequantized by llama.cpp's own gguf package."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.quants import dequantize
+
+    from bonsai_core.importers.gguf_q1 import add_tensor
+
+    t = Q4Tensor.from_float(torch.randn(4, 128, generator=torch.Generator().manual_seed(5)), torch.float32)
+    path = tmp_path / "q4.gguf"
+    writer = gguf.GGUFWriter(str(path), "test")
+    add_tensor(writer, gguf, path, "blk.weight", t)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    (rt,) = gguf.GGUFReader(str(path)).tensors
+    assert rt.tensor_type == gguf.GGMLQuantizationType.Q4_1
+    got = torch.from_numpy(dequantize(rt.data, rt.tensor_type).copy()).reshape(4, 128)
+    assert torch.equal(got.float(), t.dequantize(torch.float32))
+    # a weight no GGUF type holds exactly is refused, naming it, and nothing is written for it
+    bad = _q4()
+    bad.bias[0, 0] = 1 / 3
+    with pytest.raises(BonsaiCheckpointError, match="l.weight.*cannot be written exactly in GGUF"):
+        add_tensor(gguf.GGUFWriter(str(tmp_path / "x.gguf"), "test"), gguf, tmp_path / "x.gguf", "l.weight", bad)
