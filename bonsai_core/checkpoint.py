@@ -487,7 +487,7 @@ def _check_q4_entry(path: Path, name: str, info: dict, shape: list) -> None:
         raise _fail(path, f"tensor {name!r} is Q4_AFFINE with group_size {group!r}; expected an even whole number "
                           f"that divides its {shape[1]} columns (64 for the public text encoders)")
     for key in ("scale_dtype", "bias_dtype"):
-        if info.get(key) not in q4_affine.DTYPES:
+        if not isinstance(info.get(key), str) or info[key] not in q4_affine.DTYPES:
             raise _fail(path, f"tensor {name!r} is Q4_AFFINE with {key} {info.get(key)!r}; expected one of "
                               f"{', '.join(q4_affine.DTYPES)}")
 

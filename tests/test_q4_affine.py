@@ -296,3 +296,50 @@ def test_gguf_file_with_a_q4_weight_reads_back_exactly_through_the_gguf_package(
     bad.bias[0, 0] = 1 / 3
     with pytest.raises(BonsaiCheckpointError, match="l.weight.*cannot be written exactly in GGUF"):
         add_tensor(gguf.GGUFWriter(str(tmp_path / "x.gguf"), "test"), gguf, tmp_path / "x.gguf", "l.weight", bad)
+
+
+ENTRY_VALUES = [None, 0, -64, 1, 3, 7, 64, 128, 2**40, 1.5, "64", "F16", "BF16", "F32", "F8", "", [], {}, True]
+
+
+def test_fuzzed_q4_headers_are_refused_with_a_checkpoint_error_or_load_correctly(tmp_path):
+    """Seeded corruptions of a Q4_AFFINE entry (every key set to odd values, keys dropped, the data cut
+    short, bytes flipped) through read_header, read_tensors and check_scales: each one a
+    BonsaiCheckpointError or a load whose values are the file's (never another exception)."""
+    import random
+
+    rng = random.Random(23)
+    base = tmp_path / "base.safetensors"
+    _save(base, _q4())
+    good = checkpoint.read_tensors(base).tensors["l.weight"]
+    refused = 0
+    for case in range(80):
+        path = tmp_path / f"case{case}.safetensors"
+        path.write_bytes(base.read_bytes())
+        kind = rng.choice(["value", "drop", "truncate", "flip"])
+        if kind == "value":
+            key, val = rng.choice(["group_size", "scale_dtype", "bias_dtype", "shape", "type"]), rng.choice(ENTRY_VALUES)
+            _rewrite(path, lambda e: e.__setitem__(key, val))
+        elif kind == "drop":
+            key = rng.choice(["group_size", "scale_dtype", "bias_dtype", "shape", "type"])
+            _rewrite(path, lambda e: e.pop(key))
+        elif kind == "truncate":
+            raw = path.read_bytes()
+            path.write_bytes(raw[:rng.randrange(len(raw))])
+        else:
+            raw = bytearray(path.read_bytes())
+            pos = rng.randrange(len(raw))
+            raw[pos] ^= 1 << rng.randrange(8)
+            path.write_bytes(bytes(raw))
+        try:
+            entry = checkpoint.read_header(path)["tensors"]["l.weight"]
+            checkpoint.check_scales(path)
+            got = checkpoint.read_tensors(path).tensors["l.weight"]
+        except BonsaiCheckpointError:
+            refused += 1
+            continue
+        # loaded: what the header says (a flipped data byte, or BF16 relabelled F16, changes values
+        # undetectably, but never the layout the header gives)
+        assert isinstance(got, Q4Tensor) and got.shape == good.shape and got.group_size == entry["group_size"], case
+        assert got.scale.dtype == q4_affine.DTYPES[entry["scale_dtype"]], case
+        assert got.bias.dtype == q4_affine.DTYPES[entry["bias_dtype"]], case
+    assert refused >= 40
