@@ -343,3 +343,16 @@ def test_fuzzed_q4_headers_are_refused_with_a_checkpoint_error_or_load_correctly
         assert got.scale.dtype == q4_affine.DTYPES[entry["scale_dtype"]], case
         assert got.bias.dtype == q4_affine.DTYPES[entry["bias_dtype"]], case
     assert refused >= 40
+
+
+def test_plan_report_of_a_4bit_policy_counts_what_quantizing_holds():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from bonsai_core.quant.layers import plan_report, quantize_model
+    from bonsai_core.quant.policy import text_encoder_policy
+
+    model = Qwen3ForCausalLM(Qwen3Config(**TINY_TE_CONFIG))
+    plan = plan_report(model, text_encoder_policy(), reference_dtype=torch.float16)
+    done = quantize_model(model, text_encoder_policy(), reference_dtype=torch.float16)
+    assert [la.name for la in plan.layers if la.quantized] == [la.name for la in done.layers if la.quantized]
+    assert len([la for la in done.layers if la.quantized]) == 14 and plan.bytes_after == done.bytes_after

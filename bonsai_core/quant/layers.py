@@ -362,9 +362,11 @@ def plan_report(model: nn.Module, policy: PrecisionPolicy | None = None,
                 reference_dtype: torch.dtype = torch.float16) -> QuantReport:
     """What ``quantize_model`` would do, computed from shapes alone (works on a meta-device model).
 
-    Sizes: float tensors at ``reference_dtype``, Q1_0 weights at 18 bytes per 128-group.
+    Sizes: float tensors at ``reference_dtype``, Q1_0 weights at 18 bytes per 128-group, Q4_AFFINE
+    ones at 36 bytes per 64-group (fp16 scale and bias).
     """
     from .q1_0 import packed_nbytes
+    from .q4_affine import GROUP_SIZE as Q4_GROUP
 
     policy = policy or PrecisionPolicy()
     size = torch.empty(0, dtype=reference_dtype).element_size()
@@ -382,7 +384,10 @@ def plan_report(model: nn.Module, policy: PrecisionPolicy | None = None,
         after = before
         if dec.quantize:
             w = module.weight
-            after = before - nbytes(w) + packed_nbytes(w.shape[0], w.shape[1:].numel())
+            rows, cols = w.shape[0], w.shape[1:].numel()
+            packed = packed_nbytes(rows, cols) if policy.qtype == "Q1_0" else \
+                rows * cols // 2 + 2 * 2 * rows * (cols // Q4_GROUP)  # codes + fp16 scale and bias per group
+            after = before - nbytes(w) + packed
         report.bytes_after += after - before
         report.layers.append(LayerReport(name, type(module).__name__, tuple(module.weight.shape),
                                          dec.quantize, dec.reason, before, after))

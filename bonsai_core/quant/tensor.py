@@ -4,10 +4,15 @@
 Outside it looks like the weight it stands for: ``.shape`` is the logical shape (``[out, in]`` for
 a linear, ``[out, in, kh, kw]`` for a conv), ``.dtype`` is the dtype it computes in, and it is the
 ``weight`` parameter of ``BonsaiLinear`` / ``BonsaiConv2d``, so ``state_dict()`` holds it under the
-file's own key ``<module>.weight``. Inside it keeps the packed data of ``q1_0.py``:
+file's own key ``<module>.weight``. Inside a ``Q1Tensor`` keeps the packed data of ``q1_0.py``:
 
 * ``qs``: uint8 ``[rows, n_blocks * 16]`` -- the sign bits of every group, GGUF's bit order;
-* ``d``:  float16 ``[rows, n_blocks]``     -- the group scales, float16 whatever ``.dtype`` says.
+* ``d``:  float16 ``[rows, n_blocks]``     -- the group scales, float16 whatever ``.dtype`` says;
+
+a ``Q4Tensor`` those of ``q4_affine.py`` (2-D weights: text encoders' linears and embeddings):
+
+* ``qs``: uint8 ``[rows, cols / 2]`` -- two 4-bit codes a byte, the even column in the low nibble;
+* ``scale``, ``bias``: ``[rows, cols / group]`` in the dtypes they came with (F16 / BF16 / F32).
 
 Why bits and scales apart rather than GGUF's interleaved 18-byte blocks: an 18-byte block puts
 every group's bits at an odd 2-byte offset, so no kernel can load them as aligned 16-byte vectors,
@@ -20,10 +25,11 @@ at the edge, bit for bit, once per load.
 
 Behaviour as a tensor (ComfyUI-GGUF's ``GGMLTensor`` and comfy_kitchen's ``QuantizedTensor`` do
 the same):
-* ``.to(device)`` moves bits and scales; ``.to(dtype)`` changes only the compute dtype, the scales
-  stay float16 (a cast to bf16 would lose bits of the format);
-* ``detach``, ``clone``, ``copy_`` from another ``Q1Tensor`` and pinning keep it packed;
+* ``.to(device)`` moves the packed parts; ``.to(dtype)`` changes only the compute dtype, the scales
+  keep theirs (a cast to bf16 would lose bits of the format);
+* ``detach``, ``clone``, ``copy_`` from another weight of its type and layout, and pinning keep it packed;
 * ``F.linear`` / ``F.conv2d`` with it as the weight run through the kernel contract (``kernels.py``);
+  ``F.embedding`` expands only the rows it looks up;
 * any other operation sees the dequantized dense weight (correct, but it materialises the weight:
   the layers never do that); in-place changes to the packed weight are refused.
 """
