@@ -245,3 +245,29 @@ def load_component(folder: Path, name: str, entry: list, dtype: torch.dtype | No
     except (OSError, EnvironmentError, ValueError, RuntimeError) as exc:
         raise BonsaiCheckpointError(f"{comp_dir}: cannot load {class_name} ({exc})") from exc
     return model.to(device).eval().requires_grad_(False)
+
+
+def read_text_encoder(path) -> tuple[dict, dict[str, torch.Tensor], tuple[int, ...]]:
+    """A Bonsai text encoder for a host that builds its own module (ComfyUI's CLIP): ``(transformers
+    config, tensors, hidden-state layers of the prompt embedding)``. ``path``: a Bonsai model folder
+    (its ``text_encoder/``) or a text encoder folder. The tensors are the file's, checked (packed
+    weights stay ``Q4Tensor`` / ``Q1Tensor``); a tied name gets the tensor it is tied to."""
+    from .families.flux2_klein import text_encoder_out_layers
+
+    path = Path(path)
+    te_dir = path / "text_encoder" if (path / "text_encoder").is_dir() else path
+    model_dir = te_dir.parent if te_dir != path else path
+    if not te_dir.is_dir():
+        raise BonsaiCheckpointError(f"{path}: not a folder; expected a Bonsai model folder or its text_encoder/ folder")
+    config = validate.read_component_config(te_dir)
+    files = validate.weight_files(te_dir)
+    if not any(checkpoint.sniff_format(p) in ("bonsai", "broken-bonsai") for p in files):
+        raise BonsaiCheckpointError(
+            f"{te_dir}: no Bonsai text encoder file (a dense one needs no Bonsai loader: use ComfyUI's own); "
+            "make one with `bonsai import` (public 4-bit payloads) or `bonsai convert --quantize-text-encoder`")
+    cf = checkpoint.read_tensors(checkpoint.find_weights(te_dir))
+    tensors = dict(cf.tensors)
+    for name, source in cf.meta.get("tied", {}).items():
+        tensors[name] = tensors[source]
+    layers = text_encoder_out_layers(model_dir if (model_dir / "bonsai.json").is_file() else te_dir)
+    return config, tensors, layers
