@@ -83,13 +83,15 @@ def describe_model(path: Path) -> str:
         checkpoint.check_scales(f, meta)  # ... and every Q1_0 scale is finite (memory-mapped, 2 bytes a block)
         policy = meta["policy"]
         q = {k: v for k, v in meta["tensors"].items() if v["type"] == "Q1_0"}
-        dense = {k: v for k, v in meta["tensors"].items() if v["type"] != "Q1_0"}
+        q4 = {k: v for k, v in meta["tensors"].items() if v["type"] == "Q4_AFFINE"}
+        dense = {k: v for k, v in meta["tensors"].items() if v["type"] not in ("Q1_0", "Q4_AFFINE")}
         by_type: dict[str, int] = {}
         for v in dense.values():
             by_type[v["type"]] = by_type.get(v["type"], 0) + 1
         lines.append(f"{name}: {f.name}  format v{meta['format_version']}, group {meta['group_size']}, "
                      f"family {meta.get('family', '')}, policy {policy.get('name', '?')}")
-        lines.append(f"  Q1_0 tensors: {len(q)}   dense tensors: {len(dense)} "
+        lines.append(f"  Q1_0 tensors: {len(q)}   " + (f"Q4_AFFINE tensors: {len(q4)}   " if q4 else "") +
+                     f"dense tensors: {len(dense)} "
                      f"({', '.join(f'{n} {t}' for t, n in sorted(by_type.items()))})")
         if policy.get("keep"):
             lines.append(f"  kept in 16-bit by pattern: {', '.join(policy['keep'])}")

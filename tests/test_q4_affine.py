@@ -356,3 +356,15 @@ def test_plan_report_of_a_4bit_policy_counts_what_quantizing_holds():
     done = quantize_model(model, text_encoder_policy(), reference_dtype=torch.float16)
     assert [la.name for la in plan.layers if la.quantized] == [la.name for la in done.layers if la.quantized]
     assert len([la for la in done.layers if la.quantized]) == 14 and plan.bytes_after == done.bytes_after
+
+
+def test_bonsai_info_counts_the_4bit_tensors(tmp_path, ref, capsys):
+    from bonsai_core import cli
+
+    d, _truth = write_mlx_te(tmp_path, TINY_TE_CONFIG, ref)
+    imp = import_text_encoder(d, dtype=torch.bfloat16, keep_4bit=True)
+    path = tmp_path / "te.safetensors"
+    checkpoint.save_tensors(path, imp.state_dict, family="flux2_klein", component="text_encoder",
+                            tied={"lm_head.weight": "model.embed_tokens.weight"})
+    assert cli.main(["info", str(path)]) == 0
+    assert "Q1_0 tensors: 0   Q4_AFFINE tensors: 15   dense tensors: 9" in capsys.readouterr().out
