@@ -368,3 +368,28 @@ def test_bonsai_info_counts_the_4bit_tensors(tmp_path, ref, capsys):
                             tied={"lm_head.weight": "model.embed_tokens.weight"})
     assert cli.main(["info", str(path)]) == 0
     assert "Q1_0 tensors: 0   Q4_AFFINE tensors: 15   dense tensors: 9" in capsys.readouterr().out
+
+
+def test_a_4bit_text_encoder_streams_layer_by_layer_through_accelerate():
+    """The placement's last resort (accelerate's cpu_offload: each layer's weights moved for its
+    forward) with packed weights: accelerate re-wraps a parameter as type(param)(value, requires_grad=...)."""
+    from accelerate import cpu_offload
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from bonsai_core.quant.layers import quantize_model
+    from bonsai_core.quant.policy import text_encoder_policy
+
+    torch.manual_seed(0)
+    m = Qwen3ForCausalLM(Qwen3Config(**TINY_TE_CONFIG)).eval()
+    quantize_model(m, text_encoder_policy())
+    emb = m.model.embed_tokens
+    emb.weight = torch.nn.Parameter(Q4Tensor.from_float(emb.weight.detach(), torch.float32), requires_grad=False)
+    m.tie_weights()
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = m.model(input_ids=ids, output_hidden_states=True).hidden_states
+    cpu_offload(m, execution_device=torch.device("cpu"))
+    assert m.model.layers[0].self_attn.q_proj.weight.device.type == "meta"  # parked: streamed in per forward
+    with torch.inference_mode():
+        got = m.model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

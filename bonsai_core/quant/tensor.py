@@ -222,7 +222,10 @@ class Q1Tensor(PackedTensor):
     d: torch.Tensor
 
     @staticmethod
-    def __new__(cls, qs: torch.Tensor, d: torch.Tensor, shape, dtype: torch.dtype | None = None):
+    def __new__(cls, qs: torch.Tensor, d: torch.Tensor | None = None, shape=None, dtype: torch.dtype | None = None,
+                requires_grad: bool = False):
+        if d is None and isinstance(qs, cls):  # type(param)(value, requires_grad=...), as accelerate re-wraps
+            return qs
         shape = torch.Size(int(s) for s in shape)
         if len(shape) < 2:
             raise ValueError(f"a Q1_0 weight is at least 2-D, got shape {list(shape)}")
@@ -289,8 +292,10 @@ class Q4Tensor(PackedTensor):
     bias: torch.Tensor
 
     @staticmethod
-    def __new__(cls, qs: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, shape,
-                dtype: torch.dtype | None = None):
+    def __new__(cls, qs: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None, shape=None,
+                dtype: torch.dtype | None = None, requires_grad: bool = False):
+        if scale is None and isinstance(qs, cls):  # type(param)(value, requires_grad=...), as accelerate re-wraps
+            return qs
         shape = torch.Size(int(s) for s in shape)
         if len(shape) != 2:
             raise ValueError(f"a Q4_AFFINE weight is 2-D [rows, cols], got shape {list(shape)}")
