@@ -393,3 +393,44 @@ def test_a_4bit_text_encoder_streams_layer_by_layer_through_accelerate():
     with torch.inference_mode():
         got = m.model(input_ids=ids, output_hidden_states=True).hidden_states
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_a_4bit_text_encoder_can_be_parked_and_lent(monkeypatch):
+    """HostParked (the klein family's host copy, lent to the device per prompt) swaps ``param.data``:
+    with packed weights the parameters stay packed and compute the same after lend and park."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from bonsai_core.families.flux2_klein import HostParked
+    from bonsai_core.quant.layers import quantize_model
+    from bonsai_core.quant.policy import text_encoder_policy
+
+    torch.manual_seed(0)
+    m = Qwen3ForCausalLM(Qwen3Config(**TINY_TE_CONFIG)).eval()
+    quantize_model(m, text_encoder_policy())
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = m.model(input_ids=ids).last_hidden_state
+    parked = HostParked(m)
+    for _ in range(2):
+        parked.lend(torch.device("cpu"))
+        assert isinstance(m.model.layers[1].mlp.up_proj.weight, Q4Tensor)
+        with torch.inference_mode():
+            assert torch.equal(m.model(input_ids=ids).last_hidden_state, want)
+        parked.park()
+    assert isinstance(m.model.layers[1].mlp.up_proj.weight, Q4Tensor)
+
+
+def test_hqq_float32_scale_and_zero_fall_back_to_exact_dense_values(tmp_path, ref):
+    """An fp32 scale times an fp32 zero needs more than float32 holds: no Q4_AFFINE form, so those
+    weights are dequantized (exactly, rounded once) and the notes say why."""
+    d, truth = write_hqq_te(tmp_path, TINY_TE_CONFIG, ref, axis=1)
+    pt = d / "qmodel.pt"
+    modules = torch.load(pt, weights_only=True)
+    name = "model.layers.0.mlp.up_proj"
+    modules[name]["scale"] = modules[name]["scale"].float() * (1 + 2**-20)
+    modules[name]["zero"] = modules[name]["zero"].float() + 2**-18
+    torch.save(modules, pt)
+    imp = import_text_encoder(d, dtype=torch.float32, keep_4bit=True)
+    assert not isinstance(imp.state_dict[f"{name}.weight"], Q4Tensor)
+    assert isinstance(imp.state_dict["model.layers.0.mlp.down_proj.weight"], Q4Tensor)
+    assert "13 kept 4-bit" in imp.notes[0] and "1 dequantized" in imp.notes[0] and "float32 does not hold" in imp.notes[0]

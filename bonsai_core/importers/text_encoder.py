@@ -776,8 +776,9 @@ def _import_hqq(d: Path, dtype: torch.dtype, keep_4bit: bool = False) -> Importe
         notes.insert(0, f"{len(quantized)} HQQ linears read ({desc}): {n_kept} kept 4-bit as Q4_AFFINE with the "
                         "file's own codes and scales, bias = -(zero*scale) in float32 (exact: every value is "
                         "(q - zero)*scale)"
-                        + (f"; {n_dense} dequantized to {str(dtype).replace('torch.', '')} (groups not along a row "
-                           f"or more than 4 bits): {exact}" if n_dense else "")
+                        + (f"; {n_dense} dequantized to {str(dtype).replace('torch.', '')} (no exact Q4_AFFINE form: "
+                           "groups not along a row, codes over 4 bits, or a bias -(zero*scale) that float32 does not "
+                           f"hold): {exact}" if n_dense else "")
                         + (f"; HQQ compute_dtype {computes}" if computes else ""))
     if len(sd) > len(quantized):
         notes.append(f"{len(sd) - len(quantized)} float tensors ({_dtypes(plain_src)}) taken as they are, "
