@@ -15,7 +15,7 @@ from bonsai_core.convert import convert_pipeline
 from tests import comfy_stub
 from tests.sd_fixtures import make_tiny_sd_pipeline
 
-TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "BONSAI_PIPE"}
+TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "BONSAI_PIPE", "CLIP"}
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def nodes(comfy):
 
 def test_every_node_declares_a_well_formed_interface(comfy):
     m = comfy["pack"].NODE_CLASS_MAPPINGS
-    assert set(m) == {"BonsaiLoader", "BonsaiSampler", "BonsaiGuardrail", "BonsaiTextOverlay"}
+    assert set(m) == {"BonsaiLoader", "BonsaiSampler", "BonsaiGuardrail", "BonsaiTextOverlay", "BonsaiTextEncoderLoader"}
     assert set(comfy["pack"].NODE_DISPLAY_NAME_MAPPINGS) == set(m)
     assert comfy["pack"].WEB_DIRECTORY == "./web"
     for node_id, cls in m.items():
@@ -208,3 +208,14 @@ def test_the_guardrail_budget_is_comfyuis_free_memory(nodes, comfy):
     # 1 MiB free, plus the tiny model's own weights (the estimate counts them too)
     assert type(err.value).__name__ == "BonsaiMemoryError"
     assert re.search(r"0\.0\d GiB is available", str(err.value)), err.value
+
+
+def test_text_encoder_loader_says_which_comfyui_it_needs(comfy):
+    """A ComfyUI without FLUX.2 [klein] text encoding (this stub has no comfy.text_encoders) gets a
+    BonsaiError naming the version, not an ImportError from inside the node."""
+    node = comfy["pack"].NODE_CLASS_MAPPINGS["BonsaiTextEncoderLoader"]()
+    with pytest.raises(comfy["errors"].BonsaiError, match="needs ComfyUI 0.33.0 or later"):
+        sys.modules[comfy["pack"].__name__ + ".nodes.comfy_text_encoder"].check_version()
+    # a model whose text encoder is not a Bonsai file is refused before any ComfyUI internal is used
+    with pytest.raises(comfy["errors"].BonsaiError, match="no Bonsai text encoder file"):
+        node.load("(use the path input)", path=str(comfy["models"] / "bonsai" / "tiny-sd-bonsai"))
