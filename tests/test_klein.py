@@ -560,3 +560,21 @@ def test_place_text_encoder_leaves_a_cpu_run_alone(eng, monkeypatch):
     fam.place_text_encoder(4 * 2**30, lambda: 0)
     assert fam.te_placement is None and fam.observe_peak(10 * 2**30) is None
     assert {p.device.type for p in fam.text_encoder.parameters()} == {"cpu"}
+
+
+def test_the_memory_model_counts_a_resident_text_encoder_in_every_phase_and_a_lent_one_in_the_encode(eng, monkeypatch):
+    from bonsai_core.placement import PARKED, RESIDENT, Placement
+    from bonsai_core.quant.layers import module_nbytes
+
+    fam = eng.family
+    te = module_nbytes(fam.text_encoder)
+    monkeypatch.setattr(fam, "device", torch.device("cuda"))
+    monkeypatch.setattr(fam, "te_placement", Placement(PARKED, "does not fit"))
+    lent = fam.memory_model(cfg=False)
+    assert (lent.resident_bytes, lent.lent_bytes) == (fam.weight_bytes(), te)
+    monkeypatch.setattr(fam, "te_placement", Placement(RESIDENT, "fits"))
+    resident = fam.memory_model(cfg=False)
+    assert (resident.resident_bytes, resident.lent_bytes) == (fam.weight_bytes() + te, 0)
+    # the denoise and decode phases hold it too, the encode phase the same bytes as when lent
+    for phase, value in resident.phases(64, 64, 1).items():
+        assert value == lent.phases(64, 64, 1)[phase] + (0 if phase == "encode" else te), phase

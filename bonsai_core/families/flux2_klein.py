@@ -174,15 +174,17 @@ class Flux2KleinFamily(Family):
         return self._tokenizer
 
     def memory_model(self, cfg: bool):
-        """On CUDA the text encoder is on the card only while it encodes (lent from host memory);
-        elsewhere it shares the one memory with everything else for the whole run."""
+        """On CUDA the text encoder is on the card for the whole run when placement kept it resident,
+        else only while it encodes (lent from host memory); elsewhere it shares the one memory with
+        everything else for the whole run."""
         from .. import cuda_graph
         from ..guardrails import MemoryModel, flux_step_elements, text_encode_elements, vae_decode_elements
         from ..quant.layers import module_nbytes
 
         te_bytes = module_nbytes(self.text_encoder) if isinstance(self.text_encoder, nn.Module) else 0
-        lent = te_bytes if self.device.type == "cuda" and not self._te_offloaded else 0
-        resident = self.weight_bytes() + (0 if self.device.type == "cuda" else te_bytes)
+        on_card_all_run = self.device.type != "cuda" or self.te_resident
+        lent = te_bytes if self.device.type == "cuda" and not self._te_offloaded and not on_card_all_run else 0
+        resident = self.weight_bytes() + (te_bytes if on_card_all_run else 0)
         tcfg, vcfg, text = self.transformer.config, self.vae.config, self.max_sequence_length
         return MemoryModel(
             resident_bytes=resident, dtype_bytes=torch.empty(0, dtype=self.dtype).element_size(),
