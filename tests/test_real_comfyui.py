@@ -243,13 +243,15 @@ def test_pack_imports_and_its_nodes_are_listed(comfy):
     assert failed == [], log[-3000:]  # core's own optional extras may fail here for missing packages
     assert re.search(rf"seconds: .*custom_nodes[/\\]{PACK}\s*$", log, re.M), log[-3000:]
     info = comfy.get("/object_info")
-    for node in ("BonsaiLoader", "BonsaiSampler", "BonsaiGuardrail", "BonsaiTextOverlay", "BonsaiLoRA"):
+    for node in ("BonsaiLoader", "BonsaiSampler", "BonsaiGuardrail", "BonsaiTextOverlay", "BonsaiTextEncoderLoader",
+                 "BonsaiLoRA"):
         assert info[node]["category"] == "Bonsai" and info[node]["description"], node
     assert "bonsai-sd-tiny" in info["BonsaiLoader"]["input"]["required"]["model"][0]
 
 
 def test_help_pages_and_templates_are_served(comfy):
-    for node in ("BonsaiLoader", "BonsaiSampler", "BonsaiGuardrail", "BonsaiTextOverlay", "BonsaiLoRA"):
+    for node in ("BonsaiLoader", "BonsaiSampler", "BonsaiGuardrail", "BonsaiTextOverlay", "BonsaiTextEncoderLoader",
+                 "BonsaiLoRA"):
         page = comfy.get(f"/extensions/{PACK}/docs/{node}.md", raw=True).decode()
         assert page == (ROOT / "web" / "docs" / f"{node}.md").read_text(), node
     templates = comfy.get("/workflow_templates")
