@@ -283,3 +283,28 @@ def test_an_sdxl_kohya_lora_in_sgm_names_reaches_the_unet_and_both_text_encoders
     assert not torch.equal(eng.generate("a fox", **kw).tensor, base)
     eng.unload_lora("xl")
     assert torch.equal(eng.generate("a fox", **kw).tensor, base)
+
+
+def test_a_text_encoder_lora_on_a_4bit_text_encoder_is_a_side_branch_of_its_packed_layer(tmp_path):
+    """``convert --quantize-text-encoder`` packs the CLIP text encoder in 4 bits: a LoRA on it uses the
+    packed layer's own slot, the merged reference dequantizes the layer with its own tensor (the
+    4-bit format is tested against its spec elsewhere; here the branch is what is checked)."""
+    from bonsai_core.quant.layers import BonsaiLinear
+
+    folder = convert_pipeline(make_tiny_sd_pipeline(tmp_path / "fp"), tmp_path / "bonsai", quantize_text_encoder=True,
+                              log=lambda m: None).dst
+    eng = BonsaiImageEngine.from_pretrained(folder, device="cpu", dtype="fp32")
+    te = eng.family.text_encoder
+    layer = te.get_submodule(lf.TE_TARGETS[0])
+    assert isinstance(layer, BonsaiLinear) and type(layer.weight).__name__ == "Q4Tensor"
+    pairs = {("text_encoder", m): v for m, v in lf.random_pairs({m: te.get_submodule(m) for m in lf.TE_TARGETS},
+                                                                rank=4, seed=9, scale=0.2).items()}
+    path = lf.write_kohya(tmp_path / "te.safetensors", pairs, {k: 4.0 for k in pairs})
+    x = torch.randn(2, 5, 128)
+    base = layer(x)
+    eng.load_lora(path, strength=0.6)
+    down, up = pairs[("text_encoder", lf.TE_TARGETS[0])]
+    merged = layer.weight.dequantize(torch.float32) + 0.6 * up @ down
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, merged, layer.bias), rtol=1e-5, atol=1e-5)
+    eng.unload_lora("te")
+    assert torch.equal(layer(x), base)
