@@ -1,10 +1,12 @@
 """ComfyUI node classes: thin adapters over ``bonsai_core`` (inputs in, one engine call, outputs out).
 
-ComfyUI internals the nodes touch are all in ``host.py``.
+ComfyUI internals the nodes touch are in ``host.py`` (stable modules) and ``comfy_native.py`` (the
+native MODEL: ops, patcher, loader; version-checked).
 """
 
 from .guardrail import BonsaiGuardrail
 from .loader import BonsaiLoader
+from .native_loader import BonsaiDiffusionModelLoader
 from .sampler import BonsaiSampler
 from .text_overlay import BonsaiTextOverlay
 
@@ -13,10 +15,12 @@ NODE_CLASS_MAPPINGS = {
     "BonsaiSampler": BonsaiSampler,
     "BonsaiGuardrail": BonsaiGuardrail,
     "BonsaiTextOverlay": BonsaiTextOverlay,
+    "BonsaiDiffusionModelLoader": BonsaiDiffusionModelLoader,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "BonsaiLoader": "Bonsai Loader",
     "BonsaiSampler": "Bonsai Sampler",
     "BonsaiGuardrail": "Bonsai Guardrail",
     "BonsaiTextOverlay": "Bonsai Text Overlay",
+    "BonsaiDiffusionModelLoader": "Bonsai Diffusion Model Loader",
 }
