@@ -197,6 +197,33 @@ def sd_case(work: Path, pack):
                             sample(truth, latent, cond, sampler="euler", scheduler="normal"))
 
 
+# ------------------------------------------------------------------------------------------- VAE
+def vae_case():
+    """Does the Bonsai Image 4B VAE file (diffusers AutoencoderKLFlux2 layout, the FLUX.2 VAE) load in
+    core's VAELoader as it is? Full-size random weights and batch-norm statistics; ComfyUI's decode of
+    a 128-channel latent against diffusers' own (un-normalise with the batch norm, 2x2 unpatchify,
+    decode), as the klein pipeline does."""
+    import comfy.sd
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline
+
+    vae = AutoencoderKLFlux2().eval()
+    g = torch.Generator().manual_seed(6)
+    vae.bn.running_mean.copy_(torch.randn(128, generator=g) * 0.1)
+    vae.bn.running_var.copy_(torch.rand(128, generator=g) + 0.5)
+    sd = {k: v.clone() for k, v in vae.state_dict().items()}
+    cvae = comfy.sd.VAE(sd=sd)
+    RESULTS["vae_latent_channels"] = cvae.latent_channels
+    latent = torch.randn(1, 128, 3, 3, generator=g)
+    with torch.inference_mode():
+        got = cvae.decode(latent)  # [B, H, W, C] in 0..1
+        z = latent * torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps) \
+            + vae.bn.running_mean.view(1, -1, 1, 1)
+        want = vae.decode(Flux2KleinPipeline._unpatchify_latents(z)).sample
+    want = ((want.clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1)
+    RESULTS["vae_shape"] = list(got.shape)
+    RESULTS["vae_max_abs"] = float((got.float() - want.float()).abs().max())
+
+
 def main():
     work = Path(tempfile.mkdtemp(prefix="bonsai-native-"))
     from comfy.cli_args import args
@@ -212,6 +239,7 @@ def main():
 
     if hasattr(comfy.supported_models, "Flux2"):
         klein_case(work, pack)
+        vae_case()
     sd_case(work, pack)
     print("RESULTS " + json.dumps(RESULTS))
 
