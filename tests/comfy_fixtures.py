@@ -7,8 +7,8 @@
   (2 x 128 heads, 1 double + 1 single block, text width 768 so CLIP-L conditioning drives it in
   tests), a Bonsai SD1.5 folder whose UNet core's detection takes as SD1.5 (320 channels, context
   768, one attention level), a full-size random CLIP-L (ComfyUI builds CLIP-L at its real size
-  whatever the file holds), VAEs with full-size encoders and narrow decoders (ComfyUI reads a
-  decoder's width from its first conv), and a LoRA on the klein's fused qkv and linear2;
+  whatever the file holds), a full-size SD VAE and a FLUX.2 VAE with a narrow decoder (ComfyUI 0.33
+  reads a decoder's width from its first conv), and a LoRA on the klein's fused qkv and linear2;
 * ``models/upscale_models/<UPSCALER>``: a randomly initialised, small ESRGAN (RRDBNet, x4) state
   dict, a plain tensor dict in a .pth as the real file is (ComfyUI reads it with
   ``weights_only``), in the layout ComfyUI's upscaler loader (spandrel) recognises.
@@ -127,12 +127,10 @@ def make_native_models(models: Path, seed: int = 0) -> Path:
     if not (models / "vae" / SD_VAE).exists():
         from diffusers import AutoencoderKL
 
-        kinds = dict(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                     latent_channels=4, layers_per_block=2)
-        full = AutoencoderKL(block_out_channels=(128, 256, 512, 512), **kinds).state_dict()
-        narrow = AutoencoderKL(block_out_channels=(32, 64, 128, 128), **kinds).state_dict()
-        _save(models / "vae" / SD_VAE, {k: (narrow if k.startswith(("decoder.", "post_quant_conv.")) else full)[k].half()
-                                        for k in full})
+        # full size: ComfyUI 0.3.64 reads no decoder width from the file
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4, layers_per_block=2)
+        _save(models / "vae" / SD_VAE, {k: v.half() for k, v in vae.state_dict().items()})
     if not (models / "loras" / KLEIN_LORA).exists():
         g = torch.Generator().manual_seed(seed + 1)
         lora = {}
