@@ -34,6 +34,12 @@ from ..bonsai_core.quant.tensor import Q1Tensor
 TESTED_VERSIONS = ("0.3.64", "0.33.0")
 
 
+def is_q1(t) -> bool:
+    """A packed weight, also one made by another import of ``bonsai_core`` (a pip-installed copy beside
+    the pack's own, or a benchmark's): the class is matched by name, the layout by its members."""
+    return isinstance(t, Q1Tensor) or (type(t).__name__ == "Q1Tensor" and hasattr(t, "qs") and hasattr(t, "d"))
+
+
 def comfy_version() -> str:
     try:
         import comfyui_version
@@ -201,7 +207,7 @@ def _assign(m, state_dict, prefix, missing_keys, unexpected_keys):
         key = prefix + name
         if key in state_dict:
             t = state_dict[key]
-            if isinstance(t, Q1Tensor):
+            if is_q1(t):
                 t = t.to(dtype=dtype or t.dtype)
             elif dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
@@ -249,7 +255,7 @@ def bonsai_ops():
                 _assign(self, state_dict, prefix, missing_keys, unexpected_keys)
 
             def forward(self, x, *args, **kwargs):
-                if isinstance(self.weight, Q1Tensor):
+                if is_q1(self.weight):
                     return _q1_forward(self, x, "linear")
                 return super().forward(x, *args, **kwargs)
 
@@ -269,7 +275,7 @@ def bonsai_ops():
                 _assign(self, state_dict, prefix, missing_keys, unexpected_keys)
 
             def forward(self, x, *args, **kwargs):
-                if isinstance(self.weight, Q1Tensor):
+                if is_q1(self.weight):
                     return _q1_forward(self, x, "conv2d")
                 return super().forward(x, *args, **kwargs)
 
@@ -296,7 +302,7 @@ def _patcher_class(base):
                 m = comfy.utils.get_attr(self.model, module_name) if module_name else self.model
             except AttributeError:
                 m = None
-            if leaf == "weight" and isinstance(getattr(m, "weight", None), Q1Tensor):
+            if leaf == "weight" and is_q1(getattr(m, "weight", None)):
                 m.bonsai_patches = list(self.patches.get(key, ()))  # this patcher's list; [] clears
                 m.__dict__.pop("_bonsai_lora_cache", None)
                 return m.weight if kwargs.get("return_weight") else None
@@ -320,7 +326,7 @@ def model_nbytes(model: torch.nn.Module) -> int:
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) not in seen:
             seen.add(id(t))
-            total += t.nbytes if isinstance(t, Q1Tensor) else t.numel() * t.element_size()
+            total += t.nbytes if is_q1(t) else t.numel() * t.element_size()
     return total
 
 

@@ -112,6 +112,7 @@ def klein_case(work: Path, pack):
     truth_sd = native.dequantized(torch.float32)
     truth = dense_model(truth_sd)
     RESULTS["klein_model_class"] = type(ours.model).__name__
+    RESULTS["klein_packed_params"] = sum(pack.nodes.comfy_native.is_q1(p) for p in ours.model.parameters())
     RESULTS["klein_size_bytes"] = [ours.model_size(), truth.model_size()]
     latent = torch.randn(1, 128, 4, 4, generator=torch.Generator().manual_seed(3))
     cond = torch.randn(1, 8, 256, generator=torch.Generator().manual_seed(4))
@@ -193,8 +194,37 @@ def sd_case(work: Path, pack):
     RESULTS["sd_model_class"] = type(ours.model).__name__
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     cond = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(4))
-    RESULTS["sd_rel"] = rel(sample(ours, latent, cond, sampler="euler", scheduler="normal"),
-                            sample(truth, latent, cond, sampler="euler", scheduler="normal"))
+    base = sample(truth, latent, cond, sampler="euler", scheduler="normal")
+    RESULTS["sd_rel"] = rel(sample(ours, latent, cond, sampler="euler", scheduler="normal"), base)
+    RESULTS["sd_packed_params"] = sum(comfy_nodes_native.is_q1(p) for p in ours.model.parameters())
+
+    # a LoRA on a packed 3x3 conv and a packed linear, kohya names, through core LoraLoaderModelOnly
+    conv = next(k for k, v in native.items() if isinstance(v, Q1Tensor) and v.dim() == 4 and v.shape[-1] == 3)
+    lin = next(k for k, v in native.items() if isinstance(v, Q1Tensor) and v.dim() == 2)
+    g = torch.Generator().manual_seed(7)
+    lora, merged = {}, {k: (v.dequantize(torch.float32) if isinstance(v, Q1Tensor) else v.float())
+                        for k, v in native.items()}
+    for key in (conv, lin):
+        w = merged[key]
+        down = torch.randn(4, *w.shape[1:], generator=g) * 0.05
+        up = torch.randn(w.shape[0], 4, *([1, 1] if w.dim() == 4 else []), generator=g) * 0.05
+        name = "lora_unet_" + key[:-len(".weight")].replace(".", "_")
+        lora.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(2.0)})
+        merged[key] = w + 0.5 * (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+    from safetensors.torch import save_file
+
+    (work / "loras").mkdir(exist_ok=True)
+    save_file(lora, str(work / "loras" / "tiny-sd-lora.safetensors"))
+    import folder_paths
+    import nodes as comfy_nodes
+
+    folder_paths.folder_names_and_paths["loras"] = ([str(work / "loras")], {".safetensors"})
+    with torch.inference_mode():
+        lm = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(ours, "tiny-sd-lora.safetensors", 1.0)[0]
+    want = sample(dense_model(merged), latent, cond, sampler="euler", scheduler="normal")
+    RESULTS["sd_lora_patched_keys"] = len(lm.patches)
+    RESULTS["sd_lora_rel"] = rel(sample(lm, latent, cond, sampler="euler", scheduler="normal"), want)
+    RESULTS["sd_lora_effect"] = rel(want, base)
 
 
 # ------------------------------------------------------------------------------------------- VAE

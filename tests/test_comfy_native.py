@@ -106,10 +106,11 @@ def test_native_model_samples_as_comfyuis_own_loader_of_the_dequantized_weights(
     r = _check(os.environ["COMFYUI_PATH"])
     # SD1.5 (every version): our ldm names are ComfyUI's, and sampling matches to fp32 rounding
     assert r["sd_q1_tensors"] > 0 and r["sd_names_compared"] > 100 and r["sd_names_differ"] == []
-    assert r["sd_rel"] < 1e-5
+    assert r["sd_rel"] < 1e-5 and r["sd_packed_params"] == r["sd_q1_tensors"]  # every packed weight kept packed
+    assert r["sd_lora_patched_keys"] == 2 and r["sd_lora_rel"] < 1e-5 < 100 * 1e-5 < r["sd_lora_effect"]
     if "klein_rel" not in r:  # ComfyUI without FLUX.2 (0.3.64)
         return
-    assert r["klein_q1_tensors"] == 10 and r["klein_model_class"] == "Flux2"
+    assert r["klein_q1_tensors"] == r["klein_packed_params"] == 10 and r["klein_model_class"] == "Flux2"
     assert r["klein_size_bytes"][0] < 0.5 * r["klein_size_bytes"][1]  # ComfyUI counts the packed bytes
     assert r["klein_rel"] < 1e-5
     for s in ("1.0", "0.5"):  # LoRA via LoraLoaderModelOnly == merged weights; strength change without reload
