@@ -337,7 +337,16 @@ def load_native_model(sd: dict, source: str):
     require()
     import comfy.sd
 
-    patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"custom_operations": bonsai_ops()})
+    import inspect
+
+    kwargs = {}
+    if "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
+        # ComfyUI 0.33's dynamic VRAM (comfy_aimdo, on CUDA) stages plain and comfy_kitchen tensors in
+        # its own buffers; a Q1_0 weight is neither, so the model takes the classic ModelPatcher path
+        # (whole layers moved, low-VRAM patches), the one tested here. It holds 1/14 of bf16's bytes.
+        kwargs["disable_dynamic"] = True
+    patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"custom_operations": bonsai_ops()},
+                                                       **kwargs)
     if patcher is None:
         raise BonsaiError(f"{source}: ComfyUI {comfy_version()} did not recognise this model's architecture "
                           "(FLUX.2 [klein] needs ComfyUI 0.33 or newer; SD1.5/SDXL any recent one)")
