@@ -91,6 +91,52 @@ def test_sd_ldm_names_cover_every_tensor_of_a_diffusers_unet_once():
     assert names["conv_norm_out.weight"] == "out.0.weight"
 
 
+def test_read_native_gives_a_bonsai_sd_folder_in_ldm_names_with_the_packed_weights_as_stored(tmp_path):
+    from bonsai_core import checkpoint
+    from bonsai_core.convert import convert_pipeline
+    from bonsai_core.native import read_native
+    from bonsai_core.quant.tensor import Q1Tensor
+    from tests.sd_fixtures import make_tiny_sd_pipeline
+
+    folder = tmp_path / "bonsai"
+    convert_pipeline(make_tiny_sd_pipeline(tmp_path / "src"), folder, log=lambda m: None)
+    native = read_native(folder)
+    stored = checkpoint.read_tensors(checkpoint.find_weights(folder / "unet")).tensors
+    assert native.family == "sd_unet" and native.layout == "ldm" and len(native.tensors) == len(stored)
+    w = native.tensors["input_blocks.1.1.proj_in.weight"]  # diffusers down_blocks.0.attentions.0.proj_in
+    assert isinstance(w, Q1Tensor) and torch.equal(w.qs, stored["down_blocks.0.attentions.0.proj_in.weight"].qs)
+    assert torch.equal(native.tensors["out.2.weight"], stored["conv_out.weight"])
+    assert read_native(folder / "unet" / "diffusion_pytorch_model.safetensors").tensors.keys() == native.tensors.keys()
+
+
+def test_read_native_gives_a_q1_gguf_in_bfl_names_with_fused_qkv(tmp_path):
+    from bonsai_core.importers.flux2_names import is_packed_linear
+    from bonsai_core.importers.gguf_q1 import write_gguf
+    from bonsai_core.native import read_native
+    from bonsai_core.quant.tensor import Q1Tensor
+    from tests.flux2_fixtures import TINY_CONFIG, build_model
+
+    diff = {k: (Q1Tensor.from_float(v) if is_packed_linear(k) else v.to(torch.bfloat16))
+            for k, v in build_model(TINY_CONFIG).state_dict().items()}
+    native = read_native(write_gguf(tmp_path / "klein.gguf", diff))
+    assert native.family == "flux2_klein" and native.layout == "bfl"
+    qkv = native.tensors["double_blocks.0.img_attn.qkv.weight"]
+    want = torch.cat([diff[f"transformer_blocks.0.attn.to_{x}.weight"].dequantize(torch.float32) for x in "qkv"])
+    assert isinstance(qkv, Q1Tensor) and torch.equal(qkv.dequantize(torch.float32), want)
+    assert native.packed_nbytes * 14 < sum(t.numel() * 2 for t in native.tensors.values() if isinstance(t, Q1Tensor))
+
+
+def test_read_native_refuses_a_dense_file_naming_the_core_loader(tmp_path):
+    from safetensors.torch import save_file
+
+    from bonsai_core.errors import BonsaiCheckpointError
+    from bonsai_core.native import read_native
+
+    save_file({"w": torch.zeros(2, 2)}, str(tmp_path / "dense.safetensors"))
+    with pytest.raises(BonsaiCheckpointError, match="Load Diffusion Model"):
+        read_native(tmp_path / "dense.safetensors")
+
+
 def _check(comfy: str) -> dict:
     env = dict(os.environ, COMFYUI_PATH=comfy, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
