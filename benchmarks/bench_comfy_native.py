@@ -246,6 +246,39 @@ def run_family(family: str, sizes, args, device, native, results: dict) -> None:
     del dense, packed
 
 
+def gguf_read(folder: Path, tiny: bool) -> dict:
+    """Write a klein-4B-shaped Q1_0 GGUF (random blocks, BFL names, as the community file) and time
+    ``bonsai_core.native.read_native`` on it: the whole parse, ComfyUI not needed."""
+    from bonsai_core.importers.flux2_names import expected_shapes, is_packed_linear
+    from bonsai_core.importers.gguf_q1 import write_gguf
+    from bonsai_core.native import read_native
+    from bonsai_core.quant.q1_0 import QS_BYTES, n_blocks
+    from bonsai_core.quant.tensor import Q1Tensor
+
+    config = TINY_KLEIN if tiny else KLEIN_4B_CONFIG
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, shape in expected_shapes(config).items():
+        if is_packed_linear(name):
+            rows, nb = shape[0], n_blocks(shape[1])
+            qs = torch.randint(0, 256, (rows, nb * QS_BYTES), generator=g, dtype=torch.uint8)
+            tensors[name] = Q1Tensor(qs, torch.rand(rows, nb, generator=g).half() * 0.02, shape)
+        else:
+            tensors[name] = torch.randn(shape, generator=g).to(torch.bfloat16)
+    path = folder / "klein-shaped-q1_0.gguf"
+    write_gguf(path, tensors)
+    del tensors
+    size = path.stat().st_size
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        native = read_native(path)
+        times.append(time.perf_counter() - t0)
+        del native
+    path.unlink()
+    return {"file_bytes": size, "read_s": times, "note": "page cache warm after the write (second and third reads)"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU: a smoke run of the script")
@@ -260,7 +293,15 @@ def main(argv=None) -> int:
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--gguf-read", metavar="DIR", help="only time reading a klein-4B-shaped Q1_0 GGUF written in DIR "
+                                                      "(no ComfyUI needed)")
     args = p.parse_args(argv)
+    if args.gguf_read:
+        info = machine_info(torch.device("cpu"))
+        r = gguf_read(Path(args.gguf_read), args.tiny)
+        print(f"GGUF {r['file_bytes'] / 2**30:.2f} GiB read in " + ", ".join(f"{t:.2f} s" for t in r["read_s"]))
+        write_json(args.json, {"machine": info, "gguf_read": r})
+        return 0
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     device = torch.device(args.device)
