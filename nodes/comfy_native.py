@@ -149,14 +149,16 @@ def _linear_delta(x, d, u):
 def _weight_patches(m) -> list:
     """The LoRA patches for this layer's packed weight: what the patcher handed over, plus those
     that reach it as ComfyUI's ``LowVramPatch`` (low-VRAM and dynamic-VRAM loading)."""
-    patches = list(getattr(m, "bonsai_patches", ()))
+    lowvram = []
     for f in getattr(m, "weight_function", ()):
         if hasattr(f, "patches") and hasattr(f, "key"):
-            patches += list(f.patches.get(f.key, ()))
+            lowvram += list(f.patches.get(f.key, ()))
         else:
             raise BonsaiRequestError(f"a {type(f).__name__} weight function on a 1-bit Bonsai layer cannot run "
                                      "(it needs the dense weight)")
-    return patches
+    # a layer ComfyUI moved to low-VRAM mode carries the patcher's current list there; what an
+    # earlier full load handed over may be stale, so it never adds to it
+    return lowvram if lowvram else list(getattr(m, "bonsai_patches", ()))
 
 
 def _bias(m, x):

@@ -163,6 +163,22 @@ def klein_case(work: Path, pack):
         RESULTS[f"klein_lora_effect_{strength}"] = rel(want, b)
     RESULTS["klein_after_lora_rel"] = rel(sample(ours, latent, cond), b)  # the base MODEL is unpatched again
 
+    # low-VRAM loading: every layer offloaded, the LoRA reaching it as ComfyUI's LowVramPatch
+    import comfy.model_management as mm
+
+    mm.unload_all_models()
+    with torch.inference_mode():
+        lm = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(ours, "tiny-klein-lora.safetensors", 0.5)[0]
+        lm.load(torch.device("cpu"), lowvram_model_memory=1)
+        RESULTS["klein_lowvram_patched_layers"] = sum(
+            1 for m in lm.model.modules() if any(hasattr(f, "key") for f in getattr(m, "weight_function", ())))
+        t = torch.full((1,), 0.5)
+        got = lm.model.apply_model(latent, t, c_crossattn=cond)
+        truth_lm = dense_model(sd)  # the merged weights at strength 0.5, from the loop above
+        want = truth_lm.model.apply_model(latent, t, c_crossattn=cond)
+    RESULTS["klein_lowvram_lora_rel"] = rel(got, want)
+    lm.unpatch_model()
+
 
 # ------------------------------------------------------------------------------------------- SD1.5
 def sd_case(work: Path, pack):

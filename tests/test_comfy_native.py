@@ -163,5 +163,7 @@ def test_native_model_samples_as_comfyuis_own_loader_of_the_dequantized_weights(
         assert r[f"klein_lora_patched_keys_{s}"] == 2
         assert r[f"klein_lora_rel_{s}"] < 1e-5 < 100 * 1e-5 < r[f"klein_lora_effect_{s}"]
     assert r["klein_after_lora_rel"] < 1e-6  # the MODEL without the LoRA is unpatched again
+    # low-VRAM load: the LoRA arrives as ComfyUI's LowVramPatch on both patched layers, same result
+    assert r["klein_lowvram_patched_layers"] == 2 and r["klein_lowvram_lora_rel"] < 1e-5
     # the FLUX.2 VAE in diffusers' layout (as Bonsai Image 4B ships it) loads in core's VAELoader as it is
     assert r["vae_latent_channels"] == 128 and r["vae_shape"] == [1, 48, 48, 3] and r["vae_max_abs"] < 1e-4
