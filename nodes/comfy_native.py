@@ -16,9 +16,10 @@ lets core's architecture detection build the model with our layers. What we add 
   reads; 0.3.64 multiplies ``numel`` by the element size, so the patcher's size is set here.
 
 Internals used (each checked in ``require()``): ``comfy.ops.manual_cast`` (its ``Linear`` /
-``Conv2d``, ``run_every_op`` where present), ``comfy.sd.load_diffusion_model_state_dict``,
-``comfy.model_patcher.ModelPatcher.{patch_weight_to_device, unpatch_model}`` and the patch tuple
-``(strength, adapter, strength_model, offset, function)``, ``comfy.weight_adapter.LoRAAdapter``.
+``Conv2d``, ``run_every_op`` where present), ``comfy.sd.load_diffusion_model_state_dict`` (and its
+``disable_dynamic`` where present), ``comfy.model_patcher.ModelPatcher.{patch_weight_to_device,
+unpatch_model}``, the patch tuple ``(strength, adapter, strength_model, offset, function)``,
+``LowVramPatch``'s ``key`` / ``patches``, ``comfy.weight_adapter.LoRAAdapter.weights``.
 Tested with ComfyUI 0.3.64 (a125cd84) and 0.33.0 (783545f6).
 """
 
