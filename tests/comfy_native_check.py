@@ -205,6 +205,25 @@ def sd_case(work: Path, pack):
     theirs = {d: l for d, l in table.items() if d in dsd}
     RESULTS["sd_names_compared"] = len(theirs)
     RESULTS["sd_names_differ"] = sorted(k for k in dsd if theirs.get(k) != names[k])[:5]
+    # SDXL's names, on the meta device (no weights): core detects SDXL from our ldm names alone, and its
+    # own diffusers -> ldm table for that config agrees with ours on every tensor
+    from accelerate import init_empty_weights
+    import comfy.model_detection
+
+    with init_empty_weights():
+        xl = UNet2DConditionModel(sample_size=128, cross_attention_dim=2048, block_out_channels=(320, 640, 1280),
+                                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                  up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                  transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+                                  use_linear_projection=True, addition_embed_type="text_time",
+                                  addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    xsd = xl.state_dict()
+    xnames = sd_unet_ldm_names(list(xsd))
+    xcfg = comfy.model_detection.model_config_from_unet({xnames[k]: v for k, v in xsd.items()}, "")
+    RESULTS["sdxl_detected"] = type(xcfg).__name__
+    xtable = comfy.utils.unet_to_diffusers(xcfg.unet_config)
+    RESULTS["sdxl_names_compared"] = sum(k in xsd for k in xtable)
+    RESULTS["sdxl_names_differ"] = sorted(k for k in xsd if xtable.get(k) != xnames[k])[:5]
     truth = dense_model({k: (v.dequantize(torch.float32) if isinstance(v, Q1Tensor) else v.float())
                          for k, v in native.items()})
     RESULTS["sd_model_class"] = type(ours.model).__name__

@@ -152,6 +152,8 @@ def test_native_model_samples_as_comfyuis_own_loader_of_the_dequantized_weights(
     r = _check(os.environ["COMFYUI_PATH"])
     # SD1.5 (every version): our ldm names are ComfyUI's, and sampling matches to fp32 rounding
     assert r["sd_q1_tensors"] > 0 and r["sd_names_compared"] > 100 and r["sd_names_differ"] == []
+    # SDXL (names only, meta device): core detects it from our ldm names and its own table agrees
+    assert r["sdxl_detected"] == "SDXL" and r["sdxl_names_compared"] > 1600 and r["sdxl_names_differ"] == []
     assert r["sd_rel"] < 1e-5 and r["sd_packed_params"] == r["sd_q1_tensors"]  # every packed weight kept packed
     assert r["sd_lora_patched_keys"] == 2 and r["sd_lora_rel"] < 1e-5 < 100 * 1e-5 < r["sd_lora_effect"]
     if "klein_rel" not in r:  # ComfyUI without FLUX.2 (0.3.64)
