@@ -25,7 +25,6 @@ import argparse
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -47,21 +46,6 @@ def import_comfy(device: torch.device):
     if not path:
         raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout (0.33 or newer for FLUX.2 klein)")
     sys.path.insert(0, path)
-    try:  # ComfyUI 0.33 imports torchaudio at module level; nothing here uses audio
-        import torchaudio  # noqa: F401
-    except ImportError:
-        import importlib.machinery
-
-        for name in ("torchaudio", "torchaudio.functional", "torchaudio.transforms"):
-            sys.modules[name] = types.ModuleType(name)
-            sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
-            sys.modules[name].__path__ = []
-    from comfy.cli_args import args
-
-    args.cpu = device.type == "cpu"
-    import comfy.model_management  # noqa: F401
-    import comfy.sd  # noqa: F401
-
     import importlib.util
 
     # by file: ComfyUI's own ``tests`` package is ahead of ours on the path
@@ -70,6 +54,13 @@ def import_comfy(device: torch.device):
     spec = importlib.util.spec_from_file_location("bonsai_bench_stub", REPO_ROOT / "tests" / "comfy_stub.py")
     stub = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stub)
+    stub.stub_missing_torchaudio()
+    from comfy.cli_args import args
+
+    args.cpu = device.type == "cpu"
+    import comfy.model_management  # noqa: F401
+    import comfy.sd  # noqa: F401
+
     return stub.load_pack("ComfyUI_Bonsai_bench").nodes.comfy_native
 
 

@@ -26,18 +26,6 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 
 import torch  # noqa: E402
 
-try:  # ComfyUI 0.33's comfy.sd imports torchaudio (audio VAEs) at module level; none is used here
-    import torchaudio  # noqa: F401
-except ImportError:
-    import importlib.machinery
-    import types
-
-    for name in ("torchaudio", "torchaudio.functional", "torchaudio.transforms"):
-        sys.modules[name] = types.ModuleType(name)
-        sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
-        sys.modules[name].__path__ = []
-    sys.modules["torchaudio"].functional = sys.modules["torchaudio.functional"]
-    sys.modules["torchaudio"].transforms = sys.modules["torchaudio.transforms"]
 
 torch.manual_seed(0)
 RESULTS: dict = {}
@@ -291,6 +279,7 @@ def vae_case():
 
 def main():
     work = Path(tempfile.mkdtemp(prefix="bonsai-native-"))
+    _ours("comfy_stub").stub_missing_torchaudio()
     from comfy.cli_args import args
 
     args.cpu = True  # as `main.py --cpu`: ComfyUI picks its device when model_management is imported
