@@ -50,7 +50,9 @@ class BonsaiDiffusionModelLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"model_name": (model_names(), {
+        names = model_names()
+        return {"required": {"model_name": (names, {
+            **({"default": names[0]} if names else {}),
             "tooltip": "A Bonsai model folder, a Bonsai .safetensors or a Q1_0 .gguf in models/diffusion_models, "
                        "models/unet or models/bonsai."})}}
 
