@@ -196,6 +196,12 @@ def run_family(family: str, sizes, args, device, native, results: dict) -> None:
     config = (TINY_KLEIN if args.tiny else KLEIN_4B_CONFIG) if family == "klein" else (TINY_SD if args.tiny else SD15_CONFIG)
     t0 = time.perf_counter()
     dense, packed = (klein_weights if family == "klein" else sd_weights)(config, device, args.seed)
+    # made (and packed) on the device for speed, then kept on the host as a loaded file is: the GPU
+    # memory a variant holds is then what ComfyUI's load put there
+    dense = {k: v.cpu() for k, v in dense.items()}
+    packed = {k: v.cpu() for k, v in packed.items()}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     print(f"{family}: random weights in {time.perf_counter() - t0:.1f} s")
     variants = ["bonsai", "bf16"] + (["fp8_fast"] if device.type == "cuda" else [])
     graph_modes = [False, True] if device.type == "cuda" and not args.no_graph else [False]
