@@ -351,6 +351,31 @@ def test_api_workflow_runs_and_writes_its_images(comfy, name):
                                  "preview_frames": previews, "images": sum(len(v) for v in saved.values())}
 
 
+def test_native_lora_strength_change_reuses_the_loaded_model_and_changes_the_image(comfy):
+    """A new LoRA strength re-runs the LoRA node and the sampler, not the Bonsai loader (ComfyUI's cache
+    keeps its MODEL): no reload, and the image follows the strength."""
+    from PIL import Image
+
+    if "EmptyFlux2LatentImage" not in comfy.get("/object_info/EmptyFlux2LatentImage"):
+        pytest.skip(f"ComfyUI {REPORT['comfyui']['version']} has no FLUX.2 [klein] nodes")
+    images = []
+    for strength in (0.0, 3.0):
+        wf = _tiny_run(_workflow("bonsai_native_lora"))
+        wf["2"]["inputs"]["strength_model"] = strength
+        wf["15"]["inputs"]["filename_prefix"] = f"bonsai/lora_strength_{strength}"
+        status, msgs, history, _ = comfy.run(wf)
+        assert status == "success"
+        cached = [n for m in msgs if isinstance(m, dict) and m.get("type") == "execution_cached"
+                  for n in m["data"]["nodes"]]
+        if images:  # second run: the Bonsai Diffusion Model Loader did not run again
+            assert "1" in cached and "2" not in cached, cached
+        (out,) = [o for o in history["outputs"].values() if o.get("images")]
+        i = out["images"][0]
+        with Image.open(comfy.base / "output" / i["subfolder"] / i["filename"]) as img:
+            images.append(img.convert("RGB").tobytes())
+    assert images[0] != images[1]
+
+
 def test_interrupt_stops_sampling_within_one_step(comfy):
     wf = _workflow("bonsai_txt2img")
     wf["2"]["inputs"].update(steps=150, seed=9001)
