@@ -215,6 +215,7 @@ def sd_case(work: Path, pack):
     truth = dense_model({k: (v.dequantize(torch.float32) if isinstance(v, Q1Tensor) else v.float())
                          for k, v in native.items()})
     RESULTS["sd_model_class"] = type(ours.model).__name__
+    RESULTS["sd_size_bytes"] = [ours.model_size(), truth.model_size(), comfy_nodes_native.model_nbytes(ours.model)]
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     cond = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(4))
     base = sample(truth, latent, cond, sampler="euler", scheduler="normal")

@@ -154,6 +154,8 @@ def test_native_model_samples_as_comfyuis_own_loader_of_the_dequantized_weights(
     assert r["sd_q1_tensors"] > 0 and r["sd_names_compared"] > 100 and r["sd_names_differ"] == []
     # SDXL (names only, meta device): core detects it from our ldm names and its own table agrees
     assert r["sdxl_detected"] == "SDXL" and r["sdxl_names_compared"] > 1600 and r["sdxl_names_differ"] == []
+    ours, dense, packed = r["sd_size_bytes"]  # ComfyUI's size of the model is its packed bytes, in both versions
+    assert ours == packed < 0.4 * dense
     assert r["sd_rel"] < 1e-5 and r["sd_packed_params"] == r["sd_q1_tensors"]  # every packed weight kept packed
     assert r["sd_lora_patched_keys"] == 2 and r["sd_lora_rel"] < 1e-5 < 100 * 1e-5 < r["sd_lora_effect"]
     if "klein_rel" not in r:  # ComfyUI without FLUX.2 (0.3.64)
