@@ -11,11 +11,17 @@ by tensor, what it holds:
     family          "sd_unet" | "flux2_klein"
     component       "unet" | "transformer" | "text_encoder"
     policy          JSON: the precision policy applied (see quant/policy.py)
-    tensors         JSON: {name: {"type": "Q1_0" | "F16" | "BF16" | "F32" | ..., "shape": [...], "reason": "..."}}
+    tensors         JSON: {name: {"type": "Q1_0" | "Q4_AFFINE" | "F16" | "BF16" | "F32" | ..., "shape": [...],
+                          "reason": "..."}}; a Q4_AFFINE entry also has "group_size" (even, dividing the
+                          row) and "scale_dtype" / "bias_dtype" ("F16" | "BF16" | "F32")
 
 A Q1_0 tensor ``<module>.weight`` is stored as uint8 ``[rows, n_blocks*18]``: GGUF's 18-byte
 ``block_q1_0`` (fp16 scale, then 16 bytes of sign bits), so it moves to a ``.gguf`` unchanged.
-In memory that tensor is a ``Q1Tensor`` (quant/tensor.py) under the same key. Building models
+In memory that tensor is a ``Q1Tensor`` (quant/tensor.py) under the same key. A Q4_AFFINE tensor
+(4-bit text encoders, quant/q4_affine.py) is stored as uint8 ``[rows, groups * block bytes]``, a
+block per group (scale | bias | codes), and is a ``Q4Tensor`` in memory. ``group_size`` in the
+metadata is Q1_0's; a Q4_AFFINE tensor names its own. A reader that predates Q4_AFFINE refuses such
+a file by its type label, naming it; files without one are written exactly as before. Building models
 from these files is ``loader.py``'s job; this module only reads and writes them.
 """
 
@@ -33,8 +39,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import BonsaiCheckpointError
+from .quant import q4_affine
 from .quant.q1_0 import BLOCK_BYTES, GROUP_SIZE, n_blocks
-from .quant.tensor import Q1Tensor
+from .quant.tensor import PackedTensor, Q1Tensor, Q4Tensor
 
 FORMAT_NAME = "bonsai"
 FORMAT_VERSION = 1
@@ -53,7 +60,7 @@ class ComponentFile:
     """One quantized component as read from disk: its tensors, checked against the header."""
 
     path: Path
-    tensors: dict[str, torch.Tensor]  # dense tensors and Q1Tensor weights
+    tensors: dict[str, torch.Tensor]  # dense tensors and packed (Q1Tensor / Q4Tensor) weights
     meta: dict = field(default_factory=dict)
 
     @property
@@ -317,6 +324,9 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], *,
         if isinstance(t, Q1Tensor):
             flat[name] = t.to_blocks().contiguous().cpu()
             index[name] = {"type": "Q1_0", "shape": list(t.shape)}
+        elif isinstance(t, Q4Tensor):
+            flat[name] = t.to_blocks().contiguous().cpu()
+            index[name] = {"type": t.qtype, "shape": list(t.shape), **t.header_entry()}
         else:
             flat[name] = t.detach().contiguous().cpu()
             index[name] = {"type": _DTYPE_NAMES.get(t.dtype, str(t.dtype)), "shape": list(t.shape)}
@@ -349,7 +359,7 @@ def tied_names(model: nn.Module) -> dict[str, str]:
     for name, t in model.state_dict(keep_vars=True).items():
         if t.numel() == 0:
             continue
-        inner = t.qs if isinstance(t, Q1Tensor) else t  # a Q1_0 weight has no storage of its own
+        inner = t.qs if isinstance(t, PackedTensor) else t  # a packed weight has no storage of its own
         key = (inner.untyped_storage().data_ptr(), inner.storage_offset(), tuple(t.shape), t.dtype)
         if key in first:
             tied[name] = first[key]
@@ -371,8 +381,8 @@ def model_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, 
             continue
         out[name] = t
         mod, _, leaf = name.rpartition(".")
-        if leaf == "weight" and (mod in decisions or isinstance(t, Q1Tensor)):
-            reasons[name] = decisions.get(mod, "quantized: Q1_0")
+        if leaf == "weight" and (mod in decisions or isinstance(t, PackedTensor)):
+            reasons[name] = decisions.get(mod, f"quantized: {getattr(t, 'qtype', 'Q1_0')}")
     return out, reasons
 
 
@@ -428,7 +438,7 @@ def _checked_header(path: Path, f) -> dict:
     return meta
 
 
-_TYPE_LABELS = frozenset(_DTYPE_NAMES.values()) | {"Q1_0"}
+_TYPE_LABELS = frozenset(_DTYPE_NAMES.values()) | {"Q1_0", q4_affine.QTYPE}
 MAX_DIM = 1 << 32
 MAX_NUMEL = 1 << 40
 
@@ -460,8 +470,43 @@ def _check_index_types(path: Path, index, policy, tied) -> None:
         if qtype == "Q1_0" and (len(shape) not in (2, 4) or 0 in shape):
             raise _fail(path, f"tensor {name!r} is Q1_0 of shape {shape}; a Q1_0 weight is [out, in] or "
                               "[out, in, kh, kw] with no zero dimension")
+        if qtype == q4_affine.QTYPE:
+            _check_q4_entry(path, name, info, shape)
         if "reason" in info and not isinstance(info["reason"], str):
             raise _fail(path, f"tensor {name!r} has reason {info['reason']!r}, expected text")
+
+
+def _check_q4_entry(path: Path, name: str, info: dict, shape: list) -> None:
+    """A Q4_AFFINE header entry: 2-D, no zero dimension, an even group size dividing the row, and the
+    scale / bias dtypes named from the three the type allows."""
+    if len(shape) != 2 or 0 in shape:
+        raise _fail(path, f"tensor {name!r} is Q4_AFFINE of shape {shape}; a Q4_AFFINE weight is [out, in] with "
+                          "no zero dimension")
+    group = info.get("group_size")
+    if not isinstance(group, int) or isinstance(group, bool) or group <= 0 or group % 2 or shape[1] % group:
+        raise _fail(path, f"tensor {name!r} is Q4_AFFINE with group_size {group!r}; expected an even whole number "
+                          f"that divides its {shape[1]} columns (64 for the public text encoders)")
+    for key in ("scale_dtype", "bias_dtype"):
+        if not isinstance(info.get(key), str) or info[key] not in q4_affine.DTYPES:
+            raise _fail(path, f"tensor {name!r} is Q4_AFFINE with {key} {info.get(key)!r}; expected one of "
+                              f"{', '.join(q4_affine.DTYPES)}")
+
+
+def _q4_layout(info: dict) -> tuple[int, torch.dtype, torch.dtype]:
+    return info["group_size"], q4_affine.DTYPES[info["scale_dtype"]], q4_affine.DTYPES[info["bias_dtype"]]
+
+
+def _packed_width(info: dict) -> tuple[int, int]:
+    """Bytes per row of a packed tensor's stored blocks, and the bytes of one block."""
+    shape = info["shape"]
+    cols = 1
+    for s in shape[1:]:
+        cols *= s
+    if info["type"] == q4_affine.QTYPE:
+        group, sd, bd = _q4_layout(info)
+        block = q4_affine.block_bytes(group, sd, bd)
+        return cols // group * block, block
+    return n_blocks(cols) * BLOCK_BYTES, BLOCK_BYTES
 
 
 def read_header(path: str | os.PathLike) -> dict:
@@ -472,8 +517,8 @@ def read_header(path: str | os.PathLike) -> dict:
 
 
 def check_scales(path: str | os.PathLike, meta: dict | None = None) -> None:
-    """Every Q1_0 scale of a Bonsai file is finite, read through a memory map: only the 2 scale bytes
-    of each 18-byte block are looked at and no tensor is built (``bonsai info``'s data check; the
+    """Every scale (and Q4_AFFINE bias) of a Bonsai file is finite, read through a memory map: only the
+    scale bytes of each block are looked at and no tensor is built (``bonsai info``'s data check; the
     loader checks the same on the tensors it reads)."""
     import numpy as np
 
@@ -484,18 +529,27 @@ def check_scales(path: str | os.PathLike, meta: dict | None = None) -> None:
         offsets = json.loads(f.read(n).decode("utf-8"))
     data = np.memmap(path, dtype=np.uint8, mode="r")
     for name, info in meta["tensors"].items():
-        if info["type"] != "Q1_0":
+        if info["type"] not in ("Q1_0", q4_affine.QTYPE):
             continue
         begin, end = offsets[name]["data_offsets"]
         blocks = data[8 + n + begin: 8 + n + end]
-        if blocks.size % BLOCK_BYTES:
-            raise _fail(path, f"tensor {name!r} holds {blocks.size} bytes, not whole {BLOCK_BYTES}-byte Q1_0 blocks")
-        d = np.ascontiguousarray(blocks.reshape(-1, BLOCK_BYTES)[:, :2]).view("<f2").reshape(-1)
-        bad = np.flatnonzero(~np.isfinite(d))
-        if bad.size:
-            nb = n_blocks(int(np.prod(info["shape"][1:])))
-            raise _fail(path, f"tensor {name!r} has a NaN/inf scale at row {bad[0] // nb}, group {bad[0] % nb}; "
-                              "the file is corrupt: download or convert it again")
+        _row, block = _packed_width(info)
+        if blocks.size % block:
+            raise _fail(path, f"tensor {name!r} holds {blocks.size} bytes, not whole {block}-byte {info['type']} blocks")
+        if info["type"] == "Q1_0":
+            fields = [("scale", 0, torch.float16)]
+        else:
+            _group, sd, bd = _q4_layout(info)
+            fields = [("scale", 0, sd), ("bias", torch.empty(0, dtype=sd).element_size(), bd)]
+        per_row = _row // block
+        for what, at, kind in fields:
+            size = torch.empty(0, dtype=kind).element_size()
+            raw = np.ascontiguousarray(blocks.reshape(-1, block)[:, at:at + size])
+            vals = torch.from_numpy(raw).view(kind).reshape(-1)  # torch is little-endian where we run
+            bad = np.flatnonzero((~torch.isfinite(vals)).numpy())
+            if bad.size:
+                raise _fail(path, f"tensor {name!r} has a NaN/inf {what} at row {bad[0] // per_row}, group "
+                                  f"{bad[0] % per_row}; the file is corrupt: download or convert it again")
     del data
 
 
@@ -512,21 +566,22 @@ def read_tensors(path: str | os.PathLike) -> ComponentFile:
                 raise _fail(path, f"tensor {name!r} cannot be read ({exc}); the file may be truncated") from exc
             shape = tuple(info.get("shape", ()))
             qtype = info.get("type")
-            if qtype == "Q1_0":
-                rows = shape[0] if shape else 0
-                cols = 1
-                for s in shape[1:]:
-                    cols *= s
-                want = (rows, n_blocks(cols) * BLOCK_BYTES)
+            if qtype in ("Q1_0", q4_affine.QTYPE):
+                want = (shape[0] if shape else 0, _packed_width(info)[0])
                 if t.dtype != torch.uint8 or tuple(t.shape) != want:
-                    raise _fail(path, f"tensor {name!r} is labelled Q1_0 of shape {list(shape)}, so it should be "
+                    raise _fail(path, f"tensor {name!r} is labelled {qtype} of shape {list(shape)}, so it should be "
                                       f"uint8 {list(want)}, but holds {t.dtype} {list(t.shape)}")
-                packed = Q1Tensor.from_blocks(t, shape)
+                if qtype == "Q1_0":
+                    packed, checked = Q1Tensor.from_blocks(t, shape), ("scale",)
+                else:
+                    packed, checked = Q4Tensor.from_blocks(t, shape, *_q4_layout(info)), ("scale", "bias")
                 del t
-                if not torch.isfinite(packed.d).all():
-                    bad = (~torch.isfinite(packed.d)).nonzero()[0].tolist()
-                    raise _fail(path, f"tensor {name!r} has a NaN/inf scale at row {bad[0]}, group {bad[1]}; "
-                                      "the file is corrupt: convert the model again")
+                for what in checked:
+                    v = packed.d if qtype == "Q1_0" else getattr(packed, what)
+                    if not torch.isfinite(v).all():
+                        bad = (~torch.isfinite(v)).nonzero()[0].tolist()
+                        raise _fail(path, f"tensor {name!r} has a NaN/inf {what} at row {bad[0]}, group {bad[1]}; "
+                                          "the file is corrupt: convert the model again")
                 tensors[name] = packed
             else:
                 if _DTYPE_NAMES.get(t.dtype) != qtype or tuple(t.shape) != shape:

@@ -83,13 +83,15 @@ def describe_model(path: Path) -> str:
         checkpoint.check_scales(f, meta)  # ... and every Q1_0 scale is finite (memory-mapped, 2 bytes a block)
         policy = meta["policy"]
         q = {k: v for k, v in meta["tensors"].items() if v["type"] == "Q1_0"}
-        dense = {k: v for k, v in meta["tensors"].items() if v["type"] != "Q1_0"}
+        q4 = {k: v for k, v in meta["tensors"].items() if v["type"] == "Q4_AFFINE"}
+        dense = {k: v for k, v in meta["tensors"].items() if v["type"] not in ("Q1_0", "Q4_AFFINE")}
         by_type: dict[str, int] = {}
         for v in dense.values():
             by_type[v["type"]] = by_type.get(v["type"], 0) + 1
         lines.append(f"{name}: {f.name}  format v{meta['format_version']}, group {meta['group_size']}, "
                      f"family {meta.get('family', '')}, policy {policy.get('name', '?')}")
-        lines.append(f"  Q1_0 tensors: {len(q)}   dense tensors: {len(dense)} "
+        lines.append(f"  Q1_0 tensors: {len(q)}   " + (f"Q4_AFFINE tensors: {len(q4)}   " if q4 else "") +
+                     f"dense tensors: {len(dense)} "
                      f"({', '.join(f'{n} {t}' for t, n in sorted(by_type.items()))})")
         if policy.get("keep"):
             lines.append(f"  kept in 16-bit by pattern: {', '.join(policy['keep'])}")
@@ -153,7 +155,8 @@ def _cmd_generate(args) -> int:
     # flags are the top layer of the settings: defaults, then BONSAI_* variables, then these
     config = BonsaiConfig.from_env(model=args.model, device=args.device, cache_dir=args.cache_dir, steps=args.steps,
                                    width=args.width, height=args.height, guidance=args.cfg, sampler=args.sampler,
-                                   karras=True if args.karras else None, schedule=args.schedule)
+                                   karras=True if args.karras else None, schedule=args.schedule,
+                                   max_vram_gb=args.max_vram)
     if config.model is None:
         raise BonsaiError("no model given: pass --model DIR_OR_REPO (or set BONSAI_MODEL)")
     out = _checked_out(Path(args.out))
@@ -211,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch", type=int, default=1, help="images to make; image i uses seed+i")
     g.add_argument("--device", default=None, help="auto | cuda | cuda:N | mps | cpu (default: BONSAI_DEVICE or auto)")
     g.add_argument("--dtype", default=None, help="auto | fp16 | bf16 | fp32")
+    g.add_argument("--max-vram", type=float, default=None, metavar="GB",
+                   help="GPU memory budget (default: BONSAI_MAX_VRAM_GB, else 6): the text encoder stays on the "
+                        "GPU only when the run fits it, measured")
     g.add_argument("--cache-dir", default=None, help="Hub download cache (default: BONSAI_CACHE)")
     g.add_argument("--guardrail", choices=["warn", "clamp", "refuse"], default="warn")
     g.add_argument("--style-prefix", action="store_true", help="prepend the config's style prefix")
@@ -225,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="turn a full-precision diffusers pipeline folder into a Bonsai folder")
     c.add_argument("src", help="diffusers pipeline folder (model_index.json, unet/ or transformer/, vae/, ...)")
     c.add_argument("dst", help="Bonsai folder to write (written atomically)")
-    c.add_argument("--quantize-text-encoder", action="store_true", help="also make the text encoder 1-bit")
+    c.add_argument("--quantize-text-encoder", action="store_true", help="also make the text encoder 4-bit (Q4_AFFINE, group 64); "
+                   "the table shows its prompt embeddings' cosine per token against the dense one")
     c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     c.add_argument("--all", action="store_true", help="print every layer in the table")
     c.set_defaults(func=_cmd_convert)

@@ -17,11 +17,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 
 from .errors import BonsaiRequestError
+from .shipped import SHIPPED_NAME, shipped_model
 
-# The project's own 1-bit SD-family model has not been published yet, so there is nothing to
-# default to: ``model`` stays None and the CLI asks for ``--model`` (or ``BONSAI_MODEL``).
-# Set this to the Hub repo id once the model ships.
-SHIPPED_MODEL: str | None = None
+# The default model: the project's own 1-bit SD-family model, installed inside the package
+# (bonsai_core/assets/bonsai-shapes, see shipped.py), by its name, which ``hub.resolve_model`` maps
+# to that folder. None only in an install that carries no model: then ``--model`` is required.
+SHIPPED_MODEL: str | None = SHIPPED_NAME if shipped_model() is not None else None
 
 GIB = 1024**3  # a "GB" of VRAM, as GPU vendors count it
 
@@ -114,7 +115,7 @@ class BonsaiConfig:
     """Every user-facing default in one place. Frozen: derive a changed copy with
     ``with_overrides`` (which also records the change as coming from a flag)."""
 
-    model: str | None = SHIPPED_MODEL  # Hub repo id or local folder; None means "--model required"
+    model: str | None = SHIPPED_MODEL  # the shipped model's name, a Hub repo id or a local folder; None: required
     cache_dir: str = "./models/bonsai_cache"
     device: str = "auto"  # auto picks cuda, then mps, then cpu
     # Generation defaults. None: the model family's (FAMILY_DEFAULTS: SD1.5 24 steps 512² CFG 7.5

@@ -227,6 +227,12 @@ class BonsaiImageEngine:
                     f"{choice.device} ran out of memory loading {src}; close other programs, or use device cpu"
                 ) from exc
             raise
+        place = getattr(family, "place_text_encoder", None)
+        if place is not None:  # the text encoder on the device when it fits the budget (placement.py)
+            d = family.defaults
+            place(config.max_vram_bytes, lambda: estimate_memory_bytes(
+                family.memory_model(cfg=False), width=config.family_value("width", d),
+                height=config.family_value("height", d), batch=1))
         engine = cls(family, source=str(src), folder=folder, choice=choice, config=config,
                      load_seconds=time.perf_counter() - t0)
         engine.available_memory = available_memory
@@ -385,6 +391,11 @@ class BonsaiImageEngine:
                     "try a smaller size (upscale afterwards), fewer images per batch"
                     + (", or device cpu" if self.device.type != "cpu" else ", or close other programs")) from exc
             raise
+        measured = peak.peak()
+        observe = getattr(fam, "observe_peak", None)  # a run over the budget moves the text encoder off the device
+        moved_off = observe(measured.get("peak_bytes")) if observe is not None and self.device.type == "cuda" else None
+        if moved_off:
+            report.warnings.append(moved_off)
         tensor = images.permute(0, 2, 3, 1).contiguous()
         pil = [_to_pil(t) for t in tensor]
         metadata = {
@@ -399,7 +410,8 @@ class BonsaiImageEngine:
                         "denoise_s": round(t_denoise, 3), "decode_s": round(t_decode, 3),
                         "total_s": round(time.perf_counter() - t_start, 3),
                         "per_step_s": round(t_denoise / max(r.steps, 1), 4)},
-            **peak.peak(),
+            **measured,
+            "text_encoder_placement": getattr(getattr(fam, "te_placement", None), "where", None),
             "estimate_bytes": estimate_memory_bytes(fam.memory_model(cfg=use_cfg), width=r.width, height=r.height,
                                                     batch=r.batch),
             "guardrail": {"mode": report.mode, "warnings": report.warnings, "notes": report.notes},

@@ -458,13 +458,23 @@ def flux_step_elements(transformer_config, width: int, height: int, text_tokens:
     return s * (3 * inner + 2 * mlp) + s * (4 * inner + mlp)
 
 
-def vae_decode_elements(vae_config, width: int, height: int) -> int:
+#: What a CUDA VAE decode holds beyond its live tensors (the caching allocator's blocks of the
+#: up-path's changing sizes and cuDNN's convolution workspaces), in activations of the decoder's
+#: full-size level. Measured on an H100 (torch 2.11, cu130; benchmarks/results/h100/memory_estimate):
+#: reserved memory minus the modelled decode phase was 15.4 such activations for the SD1.5 VAE at
+#: 512² and 12.1 for the SDXL VAE at 1024². Calibrated on those two runs, the lower one taken.
+CUDA_DECODE_CACHE = 12
+
+
+def vae_decode_elements(vae_config, width: int, height: int, cuda: bool = False) -> int:
     """Live activation elements of one image through a KL VAE decoder at full size: the widest
     moment is the first resnet after an upsampler, holding its input, that input normed and
     activated (three tensors of the incoming width) and its first conv's output, at the new
     resolution; the largest such moment over the up blocks (the last, full-size ones dominate).
     The half tensor more of the incoming width is what convolution kernels hold beside their
-    output (measured: the SD1.5 VAE's decode peak on a CPU at 256² and 512², within 6%)."""
+    output (measured: the SD1.5 VAE's decode peak on a CPU at 256² and 512², within 6%). On CUDA
+    (``cuda``) the allocator's cache and cuDNN's workspaces add ``CUDA_DECODE_CACHE`` activations of
+    the full-size level."""
     rev = list(reversed(list(_cfg(vae_config, "block_out_channels"))))
     levels = len(rev)
     peak = 0
@@ -472,7 +482,8 @@ def vae_decode_elements(vae_config, width: int, height: int) -> int:
         res = (height >> (levels - 1 - j)) * (width >> (levels - 1 - j))
         c_in = rev[j - 1] if j else rev[0]
         peak = max(peak, (7 * c_in // 2 + c) * res)
-    return peak + 3 * height * width
+    cache = CUDA_DECODE_CACHE * rev[-1] * height * width if cuda else 0
+    return peak + 3 * height * width + cache
 
 
 def text_encode_elements(text_config, tokens: int, keeps_hidden_states: bool) -> int:

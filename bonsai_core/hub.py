@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from .errors import BonsaiCheckpointError
+from .shipped import SHIPPED_DIR, SHIPPED_NAME, shipped_model
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -22,11 +23,19 @@ def is_offline() -> bool:
 
 def resolve_model(src: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
                   revision: str | None = None, allow_patterns: list[str] | None = None) -> Path:
-    """A local path for ``src``: the path itself if it exists, else a Hub snapshot."""
+    """A local path for ``src``: the path itself if it exists, the packaged model for its name
+    (``bonsai-shapes``), else a Hub snapshot."""
     path = Path(os.path.expanduser(str(src)))
     if path.exists():
         return path
     text = str(src)
+    if text == SHIPPED_NAME:
+        shipped = shipped_model()
+        if shipped is None:
+            raise BonsaiCheckpointError(
+                f"model {text!r} is the project's shipped model, but this install carries none "
+                f"(no {SHIPPED_DIR}/model_index.json); reinstall the package, or point --model at a model folder")
+        return shipped
     if not _REPO_ID.match(text):
         raise BonsaiCheckpointError(
             f"model {text!r} is neither an existing file or folder nor a Hub repo id (owner/name); "

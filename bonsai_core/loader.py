@@ -26,7 +26,7 @@ from . import checkpoint, validate
 from .checkpoint import ComponentFile
 from .errors import BonsaiCheckpointError
 from .quant.layers import QUANTIZED_TYPES, empty_like_float
-from .quant.tensor import Q1Tensor
+from .quant.tensor import PackedTensor
 
 # model_index.json `_class_name` -> (family, denoiser component)
 PIPELINE_FAMILIES = {
@@ -178,15 +178,17 @@ def load_into(model: nn.Module, cf: ComponentFile, dtype: torch.dtype | None = N
     state: dict[str, torch.Tensor] = {}
     for name, t in cf.tensors.items():
         mod_name, _, leaf = name.rpartition(".")
-        if isinstance(t, Q1Tensor):
+        if isinstance(t, PackedTensor):
             module = modules.get(mod_name)
-            if module is None or leaf != "weight" or not isinstance(module, (nn.Linear, nn.Conv2d)):
-                raise _fail(cf.path, f"tensor {name!r} is Q1_0 but the model has no Linear/Conv2d "
-                                     f"named {mod_name!r}: wrong model for this file")
+            # Q1_0: linears and convs; Q4_AFFINE: linears, and embeddings (rows expanded as looked up)
+            kinds = (nn.Linear, nn.Conv2d) if t.qtype == "Q1_0" else (nn.Linear, nn.Embedding)
+            if module is None or leaf != "weight" or not isinstance(module, kinds):
+                raise _fail(cf.path, f"tensor {name!r} is {t.qtype} but the model has no "
+                                     f"{'/'.join(k.__name__ for k in kinds)} named {mod_name!r}: wrong model for this file")
             if tuple(module.weight.shape) != tuple(t.shape):
                 raise _fail(cf.path, f"tensor {name!r} has shape {list(t.shape)}, the model expects "
                                      f"{list(module.weight.shape)}")
-            if not isinstance(module, QUANTIZED_TYPES):
+            if not isinstance(module, (*QUANTIZED_TYPES, nn.Embedding)):
                 q = empty_like_float(module, device="meta", dtype=dtype)
                 parent_name, _, attr = mod_name.rpartition(".")
                 setattr(model.get_submodule(parent_name) if parent_name else model, attr, q)
@@ -243,3 +245,29 @@ def load_component(folder: Path, name: str, entry: list, dtype: torch.dtype | No
     except (OSError, EnvironmentError, ValueError, RuntimeError) as exc:
         raise BonsaiCheckpointError(f"{comp_dir}: cannot load {class_name} ({exc})") from exc
     return model.to(device).eval().requires_grad_(False)
+
+
+def read_text_encoder(path) -> tuple[dict, dict[str, torch.Tensor], tuple[int, ...]]:
+    """A Bonsai text encoder for a host that builds its own module (ComfyUI's CLIP): ``(transformers
+    config, tensors, hidden-state layers of the prompt embedding)``. ``path``: a Bonsai model folder
+    (its ``text_encoder/``) or a text encoder folder. The tensors are the file's, checked (packed
+    weights stay ``Q4Tensor`` / ``Q1Tensor``); a tied name gets the tensor it is tied to."""
+    from .families.flux2_klein import text_encoder_out_layers
+
+    path = Path(path)
+    te_dir = path / "text_encoder" if (path / "text_encoder").is_dir() else path
+    model_dir = te_dir.parent if te_dir != path else path
+    if not te_dir.is_dir():
+        raise BonsaiCheckpointError(f"{path}: not a folder; expected a Bonsai model folder or its text_encoder/ folder")
+    config = validate.read_component_config(te_dir)
+    files = validate.weight_files(te_dir)
+    if not any(checkpoint.sniff_format(p) in ("bonsai", "broken-bonsai") for p in files):
+        raise BonsaiCheckpointError(
+            f"{te_dir}: no Bonsai text encoder file (a dense one needs no Bonsai loader: use ComfyUI's own); "
+            "make one with `bonsai import` (public 4-bit payloads) or `bonsai convert --quantize-text-encoder`")
+    cf = checkpoint.read_tensors(checkpoint.find_weights(te_dir))
+    tensors = dict(cf.tensors)
+    for name, source in cf.meta.get("tied", {}).items():
+        tensors[name] = tensors[source]
+    layers = text_encoder_out_layers(model_dir if (model_dir / "bonsai.json").is_file() else te_dir)
+    return config, tensors, layers

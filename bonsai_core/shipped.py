@@ -2,7 +2,8 @@
 
 ``bonsai-shapes``: a 1-bit (Q1_0) SD-layout model distilled from a full-precision teacher trained
 on the scene renderer (``scenes.py``; training code in the repository's ``training/`` folder, model
-card in the folder itself). Until the trained folder is committed, ``shipped_model()`` is None.
+card in the folder itself). It is the default model (``config.SHIPPED_MODEL``, by this name, which
+``hub.resolve_model`` maps to the folder); ``shipped_model()`` is None only in an install without it.
 """
 
 from __future__ import annotations

@@ -37,11 +37,12 @@ def model_folders() -> list[str]:
 
 
 def model_names() -> list[str]:
-    """What the Loader's list offers: models found in models/bonsai/, then the shipped model."""
+    """What the Loader's list offers: the shipped model first (the list's default), then the models
+    found in models/bonsai/."""
     from ..bonsai_core.config import SHIPPED_MODEL
 
     names = find_models(model_folders())
-    return names + ([SHIPPED_MODEL] if SHIPPED_MODEL and SHIPPED_MODEL not in names else [])
+    return ([SHIPPED_MODEL] if SHIPPED_MODEL and SHIPPED_MODEL not in names else []) + names
 
 
 def model_path(name: str) -> str:

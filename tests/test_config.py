@@ -20,9 +20,24 @@ def test_defaults_are_the_design_table():
     assert c.negative_default == "blurry, low quality, artifacts, watermark, deformed"
 
 
-def test_no_shipped_model_yet_so_model_defaults_to_none():
-    assert SHIPPED_MODEL is None
-    assert BonsaiConfig.from_env({}).model is None
+def test_the_shipped_model_is_the_default_and_its_name_finds_the_packaged_folder():
+    from bonsai_core.hub import resolve_model
+    from bonsai_core.shipped import SHIPPED_DIR
+
+    assert SHIPPED_MODEL == "bonsai-shapes"
+    assert BonsaiConfig.from_env({}).model == "bonsai-shapes"
+    assert resolve_model("bonsai-shapes", cache_dir="/nonexistent") == SHIPPED_DIR
+    assert (SHIPPED_DIR / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_the_shipped_name_in_an_install_without_the_model_says_so(monkeypatch, tmp_path):
+    from bonsai_core import hub
+    from bonsai_core.errors import BonsaiCheckpointError
+
+    monkeypatch.setattr(hub, "shipped_model", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BonsaiCheckpointError, match="shipped model.*carries none"):
+        hub.resolve_model("bonsai-shapes")
 
 
 def test_config_is_frozen():
@@ -94,7 +109,7 @@ def test_describe_lists_every_setting_value_and_source():
     assert "30" in lines["steps"] and lines["steps"].endswith("flag")
     assert lines["sampler"].endswith("family default") and "'dpmpp_2m'" in lines["sampler"]
     assert "'euler'" in lines["sampler"]  # no model named: each family's value is shown
-    assert "--model" in lines["model"]  # no model yet: the table says how to give one
+    assert "'bonsai-shapes'" in lines["model"] and lines["model"].endswith("default")  # the shipped model
     assert "sources" not in lines
 
 

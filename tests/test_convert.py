@@ -15,6 +15,7 @@ from bonsai_core.loader import load_component, read_model_index
 from bonsai_core.errors import BonsaiCheckpointError
 from bonsai_core.quant.layers import BonsaiLinear, plan_report, quantize_model
 from bonsai_core.quant.policy import default_policy
+from bonsai_core.quant.tensor import Q4Tensor
 from tests.sd_fixtures import SD15_UNET_CONFIG, TINY_UNET_CONFIG, make_tiny_sd_pipeline
 
 
@@ -52,13 +53,31 @@ def test_converted_unet_equals_quantizing_the_source_in_memory(tiny_src, tmp_pat
 
 
 def test_text_encoder_is_quantized_only_when_asked(tiny_src, tmp_path):
-    convert_pipeline(tiny_src, tmp_path / "te", quantize_text_encoder=True, log=lambda m: None)
+    from transformers import CLIPTextModel
+
+    result = convert_pipeline(tiny_src, tmp_path / "te", quantize_text_encoder=True, log=lambda m: None)
     index = read_model_index(tmp_path / "te")
     assert index["_bonsai"]["quantized"] == ["text_encoder", "unet"]
     te = load_component(tmp_path / "te", "text_encoder", index["text_encoder"], torch.float32)
-    assert any(isinstance(m, BonsaiLinear) for m in te.modules())
+    q4 = [m for m in te.modules() if isinstance(m, BonsaiLinear)]
+    assert q4 and all(isinstance(m.weight, Q4Tensor) for m in q4)
+    # every quantized weight is the round-to-nearest 4-bit code of the dense one: within half a step
+    dense = CLIPTextModel.from_pretrained(tiny_src / "text_encoder").eval()
+    dense_w = dict(dense.named_modules())
+    for name, m in te.named_modules():
+        if isinstance(m, BonsaiLinear):
+            w = dense_w[name].weight.detach()
+            step = m.weight.scale.float().repeat_interleave(m.weight.group_size, dim=1)
+            assert ((m.weight.dequantize(torch.float32) - w).abs() <= step / 2 + 1e-3 * step + 1e-7).all(), name
     ids = torch.tensor([[1, 2, 3]])
     assert torch.isfinite(te(ids).last_hidden_state).all()
+    # the table reports the embedding error, which agrees with an independent measurement
+    err = result.embedding_error["text_encoder"]
+    assert 0.9 < err["cos_min"] <= err["cos_mean"] < 1.0 and err["tokens"] > 0
+    assert "prompt embeddings vs the dense text_encoder: cosine per token min" in result.table()
+    with torch.no_grad():
+        cos = torch.nn.functional.cosine_similarity(dense(ids).last_hidden_state, te(ids).last_hidden_state, dim=-1)
+    assert cos.min() > 0.9
 
 
 def test_failed_conversion_leaves_nothing_behind(tiny_src, tmp_path, monkeypatch):

@@ -154,10 +154,15 @@ def test_cli_generate_writes_a_png(models, tmp_path, capsys):
     assert str(out) in capsys.readouterr().out
 
 
-def test_cli_generate_without_model_says_what_to_do(monkeypatch, capsys):
+def test_cli_generate_without_model_uses_the_shipped_model(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("BONSAI_MODEL", raising=False)
-    assert cli.main(["generate", "a cat"]) == 2
-    assert "--model" in capsys.readouterr().err
+    out = tmp_path / "circle.png"
+    assert cli.main(["generate", "a red circle on a white background", "--steps", "2", "--width", "64",
+                     "--height", "64", "--out", str(out)]) == 0
+    assert "bonsai-shapes" in capsys.readouterr().err
+    from PIL import Image
+
+    assert Image.open(out).size == (64, 64)
 
 
 def test_hub_repo_id_loads_from_the_cache_in_offline_mode(models, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from bonsai_core.convert import convert_pipeline
 from tests import comfy_stub
 from tests.sd_fixtures import make_tiny_sd_pipeline
 
-TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "BONSAI_PIPE", "MODEL"}
+TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "BONSAI_PIPE", "MODEL", "CLIP"}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def nodes(comfy):
 def test_every_node_declares_a_well_formed_interface(comfy):
     m = comfy["pack"].NODE_CLASS_MAPPINGS
     assert set(m) == {"BonsaiLoader", "BonsaiSampler", "BonsaiGuardrail", "BonsaiTextOverlay",
-                      "BonsaiDiffusionModelLoader"}
+                      "BonsaiDiffusionModelLoader", "BonsaiTextEncoderLoader"}
     assert set(comfy["pack"].NODE_DISPLAY_NAME_MAPPINGS) == set(m)
     assert comfy["pack"].WEB_DIRECTORY == "./web"
     for node_id, cls in m.items():
@@ -82,7 +82,7 @@ def test_every_node_declares_a_well_formed_interface(comfy):
 
 def test_loader_lists_models_folder_and_registers_it_with_explicit_extensions(comfy):
     names = comfy["pack"].NODE_CLASS_MAPPINGS["BonsaiLoader"].INPUT_TYPES()["required"]["model"][0]
-    assert names == ["tiny-sd-bonsai", "(use the path input)"]
+    assert names == ["bonsai-shapes", "tiny-sd-bonsai", "(use the path input)"]  # the shipped model first
     paths, exts = comfy["fp"].folder_names_and_paths["bonsai"]
     assert paths == [str(comfy["models"] / "bonsai")] and exts == {".gguf", ".safetensors", ".json"}
 
@@ -195,11 +195,20 @@ def test_errors_reach_the_user_as_bonsai_errors_naming_the_value(nodes, comfy, t
         nodes["BonsaiSampler"].sample(pipe, "x" * 100_000, "", 0, 2, 7.5, 64, 64, "euler", False, 1)
 
 
-def test_the_shipped_model_is_always_listed_once_it_exists(comfy, monkeypatch):
+def test_the_shipped_model_is_listed_first_so_it_is_the_default(comfy, monkeypatch):
     config = sys.modules[comfy["pack"].__name__ + ".bonsai_core.config"]
-    monkeypatch.setattr(config, "SHIPPED_MODEL", "comfyui-bonsai/bonsai-sd-1bit")
-    names = comfy["pack"].NODE_CLASS_MAPPINGS["BonsaiLoader"].INPUT_TYPES()["required"]["model"][0]
-    assert names == ["tiny-sd-bonsai", "comfyui-bonsai/bonsai-sd-1bit", "(use the path input)"]
+    assert comfy["pack"].NODE_CLASS_MAPPINGS["BonsaiLoader"].INPUT_TYPES()["required"]["model"][0] == \
+        ["bonsai-shapes", "tiny-sd-bonsai", "(use the path input)"]
+    monkeypatch.setattr(config, "SHIPPED_MODEL", None)  # an install without it lists what it finds
+    assert comfy["pack"].NODE_CLASS_MAPPINGS["BonsaiLoader"].INPUT_TYPES()["required"]["model"][0] == \
+        ["tiny-sd-bonsai", "(use the path input)"]
+
+
+def test_the_loader_loads_the_shipped_model_by_its_listed_name(nodes):
+    (pipe,) = nodes["BonsaiLoader"].load("bonsai-shapes", "cpu", "auto")
+    images, meta = nodes["BonsaiSampler"].sample(pipe, "a red circle on a white background", "", 0, 2, 7.5, 64, 64,
+                                                 "euler", False, 1)
+    assert tuple(images.shape) == (1, 64, 64, 3)
 
 
 def test_the_guardrail_budget_is_comfyuis_free_memory(nodes, comfy):
@@ -214,3 +223,14 @@ def test_the_guardrail_budget_is_comfyuis_free_memory(nodes, comfy):
     # 1 MiB free, plus the tiny model's own weights (the estimate counts them too)
     assert type(err.value).__name__ == "BonsaiMemoryError"
     assert re.search(r"0\.0\d GiB is available", str(err.value)), err.value
+
+
+def test_text_encoder_loader_says_which_comfyui_it_needs(comfy):
+    """A ComfyUI without FLUX.2 [klein] text encoding (this stub has no comfy.text_encoders) gets a
+    BonsaiError naming the version, not an ImportError from inside the node."""
+    node = comfy["pack"].NODE_CLASS_MAPPINGS["BonsaiTextEncoderLoader"]()
+    with pytest.raises(comfy["errors"].BonsaiError, match="needs ComfyUI 0.33.0 or later"):
+        sys.modules[comfy["pack"].__name__ + ".nodes.comfy_text_encoder"].check_version()
+    # a model whose text encoder is not a Bonsai file is refused before any ComfyUI internal is used
+    with pytest.raises(comfy["errors"].BonsaiError, match="no Bonsai text encoder file"):
+        node.load("(use the path input)", path=str(comfy["models"] / "bonsai" / "tiny-sd-bonsai"))

@@ -263,7 +263,8 @@ def test_pack_imports_and_its_nodes_are_listed(comfy):
     assert {"bonsai-sd15", "bonsai_image_4b-q1_0.gguf"} <= set(native), native
 
 
-NODES = ("BonsaiLoader", "BonsaiSampler", "BonsaiGuardrail", "BonsaiTextOverlay", "BonsaiDiffusionModelLoader")
+NODES = ("BonsaiLoader", "BonsaiSampler", "BonsaiGuardrail", "BonsaiTextOverlay", "BonsaiDiffusionModelLoader",
+         "BonsaiTextEncoderLoader")
 
 
 def test_help_pages_and_templates_are_served(comfy):

@@ -1,6 +1,6 @@
 """Write the shipped model's card from what the runs measured.
 
-    python training/make_card.py MODEL_DIR eval.json [--ablate eval_ablate.json] [--teacher-log teacher_log.jsonl]
+    python training/make_card.py MODEL_DIR eval.json [--ablate eval_ablate.json] [--teacher-log teacher_log.jsonl ...] [--notes notes.md]
 
 Writes ``MODEL_DIR/MODEL_CARD.md``: training data, what the model can draw, how it was made, the
 held-out scores of the teacher, the distilled 1-bit student and the naive 1-bit, size, licence.
@@ -42,7 +42,7 @@ def score_table(ev: dict) -> str:
     return "\n".join(rows)
 
 
-def card(model: Path, ev: dict, ablate: dict | None, teacher_log: list[dict]) -> str:
+def card(model: Path, ev: dict, ablate: dict | None, teacher_log: list[dict], notes: str = "") -> str:
     size = sum(p.stat().st_size for p in model.rglob("*") if p.is_file() and p.name != "MODEL_CARD.md")
     distilled = json.loads((model / "distill.json").read_text()) if (model / "distill.json").is_file() else {}
     vae_steps = max([r["step"] for r in teacher_log if r.get("stage") == "vae" and "step" in r] or [0])
@@ -85,8 +85,8 @@ def card(model: Path, ev: dict, ablate: dict | None, teacher_log: list[dict]) ->
         "## How it was made",
         "",
         f"1. Teacher, full precision: the VAE ({vae_steps} steps), then the text encoder and UNet together "
-        f"({unet_steps} steps, epsilon loss with min-SNR-5, 10 % caption dropout to \"\" or the default negative, "
-        "EMA) (`training/train_teacher.py`).",
+        f"({unet_steps} steps, epsilon loss with min-SNR-5, offset noise 0.1, 10 % caption dropout to \"\" or the "
+        "default negative, EMA) (`training/train_teacher.py`).",
         f"2. Student: `bonsai distill` ({distilled.get('steps', '?')} steps): quantization-aware training of the "
         "teacher's UNet with the 1-bit weights in the forward, on the teacher's own samples only (no images), "
         "loss = teacher-output matching + block-output feature matching; packed bit-exactly.",
@@ -106,6 +106,8 @@ def card(model: Path, ev: dict, ablate: dict | None, teacher_log: list[dict]) ->
         parts += ["Ablation, output matching only (no feature matching), same time budget:", "",
                   score_table(ablate), ""]
     parts += ["Command: `" + ev.get("command", "python training/evaluate.py score ...") + "`", ""]
+    if notes:
+        parts += [notes.rstrip(), ""]
     return "\n".join(parts)
 
 
@@ -114,14 +116,17 @@ def main(argv=None) -> Path:
     ap.add_argument("model")
     ap.add_argument("eval")
     ap.add_argument("--ablate", default=None)
-    ap.add_argument("--teacher-log", default=None)
+    ap.add_argument("--teacher-log", action="append", default=[],
+                    help="teacher log.jsonl (repeatable: a VAE from one run, the UNet from another)")
+    ap.add_argument("--notes", default=None, help="a Markdown file appended to the card (limitations, history)")
     args = ap.parse_args(argv)
     model = Path(args.model)
     ev = json.loads(Path(args.eval).read_text())
     ablate = json.loads(Path(args.ablate).read_text()) if args.ablate else None
-    log = [json.loads(ln) for ln in Path(args.teacher_log).read_text().splitlines()] if args.teacher_log else []
+    log = [json.loads(ln) for f in args.teacher_log for ln in Path(f).read_text().splitlines() if ln.strip()]
+    notes = Path(args.notes).read_text() if args.notes else ""
     out = model / "MODEL_CARD.md"
-    out.write_text(card(model, ev, ablate, log))
+    out.write_text(card(model, ev, ablate, log, notes))
     print(f"wrote {out}")
     return out
 

@@ -11,9 +11,16 @@ empirical resolution shift), the transformer is told ``sigma`` (``sampling.model
 predicts the velocity, which ``sampling.to_x0`` turns into the data prediction the shared
 samplers walk with.
 
-Memory: the text encoder is kept on the CPU and moved to the device only while it encodes a
-prompt (embeddings are cached per prompt), so during denoising the device holds only the
-transformer and the VAE (``denoising_modules``).
+Memory: on CUDA the text encoder stays resident on the device when it fits the memory budget
+beside a whole run (a 4-bit one usually does: ``placement.py`` decides, from the bytes it measures
+on the device and the guardrails' estimate of the run; the engine calls ``place_text_encoder``
+after loading and ``observe_peak`` after every run, which parks it if a run measured over the
+budget). Otherwise it is kept in host memory and lent to the device only while it encodes a
+prompt (embeddings are cached per prompt), or streamed layer by layer when even lending it would
+not fit; during denoising the device then holds only the transformer and the VAE
+(``denoising_modules``). The encode runs the text encoder's decoder stack alone (``.model``): the
+prompt embedding is made of hidden states, and the language-model head would only add a
+vocabulary-sized product (and, for a 4-bit tied head, a dense copy of the embedding).
 
 A model folder may hold a top-level ``bonsai.json``; its ``text_encoder_out_layers`` (default
 ``(9, 18, 27)``) says which hidden states form the prompt embedding (tiny test models have fewer
@@ -138,6 +145,8 @@ class Flux2KleinFamily(Family):
         self.text_encoder = load_component(folder, "text_encoder", index["text_encoder"], self.te_dtype, "cpu")
         self._te_offloaded = False
         self._te_parked: HostParked | None = None
+        self.te_placement = None  # placement.Placement once place_text_encoder ran (CUDA)
+        self.max_device_bytes: int | None = None  # the budget the engine gives place_text_encoder
         n_layers = getattr(self.text_encoder.config, "num_hidden_layers", None)
         if n_layers is not None and max(abs(v) for v in self.out_layers) > n_layers:
             raise BonsaiCheckpointError(
@@ -165,20 +174,22 @@ class Flux2KleinFamily(Family):
         return self._tokenizer
 
     def memory_model(self, cfg: bool):
-        """On CUDA the text encoder is on the card only while it encodes (lent from host memory);
-        elsewhere it shares the one memory with everything else for the whole run."""
+        """On CUDA the text encoder is on the card for the whole run when placement kept it resident,
+        else only while it encodes (lent from host memory); elsewhere it shares the one memory with
+        everything else for the whole run."""
         from .. import cuda_graph
         from ..guardrails import MemoryModel, flux_step_elements, text_encode_elements, vae_decode_elements
         from ..quant.layers import module_nbytes
 
         te_bytes = module_nbytes(self.text_encoder) if isinstance(self.text_encoder, nn.Module) else 0
-        lent = te_bytes if self.device.type == "cuda" and not self._te_offloaded else 0
-        resident = self.weight_bytes() + (0 if self.device.type == "cuda" else te_bytes)
+        on_card_all_run = self.device.type != "cuda" or self.te_resident
+        lent = te_bytes if self.device.type == "cuda" and not self._te_offloaded and not on_card_all_run else 0
+        resident = self.weight_bytes() + (te_bytes if on_card_all_run else 0)
         tcfg, vcfg, text = self.transformer.config, self.vae.config, self.max_sequence_length
         return MemoryModel(
             resident_bytes=resident, dtype_bytes=torch.empty(0, dtype=self.dtype).element_size(),
             step_elements=lambda w, h: flux_step_elements(tcfg, w, h, text),
-            decode_elements=lambda w, h: vae_decode_elements(vcfg, w, h),
+            decode_elements=lambda w, h: vae_decode_elements(vcfg, w, h, cuda=self.device.type == "cuda"),
             encode_elements=text_encode_elements(self.text_encoder.config, text, True),
             lent_bytes=lent, unpacked_bytes=self.unpacked_bytes(), rows_per_image=2 if cfg else 1,
             graph_pool=cuda_graph.enabled(self.device))
@@ -197,13 +208,67 @@ class Flux2KleinFamily(Family):
         if self.device.type != "cuda":
             return True  # MPS shares memory with the CPU
         free, _ = torch.cuda.mem_get_info(self.device)
-        return nbytes < 0.85 * free
+        if self.max_device_bytes is None:
+            return nbytes < 0.85 * free
+        from .. import placement
+        from ..guardrails import text_encode_elements
+
+        encode = text_encode_elements(self.text_encoder.config, self.max_sequence_length, True) * \
+            torch.empty(0, dtype=self.dtype).element_size()
+        return placement.place_lent(nbytes, torch.cuda.memory_allocated(self.device), encode, self.max_device_bytes,
+                                    free).where == placement.PARKED
+
+    @property
+    def te_resident(self) -> bool:
+        from .. import placement
+
+        return self.te_placement is not None and self.te_placement.where == placement.RESIDENT
+
+    def place_text_encoder(self, budget_bytes: int, run_bytes) -> None:
+        """On CUDA: put the text encoder on the device, measure what it takes there, and keep it there
+        when ``placement.place_text_encoder`` says it fits ``budget_bytes`` beside a run of
+        ``run_bytes()`` bytes (the guardrails' estimate); else back to host memory (lent per prompt)."""
+        from .. import placement
+
+        self.max_device_bytes = int(budget_bytes)
+        if self.device.type != "cuda" or not isinstance(self.text_encoder, nn.Module):
+            return
+        before = torch.cuda.memory_allocated(self.device)
+        try:
+            self.text_encoder.to(self.device)
+        except torch.cuda.OutOfMemoryError:
+            self.text_encoder.to("cpu")
+            devices.free_cache(self.device)
+            self.te_placement = placement.Placement(placement.PARKED, "the text encoder does not fit the device")
+            return
+        te_bytes = torch.cuda.memory_allocated(self.device) - before
+        free, _ = torch.cuda.mem_get_info(self.device)
+        run = int(run_bytes())
+        self.te_placement = placement.place_text_encoder(te_bytes, run, budget_bytes, free + te_bytes)
+        if not self.te_resident:
+            self.text_encoder.to("cpu")
+            devices.free_cache(self.device)
+
+    def observe_peak(self, peak_bytes: int | None) -> str | None:
+        """After a run: a resident text encoder whose run measured over the budget is parked from now on;
+        returns the warning to show, or None."""
+        from .. import placement
+
+        if self.te_placement is None or self.max_device_bytes is None:
+            return None
+        new = placement.after_run(self.te_placement, peak_bytes, self.max_device_bytes)
+        if new is None:
+            return None
+        self.te_placement = new
+        self.text_encoder.to("cpu")
+        devices.free_cache(self.device)
+        return new.reason
 
     def _encode(self, prompt: str) -> torch.Tensor:
         from ..quant.layers import module_nbytes
 
         te = self.text_encoder
-        moved = self.device.type != "cpu" and not self._te_offloaded
+        moved = self.device.type != "cpu" and not self._te_offloaded and not self.te_resident
         if moved and not self._fits_on_device(module_nbytes(te)):
             # Too big for what the card has free: stream it layer by layer (accelerate's hooks move
             # each layer's weights to the device for its forward and back), slower but it fits.
@@ -221,8 +286,11 @@ class Flux2KleinFamily(Family):
                 parked.lend(self.device)
             elif moved:
                 te.to(self.device)
+            # the decoder stack alone (no language-model head); streamed (accelerate hooks on the
+            # top module) it runs whole, as the hooks expect
+            stack = te if self._te_offloaded else getattr(te, "model", te)
             return _pipeline()._get_qwen3_prompt_embeds(
-                te, self._tokenizer, [prompt], dtype=self.dtype, device=self.device,
+                stack, self._tokenizer, [prompt], dtype=self.dtype, device=self.device,
                 max_sequence_length=self.max_sequence_length, hidden_states_layers=self.out_layers)
         finally:
             if parked is not None:

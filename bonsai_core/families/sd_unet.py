@@ -191,7 +191,7 @@ class SDUNetFamily(Family):
         return MemoryModel(
             resident_bytes=self.weight_bytes(), dtype_bytes=torch.empty(0, dtype=self.dtype).element_size(),
             step_elements=lambda w, h: unet_step_elements(unet, w, h, scale),
-            decode_elements=lambda w, h: vae_decode_elements(vae, w, h),
+            decode_elements=lambda w, h: vae_decode_elements(vae, w, h, cuda=self.device.type == "cuda"),
             encode_elements=sum(text_encode_elements(te.config, tok.model_max_length, self.xl)
                                 for te, tok in zip(self.text_encoders, self._tokenizers)),
             unpacked_bytes=self.unpacked_bytes(), rows_per_image=2 if cfg else 1,

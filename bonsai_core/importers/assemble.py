@@ -8,8 +8,10 @@
   scales copied, never re-quantized; 16-bit tensors in the dtype the source holds them;
   ``config.json`` from the source, else derived from the tensor shapes;
 * ``text_encoder/``: a dense transformers folder is copied; the public 4-bit forms (MLX
-  ``text_encoder-mlx-4bit/``, HQQ ``text_encoder-hqq-4bit/``) are dequantized to bf16 by
-  ``importers.text_encoder.import_text_encoder`` and saved with ``save_pretrained`` (safetensors);
+  ``text_encoder-mlx-4bit/``, HQQ ``text_encoder-hqq-4bit/``) are read by
+  ``importers.text_encoder.import_text_encoder`` keeping their 4-bit weights (Q4_AFFINE, every value
+  exact) into a Bonsai component file (a layout with no exact Q4_AFFINE form is dequantized to bf16
+  and saved with ``save_pretrained``);
 * ``tokenizer/``, ``vae/``, ``scheduler/``: copied (the chat template is taken from the repo's
   ``chat_template.jinja`` when the tokenizer folder has none); with no scheduler in the source the
   klein default is written;
@@ -48,7 +50,7 @@ import torch
 from .. import checkpoint
 from ..errors import BonsaiCheckpointError
 from ..quant.policy import FLUX2_KEEP, default_policy
-from ..quant.tensor import Q1Tensor
+from ..quant.tensor import PackedTensor, Q1Tensor
 from . import ImportedTransformer, detect_layout, import_transformer, read_json, read_safetensors_header
 
 FAMILY = "flux2_klein"
@@ -307,13 +309,35 @@ def _write_text_encoder(te_dir: Path, out: Path, result: ImportResult, log) -> s
         raise BonsaiCheckpointError(
             f"{te_dir}: a {kind.upper()} 4-bit text encoder needs bonsai_core.importers.text_encoder, which this "
             f"install lacks ({exc}); pass --text-encoder with a dense Qwen3 folder instead") from exc
-    log(f"dequantizing the {kind.upper()} 4-bit text encoder {te_dir} to bf16")
-    imported = import_text_encoder(te_dir)
-    arch = _save_dense_text_encoder(imported, out)
-    result.notes.append(f"text encoder: {kind.upper()} 4-bit dequantized to dense bf16 and saved with save_pretrained "
-                        "(about 4x the 4-bit size on disk; no new quantization error beyond rounding to bf16)")
+    log(f"reading the {kind.upper()} 4-bit text encoder {te_dir} (kept 4-bit)")
+    imported = import_text_encoder(te_dir, keep_4bit=True)
+    if not any(isinstance(t, PackedTensor) for t in imported.state_dict.values()):
+        arch = _save_dense_text_encoder(imported, out)
+        result.notes.append(f"text encoder: {kind.upper()} 4-bit dequantized to dense bf16 and saved with "
+                            "save_pretrained (its layout has no exact Q4_AFFINE form; about 4x the 4-bit size)")
+        result.parts["text_encoder"] = f"{te_dir} ({kind} 4-bit -> bf16)"
+    else:
+        arch = _save_q4_text_encoder(imported, out, kind)
+        result.notes.append(f"text encoder: {kind.upper()} 4-bit kept 4-bit (Q4_AFFINE: the file's own codes, "
+                            "scales and biases, every value exact); norms and other float tensors in bf16")
+        result.parts["text_encoder"] = f"{te_dir} ({kind} 4-bit, kept 4-bit)"
     result.notes += [f"text encoder: {n}" for n in getattr(imported, "notes", [])]
-    result.parts["text_encoder"] = f"{te_dir} ({kind} 4-bit -> bf16)"
+    return arch
+
+
+def _save_q4_text_encoder(imported, out: Path, kind: str) -> str:
+    """An ImportedTextEncoder holding ``Q4Tensor`` weights -> a Bonsai component file + its config."""
+    cfg = {k: v for k, v in imported.config.items() if k not in ("quantization", "quantization_config")}
+    arch = (cfg.get("architectures") or [TEXT_ENCODER_CLASS])[0]
+    sd = dict(imported.state_dict)
+    tied = {}
+    if cfg.get("tie_word_embeddings") and "lm_head.weight" not in sd and "model.embed_tokens.weight" in sd:
+        tied["lm_head.weight"] = "model.embed_tokens.weight"
+    reasons = {n: f"imported: {kind} 4-bit kept as {t.qtype}" for n, t in sd.items() if isinstance(t, PackedTensor)}
+    checkpoint.save_tensors(out / checkpoint.TE_WEIGHTS_NAME, sd, family=FAMILY, component="text_encoder",
+                            policy={"name": f"imported_{kind}_4bit"}, reasons=reasons, tied=tied,
+                            extra={"source_layout": f"{kind}_4bit"})
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return arch
 
 

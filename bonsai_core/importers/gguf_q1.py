@@ -26,7 +26,8 @@ import torch
 
 from ..errors import BonsaiCheckpointError
 from ..quant.q1_0 import BLOCK_BYTES, GGML_TYPE_Q1_0, GROUP_SIZE
-from ..quant.tensor import Q1Tensor
+from ..quant import q4_affine
+from ..quant.tensor import Q1Tensor, Q4Tensor
 from . import ImportedTransformer, Tensorish, refuse, validate_or_infer
 from .flux2_names import (
     bfl_to_diffusers, diffusers_name_to_bfl, diffusers_to_bfl, strip_bfl_prefix,
@@ -273,20 +274,7 @@ def write_gguf(path, tensors: dict, arch: str = "flux", with_counts: bool = Fals
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
         for name, t in bfl.items():
-            if isinstance(t, Q1Tensor):
-                if len(t.shape) != 2 or t.cols % GROUP_SIZE:
-                    raise refuse(path, f"packed shape {list(t.shape)}", tensor=name,
-                                 expected="2-D [out, in] with in a multiple of 128 (GGUF Q1_0 rows hold whole blocks)")
-                writer.add_tensor(name, t.to_blocks().contiguous().numpy(), raw_dtype=q1)
-            elif t.dtype == torch.bfloat16:
-                writer.add_tensor(name, t.contiguous().view(torch.int16).numpy(),
-                                  raw_dtype=gguf.GGMLQuantizationType.BF16)
-            elif t.dtype == torch.float16:
-                writer.add_tensor(name, t.contiguous().numpy())
-            elif t.dtype == torch.float32:
-                writer.add_tensor(name, t.contiguous().numpy())
-            else:
-                raise refuse(path, f"dtype {t.dtype}", tensor=name, expected="Q1Tensor, bf16, fp16 or fp32")
+            add_tensor(writer, gguf, path, name, t)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -299,6 +287,32 @@ def write_gguf(path, tensors: dict, arch: str = "flux", with_counts: bool = Fals
             tmp.unlink()
         raise
     return (path, counts) if with_counts else path
+
+
+def add_tensor(writer, gguf, path: Path, name: str, t: torch.Tensor) -> None:
+    """One tensor into a ``gguf.GGUFWriter``: Q1_0 blocks as they are, a Q4_AFFINE weight as the
+    standard type that holds it exactly (Q4_1: fp16 scale and bias per 32; refused when a scale or
+    bias is not an fp16 value, as an HQQ bias -(zero*scale) in float32 usually is), dense 16/32-bit
+    floats as themselves."""
+    if isinstance(t, Q1Tensor):
+        if len(t.shape) != 2 or t.cols % GROUP_SIZE:
+            raise refuse(path, f"packed shape {list(t.shape)}", tensor=name,
+                         expected="2-D [out, in] with in a multiple of 128 (GGUF Q1_0 rows hold whole blocks)")
+        writer.add_tensor(name, t.to_blocks().contiguous().numpy(), raw_dtype=gguf.GGMLQuantizationType(GGML_TYPE_Q1_0))
+    elif isinstance(t, Q4Tensor):
+        try:
+            blocks = q4_affine.to_gguf_q4_1(t.qs.cpu(), t.scale.cpu(), t.bias.cpu(), name)
+        except ValueError as e:
+            raise refuse(path, f"cannot be written exactly in GGUF ({e})", tensor=name,
+                         expected="Q4_AFFINE scales and biases that are fp16 values, groups a multiple of 32 "
+                                  "(GGUF Q4_1); keep the model in its Bonsai folder instead") from None
+        writer.add_tensor(name, blocks.contiguous().numpy(), raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+    elif t.dtype == torch.bfloat16:
+        writer.add_tensor(name, t.contiguous().view(torch.int16).numpy(), raw_dtype=gguf.GGMLQuantizationType.BF16)
+    elif t.dtype in (torch.float16, torch.float32):
+        writer.add_tensor(name, t.contiguous().numpy())
+    else:
+        raise refuse(path, f"dtype {t.dtype}", tensor=name, expected="Q1Tensor, Q4Tensor, bf16, fp16 or fp32")
 
 
 def _umask() -> int:

@@ -46,6 +46,7 @@ and HQQ kernels compute in 16-bit arithmetic themselves, which can differ from t
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -354,7 +355,24 @@ def _mlx_module_params(qcfg: dict, module: str, qpath: Path) -> tuple[int, int] 
     return gs, bits
 
 
-def _import_mlx(d: Path, dtype: torch.dtype) -> ImportedTextEncoder:
+def _mlx_as_q4(words: torch.Tensor, scales: torch.Tensor, biases: torch.Tensor, bits: int, cols: int,
+               dtype: torch.dtype):
+    """MLX affine codes of at most 4 bits as a ``Q4Tensor`` holding the very codes, scales and biases
+    (``w = scale*q + bias`` is Q4_AFFINE's own formula), or None when they do not fit it."""
+    from ..quant.q4_affine import DTYPE_NAMES, pack_codes
+    from ..quant.tensor import Q4Tensor
+
+    if bits > 4 or scales.dtype not in DTYPE_NAMES or biases.dtype not in DTYPE_NAMES or (cols // scales.shape[1]) % 2:
+        return None
+    if bits == 4 and sys.byteorder == "little":  # a uint32 word's bytes are Q4_AFFINE's bytes, in order
+        qs = words.contiguous().view(torch.uint8).reshape(words.shape[0], cols // 2)
+    else:
+        qs = torch.cat([pack_codes(unpack_mlx_words(words[r0:r0 + 4096], bits))
+                        for r0 in range(0, words.shape[0], 4096)])
+    return Q4Tensor(qs.clone(), scales.contiguous(), biases.contiguous(), (words.shape[0], cols), dtype)
+
+
+def _import_mlx(d: Path, dtype: torch.dtype, keep_4bit: bool = False) -> ImportedTextEncoder:
     notes: list[str] = []
     raw_cfg, config = _read_config(d, notes)
     cfg_path = d / "config.json"
@@ -371,6 +389,7 @@ def _import_mlx(d: Path, dtype: torch.dtype) -> ImportedTextEncoder:
     where = files[0] if len(files) == 1 else d
 
     prefixes = sorted(n[:-len(".scales")] for n in raw if n.endswith(".scales"))
+    kept: list[str] = []
     consumed: set[str] = set()
     sd: dict[str, torch.Tensor] = {}
     rounding = _Rounding()
@@ -409,6 +428,11 @@ def _import_mlx(d: Path, dtype: torch.dtype) -> ImportedTextEncoder:
                              expected=f"float [{out}, {G}] = [out, in/group_size] (group_size {gs}, bits {bits})")
         sdtypes.add(str(scales.dtype).replace("torch.", ""))
         used[(gs, bits)] = used.get((gs, bits), 0) + 1
+        packed = _mlx_as_q4(words, scales, biases, bits, cols, dtype) if keep_4bit else None
+        if packed is not None:
+            sd[name] = packed
+            kept.append(name)
+            continue
         result = torch.empty(out, cols, dtype=dtype)
         step = max(1, _CHUNK // cols)
         for r0 in range(0, out, step):
@@ -434,9 +458,18 @@ def _import_mlx(d: Path, dtype: torch.dtype) -> ImportedTextEncoder:
     has_embed = EMBED in sd and EMBED[:-len(".weight")] in prefixes
     n_lin = n_quant - int(has_embed)
     desc = ", ".join(f"{bits}-bit group {gs}: {n}" for (gs, bits), n in sorted(used.items()))
-    notes.insert(0, f"{n_lin} linears{' + embedding' if has_embed else ''} dequantized from MLX affine ({desc}) "
-                    f"to {str(dtype).replace('torch.', '')}: w = scale*q + bias exactly from the stored "
-                    f"{sorted(sdtypes)} scales/biases, {rounding.describe(dtype)}")
+    exact = (f"w = scale*q + bias exactly from the stored {sorted(sdtypes)} scales/biases, "
+             f"{rounding.describe(dtype)}")
+    if not kept:
+        notes.insert(0, f"{n_lin} linears{' + embedding' if has_embed else ''} dequantized from MLX affine ({desc}) "
+                        f"to {str(dtype).replace('torch.', '')}: {exact}")
+    else:
+        n_dense = n_quant - len(kept)
+        notes.insert(0, f"{n_lin} linears{' + embedding' if has_embed else ''} read from MLX affine ({desc}): "
+                        f"{len(kept)} kept 4-bit as Q4_AFFINE with the file's own codes and {sorted(sdtypes)} "
+                        "scales/biases (w = scale*q + bias: every value exact)"
+                        + (f"; {n_dense} dequantized to {str(dtype).replace('torch.', '')} (more than 4 bits): "
+                           f"{exact}" if n_dense else ""))
     if len(sd) > n_quant:
         notes.append(f"{len(sd) - n_quant} float tensors ({sorted(plain_dtypes)}) taken as they are, "
                      f"cast to {str(dtype).replace('torch.', '')}")
@@ -545,9 +578,37 @@ def _float_leaf(path: Path, name: str, v) -> torch.Tensor:
     return v.detach().to(torch.float64)
 
 
+def _source_dtype(v) -> torch.dtype:
+    return v.dtype if isinstance(v, torch.Tensor) else torch.float32
+
+
+def _hqq_as_q4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scale_dtype: torch.dtype,
+               shape: tuple[int, ...], gs: int | None, axis: int, dtype: torch.dtype):
+    """HQQ codes as a ``Q4Tensor`` holding exactly ``(q - zero)*scale``, or None where Q4_AFFINE cannot:
+    groups must run along a row (axis 1, ``in`` a multiple of group_size), codes fit 4 bits, and the
+    bias ``-(zero*scale)`` must be an exact float32 (it is for 16-bit scale and zero: 11 x 11 bits)."""
+    from ..quant.q4_affine import DTYPE_NAMES, pack_codes
+    from ..quant.tensor import Q4Tensor
+
+    if axis != 1 or gs is None or gs % 2 or len(shape) != 2 or shape[1] % gs or scale_dtype not in DTYPE_NAMES:
+        return None
+    if int(q.max()) > 15:
+        return None
+    rows, cols = shape
+    s = scale.reshape(rows, cols // gs)
+    if not torch.equal(s.to(scale_dtype).to(torch.float64), s):
+        return None
+    b64 = -(zero.reshape(rows, cols // gs) * s)
+    b32 = b64.to(torch.float32)
+    if not torch.equal(b32.to(torch.float64), b64):
+        return None
+    return Q4Tensor(pack_codes(q.reshape(rows, cols)), s.to(scale_dtype).contiguous(), b32.contiguous(), shape, dtype)
+
+
 def _hqq_dequantize(path: Path, module: str, leaves: dict, dtype: torch.dtype,
-                    rounding: _Rounding, seen: dict) -> torch.Tensor:
-    """One HQQLinear state -> the dense weight ``shape`` in ``dtype`` (exact, rounded once)."""
+                    rounding: _Rounding, seen: dict, keep_4bit: bool = False) -> torch.Tensor:
+    """One HQQLinear state -> the dense weight ``shape`` in ``dtype`` (exact, rounded once), or with
+    ``keep_4bit`` a ``Q4Tensor`` of exactly the same values where the layout allows (``_hqq_as_q4``)."""
     if any(k in leaves for k in ("zero_q", "scale_q", "meta_zero", "meta_scale")) or \
             _leaf(path, module, leaves, "quant_zero", _as_bool, "a bool", False) or \
             _leaf(path, module, leaves, "quant_scale", _as_bool, "a bool", False):
@@ -614,12 +675,14 @@ def _hqq_dequantize(path: Path, module: str, leaves: dict, dtype: torch.dtype,
             raise refuse(path, f"is {getattr(zs, 'dtype', type(zs).__name__)}", tensor=f"{module}.zero_scale",
                          expected="a float tensor stacking (zero, scale) (hqq offload_meta)")
         zero, scale = _float_leaf(path, module, zs[0]), _float_leaf(path, module, zs[1])
+        scale_dtype = zs.dtype
     else:
         for k in ("scale", "zero"):
             if k not in leaves:
                 raise refuse(path, f"has no '{k}'", tensor=module, expected="HQQLinear leaves 'scale' and 'zero'")
         scale = _float_leaf(path, f"{module}.scale", leaves["scale"])
         zero = _float_leaf(path, f"{module}.zero", leaves["zero"])
+        scale_dtype = _source_dtype(leaves["scale"])
     n_per = qshape[0] if axis == 1 else qshape[1]
     b_shape = (-1, 1) if axis == 1 else (1, -1)
     for nm, v in (("scale", scale), ("zero", zero)):
@@ -633,6 +696,15 @@ def _hqq_dequantize(path: Path, module: str, leaves: dict, dtype: torch.dtype,
     if zero.numel() == 1:
         zero = zero.expand(*(n_per if s == -1 else 1 for s in b_shape))
 
+    key = (packing, nbits, gs, axis)
+    seen[key] = seen.get(key, 0) + 1
+    if compute is not None:
+        seen.setdefault(("compute_dtype", str(compute).replace("torch.", "")), 0)
+    if keep_4bit:
+        packed = _hqq_as_q4(q, scale, zero, scale_dtype, shape, gs, axis, dtype)
+        if packed is not None:
+            seen[("kept",)] = seen.get(("kept",), 0) + 1
+            return packed
     out = torch.empty(qshape, dtype=dtype)
     if axis == 1:
         step = max(1, _CHUNK // qshape[1])
@@ -644,14 +716,10 @@ def _hqq_dequantize(path: Path, module: str, leaves: dict, dtype: torch.dtype,
         for c0 in range(0, qshape[1], step):
             c1 = min(qshape[1], c0 + step)
             out[:, c0:c1] = rounding.cast((q[:, c0:c1].to(torch.float64) - zero[:, c0:c1]) * scale[:, c0:c1], dtype)
-    key = (packing, nbits, gs, axis)
-    seen[key] = seen.get(key, 0) + 1
-    if compute is not None:
-        seen.setdefault(("compute_dtype", str(compute).replace("torch.", "")), 0)
     return out.reshape(shape)
 
 
-def _import_hqq(d: Path, dtype: torch.dtype) -> ImportedTextEncoder:
+def _import_hqq(d: Path, dtype: torch.dtype, keep_4bit: bool = False) -> ImportedTextEncoder:
     notes: list[str] = []
     _raw_cfg, config = _read_config(d, notes)
     model = _meta_model(d / "config.json", config)
@@ -675,7 +743,7 @@ def _import_hqq(d: Path, dtype: torch.dtype) -> ImportedTextEncoder:
         if "W_q" in leaves:
             unknown |= set(leaves) - _HQQ_KNOWN
             name = f"{module}.weight" if module else "weight"
-            sd[name] = _hqq_dequantize(pt, module, leaves, dtype, rounding, seen)
+            sd[name] = _hqq_dequantize(pt, module, leaves, dtype, rounding, seen, keep_4bit)
             quantized.append(name)
             if leaves.get("bias") is not None:
                 sd[f"{module}.bias"] = _plain(pt, f"{module}.bias", leaves["bias"], dtype)
@@ -695,12 +763,23 @@ def _import_hqq(d: Path, dtype: torch.dtype) -> ImportedTextEncoder:
         quantized = [n if n.startswith("lm_head.") else f"model.{n}" for n in quantized]
         notes.append("module names had no 'model.' prefix (a saved Qwen3Model): prefixed to Qwen3ForCausalLM names")
 
+    n_kept = seen.pop(("kept",), 0)
     groups = {k: v for k, v in seen.items() if k[0] != "compute_dtype"}
     computes = sorted(k[1] for k in seen if k[0] == "compute_dtype")
     desc = "; ".join(f"{n}x packing {p!r} nbits {nb} group_size {g} axis {a}" for (p, nb, g, a), n in groups.items())
-    notes.insert(0, f"{len(quantized)} HQQ linears dequantized ({desc}) to {str(dtype).replace('torch.', '')}: "
-                    f"w = (q - zero)*scale exactly from the stored scale/zero, {rounding.describe(dtype)}"
-                    + (f"; HQQ compute_dtype {computes}" if computes else ""))
+    exact = f"w = (q - zero)*scale exactly from the stored scale/zero, {rounding.describe(dtype)}"
+    if not n_kept:
+        notes.insert(0, f"{len(quantized)} HQQ linears dequantized ({desc}) to {str(dtype).replace('torch.', '')}: "
+                        + exact + (f"; HQQ compute_dtype {computes}" if computes else ""))
+    else:
+        n_dense = len(quantized) - n_kept
+        notes.insert(0, f"{len(quantized)} HQQ linears read ({desc}): {n_kept} kept 4-bit as Q4_AFFINE with the "
+                        "file's own codes and scales, bias = -(zero*scale) in float32 (exact: every value is "
+                        "(q - zero)*scale)"
+                        + (f"; {n_dense} dequantized to {str(dtype).replace('torch.', '')} (no exact Q4_AFFINE form: "
+                           "groups not along a row, codes over 4 bits, or a bias -(zero*scale) that float32 does not "
+                           f"hold): {exact}" if n_dense else "")
+                        + (f"; HQQ compute_dtype {computes}" if computes else ""))
     if len(sd) > len(quantized):
         notes.append(f"{len(sd) - len(quantized)} float tensors ({_dtypes(plain_src)}) taken as they are, "
                      f"cast to {str(dtype).replace('torch.', '')}")
@@ -739,17 +818,19 @@ def _import_dense(d: Path, dtype: torch.dtype) -> ImportedTextEncoder:
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
-def import_text_encoder(path, dtype: torch.dtype = torch.bfloat16) -> ImportedTextEncoder:
+def import_text_encoder(path, dtype: torch.dtype = torch.bfloat16, keep_4bit: bool = False) -> ImportedTextEncoder:
     """Read a Bonsai Image 4B text encoder folder (``text_encoder-mlx-4bit/``, ``text_encoder-hqq-4bit/``,
-    a dense transformers folder, or a repo folder holding one of them) into a dense Qwen3ForCausalLM
-    state dict in ``dtype``."""
+    a dense transformers folder, or a repo folder holding one of them) into a Qwen3ForCausalLM state
+    dict computing in ``dtype``: dense, or with ``keep_4bit`` every 4-bit weight whose layout Q4_AFFINE
+    holds exactly as a ``Q4Tensor`` with the file's own codes, scales and biases (no re-quantization;
+    the others dequantized, as the notes say)."""
     dtype = _check_float_dtype(dtype)
     layout = detect_text_encoder_layout(path)
     d = _resolve_dir(path)
     if layout == "mlx_4bit":
-        return _import_mlx(d, dtype)
+        return _import_mlx(d, dtype, keep_4bit)
     if layout == "hqq_4bit":
-        return _import_hqq(d, dtype)
+        return _import_hqq(d, dtype, keep_4bit)
     return _import_dense(d, dtype)
 
 

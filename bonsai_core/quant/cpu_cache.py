@@ -27,6 +27,7 @@ DEFAULT_MB = 1024
 
 class CpuCacheKernel:
     name = "cpu-cache"
+    qtypes = ("Q1_0", "Q4_AFFINE")  # it keeps whatever dequantize() gives
 
     def __init__(self, budget_bytes: int | None = None):
         self._budget = budget_bytes

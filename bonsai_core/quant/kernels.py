@@ -1,14 +1,16 @@
-"""One kernel contract for every Q1_0 product, linear and conv.
+"""One kernel contract for every packed-weight product (Q1_0 and Q4_AFFINE), linear and conv.
 
-A kernel is an object with a ``name`` and three members:
+A kernel is an object with a ``name`` and three members (and optionally ``qtypes``, the weight
+types it takes; without it a kernel takes Q1_0 only):
 
-* ``supports(x, w) -> bool``: can it compute with input ``x`` and ``Q1Tensor`` weight ``w``;
+* ``supports(x, w) -> bool``: can it compute with input ``x`` and packed weight ``w``;
 * ``linear(x, w, bias) -> Tensor``: ``x @ W.T + bias``;
 * ``conv2d(x, w, bias, stride, padding, dilation) -> Tensor``, or ``conv2d = None`` for a kernel
   that does no convs (the reference then computes them).
 
 The reference kernel (dequantize into the input's dtype, then the dense op) runs on every device
-and is what every other kernel is tested against. Others ``register`` themselves: ``cpu-cache``
+and is what every other kernel is tested against; for a Q4_AFFINE weight it is the path on every
+device (and the ``cpu-cache`` kernel on a CPU). Others ``register`` themselves: ``cpu-cache``
 (``cpu_cache.py``: each CPU layer's dense weight kept within a memory budget) when this module is
 imported, the CUDA ones (``triton_q1.py``) the first time a CUDA tensor comes through, so CPU-only
 installs never import Triton.
@@ -34,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BonsaiDeviceError
-from .tensor import Q1Tensor
+from .tensor import PackedTensor
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,9 @@ class ReferenceKernel:
 
     name = "reference"
 
-    def supports(self, x: torch.Tensor, w: Q1Tensor) -> bool:
+    qtypes = ("Q1_0", "Q4_AFFINE")
+
+    def supports(self, x: torch.Tensor, w: PackedTensor) -> bool:
         return True
 
     def linear(self, x, w, bias):
@@ -130,7 +134,12 @@ def _load_cuda_kernels(x: torch.Tensor) -> None:
         triton_q1.register()
 
 
-def select(x: torch.Tensor, w: Q1Tensor, op: str = "linear"):
+def takes(kernel, w: PackedTensor) -> bool:
+    """Does ``kernel`` take weights of ``w``'s type (its ``qtypes``; Q1_0 when it names none)."""
+    return w.qtype in getattr(kernel, "qtypes", ("Q1_0",))
+
+
+def select(x: torch.Tensor, w: PackedTensor, op: str = "linear"):
     """The kernel that computes ``op`` ("linear" or "conv2d") for these inputs."""
     _load_cuda_kernels(x)
     stack = getattr(_LOCAL, "forced", None)
@@ -138,36 +147,37 @@ def select(x: torch.Tensor, w: Q1Tensor, op: str = "linear"):
     name = stack[-1] if strict else choice()
     if name == "auto":
         for kname, kernel in _REGISTRY.items():
-            if _IN_AUTO[kname] and getattr(kernel, op) is not None and kernel.supports(x, w):
+            if _IN_AUTO[kname] and getattr(kernel, op) is not None and takes(kernel, w) and kernel.supports(x, w):
                 return kernel
         return REFERENCE
     if name == REFERENCE.name:
         return REFERENCE
     kernel = _REGISTRY.get(name)
-    if kernel is not None and kernel.supports(x, w):
+    if kernel is not None and takes(kernel, w) and kernel.supports(x, w):
         if getattr(kernel, op) is not None:
             return kernel
         return REFERENCE  # a kernel without convs: the contract says the reference computes them
     why = (f"kernel {name!r} is not available here" if kernel is None else
+           f"kernel {name!r} does not take {w.qtype} weights" if not takes(kernel, w) else
            f"kernel {name!r} does not take {x.device.type} {x.dtype} inputs")
     if strict:
         raise BonsaiDeviceError(f"{why}; use another kernel or move the inputs")
-    if (name, x.device.type, x.dtype) not in _STATE["warned"]:
-        _STATE["warned"].add((name, x.device.type, x.dtype))
+    if (name, x.device.type, x.dtype, w.qtype) not in _STATE["warned"]:
+        _STATE["warned"].add((name, x.device.type, x.dtype, w.qtype))
         log.warning("%s=%s: %s; those run on the reference kernel", ENV, name, why)
     return REFERENCE
 
 
-def active(x: torch.Tensor, w: Q1Tensor, op: str = "linear") -> str:
+def active(x: torch.Tensor, w: PackedTensor, op: str = "linear") -> str:
     """Name of the kernel that would compute ``op`` for these inputs."""
     return select(x, w, op).name
 
 
-def linear(x: torch.Tensor, w: Q1Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def linear(x: torch.Tensor, w: PackedTensor, bias: torch.Tensor | None) -> torch.Tensor:
     return select(x, w, "linear").linear(x, w, bias)
 
 
-def conv2d(x: torch.Tensor, w: Q1Tensor, bias: torch.Tensor | None, stride=1, padding=0, dilation=1):
+def conv2d(x: torch.Tensor, w: PackedTensor, bias: torch.Tensor | None, stride=1, padding=0, dilation=1):
     return select(x, w, "conv2d").conv2d(x, w, bias, stride, padding, dilation)
 
 

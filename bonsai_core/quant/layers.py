@@ -1,4 +1,5 @@
-"""``BonsaiLinear`` and ``BonsaiConv2d``: ``nn.Linear`` / ``nn.Conv2d`` whose ``weight`` is a ``Q1Tensor``.
+"""``BonsaiLinear`` and ``BonsaiConv2d``: ``nn.Linear`` / ``nn.Conv2d`` whose ``weight`` is a ``Q1Tensor``
+(a ``BonsaiLinear`` may also hold a 4-bit ``Q4Tensor``: text encoders).
 
 They are subclasses, so ``isinstance(m, nn.Linear)`` holds and every walker that looks for linears
 finds them; their ``weight`` is one object carrying the packed bits, the fp16 scales, the logical
@@ -25,7 +26,7 @@ from ..errors import BonsaiCheckpointError
 from . import kernels
 from .policy import Decision, PrecisionPolicy, tensor_nbytes
 from .q1_0 import BLOCK_BYTES, n_blocks
-from .tensor import Q1Tensor
+from .tensor import PackedTensor, Q1Tensor, Q4Tensor
 
 _LORA_EPOCH = [0]
 
@@ -53,11 +54,12 @@ class LoRABranch(nn.Module):
 class _Q1Layer:
     """What both quantized layers share: the Q1_0 weight, its loading, its size, the LoRA slot."""
 
-    weight: Q1Tensor
+    weight: PackedTensor
+    _QTYPES = ("Q1_0",)
 
-    def _set_weight(self, w: Q1Tensor) -> None:
-        if not isinstance(w, Q1Tensor) or w.shape != self._logical_shape():
-            raise ValueError(f"{type(self).__name__} needs a Q1_0 weight of shape {list(self._logical_shape())}, "
+    def _set_weight(self, w: PackedTensor) -> None:
+        if not isinstance(w, PackedTensor) or w.qtype not in self._QTYPES or w.shape != self._logical_shape():
+            raise ValueError(f"{type(self).__name__} needs a {' or '.join(self._QTYPES)} weight of shape {list(self._logical_shape())}, "
                              f"got {type(w).__name__} {list(w.shape)}")
         self.weight = nn.Parameter(w, requires_grad=False)
         self.lora = nn.ModuleList()
@@ -71,7 +73,7 @@ class _Q1Layer:
         # A state dict straight from a Bonsai file holds the 18-byte blocks under the same key.
         key = prefix + "weight"
         t = state_dict.get(key)
-        if t is not None and not isinstance(t, Q1Tensor) and t.dtype == torch.uint8:
+        if t is not None and not isinstance(t, PackedTensor) and t.dtype == torch.uint8:
             shape = self._logical_shape()
             want = (shape[0], n_blocks(shape[1:].numel()) * BLOCK_BYTES)
             if tuple(t.shape) == want:
@@ -131,7 +133,10 @@ class _Q1Layer:
 
 
 class BonsaiLinear(_Q1Layer, nn.Linear):
-    """An ``nn.Linear`` whose weight is Q1_0: ``y = x @ W.T + b`` with ``W`` = sign x group scale."""
+    """An ``nn.Linear`` whose weight is Q1_0 (``W`` = sign x group scale) or Q4_AFFINE (``W`` = 4-bit
+    code x group scale + group bias): ``y = x @ W.T + b``."""
+
+    _QTYPES = ("Q1_0", "Q4_AFFINE")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None,
                  dtype: torch.dtype | None = None):
@@ -145,10 +150,11 @@ class BonsaiLinear(_Q1Layer, nn.Linear):
         return torch.Size((self.out_features, self.in_features))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "BonsaiLinear":
+    def from_linear(cls, linear: nn.Linear, qtype: str = "Q1_0") -> "BonsaiLinear":
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta",
                     dtype=linear.weight.dtype)
-        layer._set_weight(Q1Tensor.from_float(linear.weight.detach()))
+        make = Q4Tensor if qtype == Q4Tensor.QTYPE else Q1Tensor
+        layer._set_weight(make.from_float(linear.weight.detach()))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
@@ -161,7 +167,8 @@ class BonsaiLinear(_Q1Layer, nn.Linear):
         return F.linear(F.linear(x, down), up)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, Q1_0"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{self.weight.qtype}")
 
 
 class BonsaiConv2d(_Q1Layer, nn.Conv2d):
@@ -303,7 +310,7 @@ def module_nbytes_as(model: nn.Module, dtype: torch.dtype | None) -> int:
     size = torch.empty(0, dtype=dtype).element_size()
     total = 0
     for t in list(model.parameters()) + list(model.buffers()):
-        dense_float = t.is_floating_point() and not isinstance(t, Q1Tensor)
+        dense_float = t.is_floating_point() and not isinstance(t, PackedTensor)
         total += t.numel() * size if dense_float else tensor_nbytes(t)
     return total
 
@@ -321,7 +328,7 @@ def quantize_model(model: nn.Module, policy: PrecisionPolicy | None = None,
     ref_size = None if reference_dtype is None else torch.empty(0, dtype=reference_dtype).element_size()
 
     def nbytes(t: torch.Tensor) -> int:
-        return t.numel() * ref_size if ref_size and t.is_floating_point() and not isinstance(t, Q1Tensor) \
+        return t.numel() * ref_size if ref_size and t.is_floating_point() and not isinstance(t, PackedTensor) \
             else tensor_nbytes(t)
 
     report = QuantReport(policy=policy, bytes_before=module_nbytes_as(model, reference_dtype))
@@ -335,7 +342,8 @@ def quantize_model(model: nn.Module, policy: PrecisionPolicy | None = None,
         after = before
         shape = tuple(module.weight.shape)
         if dec.quantize:
-            q = BonsaiLinear.from_linear(module) if isinstance(module, nn.Linear) else BonsaiConv2d.from_conv(module)
+            q = BonsaiLinear.from_linear(module, policy.qtype) if isinstance(module, nn.Linear) \
+                else BonsaiConv2d.from_conv(module)
             _set_child(model, dec.name, q)
             after = q.packed_nbytes + (0 if q.bias is None else nbytes(q.bias))
             module.weight = None  # drop the float weight now, not when the module is collected
@@ -354,9 +362,11 @@ def plan_report(model: nn.Module, policy: PrecisionPolicy | None = None,
                 reference_dtype: torch.dtype = torch.float16) -> QuantReport:
     """What ``quantize_model`` would do, computed from shapes alone (works on a meta-device model).
 
-    Sizes: float tensors at ``reference_dtype``, Q1_0 weights at 18 bytes per 128-group.
+    Sizes: float tensors at ``reference_dtype``, Q1_0 weights at 18 bytes per 128-group, Q4_AFFINE
+    ones at 36 bytes per 64-group (fp16 scale and bias).
     """
     from .q1_0 import packed_nbytes
+    from .q4_affine import GROUP_SIZE as Q4_GROUP
 
     policy = policy or PrecisionPolicy()
     size = torch.empty(0, dtype=reference_dtype).element_size()
@@ -374,7 +384,10 @@ def plan_report(model: nn.Module, policy: PrecisionPolicy | None = None,
         after = before
         if dec.quantize:
             w = module.weight
-            after = before - nbytes(w) + packed_nbytes(w.shape[0], w.shape[1:].numel())
+            rows, cols = w.shape[0], w.shape[1:].numel()
+            packed = packed_nbytes(rows, cols) if policy.qtype == "Q1_0" else \
+                rows * cols // 2 + 2 * 2 * rows * (cols // Q4_GROUP)  # codes + fp16 scale and bias per group
+            after = before - nbytes(w) + packed
         report.bytes_after += after - before
         report.layers.append(LayerReport(name, type(module).__name__, tuple(module.weight.shape),
                                          dec.quantize, dec.reason, before, after))

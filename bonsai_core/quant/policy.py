@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .q1_0 import GROUP_SIZE
+from .q4_affine import GROUP_SIZE as Q4_GROUP
 
 # SD-style UNets (diffusers UNet2DConditionModel names).
 SD_UNET_KEEP = (
@@ -48,6 +49,7 @@ class PrecisionPolicy:
     keep: tuple[str, ...] = SD_UNET_KEEP
     min_in_features: int = GROUP_SIZE
     quantize_types: tuple[type, ...] = field(default=(nn.Linear, nn.Conv2d))
+    qtype: str = "Q1_0"  # or "Q4_AFFINE" (4-bit, group 64: text encoders; Linear only)
 
     def decide(self, name: str, module: nn.Module) -> Decision | None:
         """Decision for one module, or None when it is not a weight layer at all."""
@@ -59,9 +61,15 @@ class PrecisionPolicy:
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             return Decision(name, False, f"kept: grouped conv (groups={module.groups})")
         fan_in = module.weight.shape[1:].numel()  # from the shape: never reads (or dequantizes) the weight
+        group = Q4_GROUP if self.qtype == "Q4_AFFINE" else GROUP_SIZE
         if fan_in < self.min_in_features:
-            return Decision(name, False, f"kept: {fan_in} inputs is less than one group of {GROUP_SIZE}")
-        return Decision(name, True, "quantized: Q1_0")
+            return Decision(name, False, f"kept: {fan_in} inputs is less than one group of {group}")
+        if self.qtype == "Q4_AFFINE":
+            if not isinstance(module, nn.Linear):
+                return Decision(name, False, "kept: Q4_AFFINE is for linears")
+            if fan_in % group:
+                return Decision(name, False, f"kept: {fan_in} inputs is not a whole number of groups of {group}")
+        return Decision(name, True, f"quantized: {self.qtype}")
 
     def plan(self, model: nn.Module) -> list[Decision]:
         out = []
@@ -72,15 +80,29 @@ class PrecisionPolicy:
         return out
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "keep": list(self.keep), "min_in_features": self.min_in_features,
-                "quantize_types": [t.__name__ for t in self.quantize_types]}
+        out = {"name": self.name, "keep": list(self.keep), "min_in_features": self.min_in_features,
+               "quantize_types": [t.__name__ for t in self.quantize_types]}
+        if self.qtype != "Q1_0":  # a Q1_0 policy is written as before
+            out["qtype"] = self.qtype
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "PrecisionPolicy":
         types = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
         return cls(name=d.get("name", "custom"), keep=tuple(d.get("keep", ())),
                    min_in_features=int(d.get("min_in_features", GROUP_SIZE)),
-                   quantize_types=tuple(types[t] for t in d.get("quantize_types", ["Linear", "Conv2d"])))
+                   quantize_types=tuple(types[t] for t in d.get("quantize_types", ["Linear", "Conv2d"])),
+                   qtype=str(d.get("qtype", "Q1_0")))
+
+
+# Text encoders (CLIP, Qwen3) at 4 bits: embeddings, norms and the output projections stay 16-bit.
+TEXT_ENCODER_KEEP = ("*embed*", "*norm*", "text_projection", "lm_head")
+
+
+def text_encoder_policy() -> PrecisionPolicy:
+    """Every linear of a text encoder with whole groups of 64 inputs becomes Q4_AFFINE."""
+    return PrecisionPolicy(name="text_encoder_q4", keep=TEXT_ENCODER_KEEP, min_in_features=Q4_GROUP,
+                           quantize_types=(nn.Linear,), qtype="Q4_AFFINE")
 
 
 def default_policy(family: str) -> PrecisionPolicy:

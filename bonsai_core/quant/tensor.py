@@ -1,12 +1,18 @@
-"""``Q1Tensor``: a Q1_0 weight as one tensor object.
+"""Packed weights as one tensor object: ``Q1Tensor`` (Q1_0) and ``Q4Tensor`` (Q4_AFFINE), both
+``PackedTensor``s that share every piece of torch integration below.
 
 Outside it looks like the weight it stands for: ``.shape`` is the logical shape (``[out, in]`` for
 a linear, ``[out, in, kh, kw]`` for a conv), ``.dtype`` is the dtype it computes in, and it is the
 ``weight`` parameter of ``BonsaiLinear`` / ``BonsaiConv2d``, so ``state_dict()`` holds it under the
-file's own key ``<module>.weight``. Inside it keeps the packed data of ``q1_0.py``:
+file's own key ``<module>.weight``. Inside a ``Q1Tensor`` keeps the packed data of ``q1_0.py``:
 
 * ``qs``: uint8 ``[rows, n_blocks * 16]`` -- the sign bits of every group, GGUF's bit order;
-* ``d``:  float16 ``[rows, n_blocks]``     -- the group scales, float16 whatever ``.dtype`` says.
+* ``d``:  float16 ``[rows, n_blocks]``     -- the group scales, float16 whatever ``.dtype`` says;
+
+a ``Q4Tensor`` those of ``q4_affine.py`` (2-D weights: text encoders' linears and embeddings):
+
+* ``qs``: uint8 ``[rows, cols / 2]`` -- two 4-bit codes a byte, the even column in the low nibble;
+* ``scale``, ``bias``: ``[rows, cols / group]`` in the dtypes they came with (F16 / BF16 / F32).
 
 Why bits and scales apart rather than GGUF's interleaved 18-byte blocks: an 18-byte block puts
 every group's bits at an odd 2-byte offset, so no kernel can load them as aligned 16-byte vectors,
@@ -19,10 +25,11 @@ at the edge, bit for bit, once per load.
 
 Behaviour as a tensor (ComfyUI-GGUF's ``GGMLTensor`` and comfy_kitchen's ``QuantizedTensor`` do
 the same):
-* ``.to(device)`` moves bits and scales; ``.to(dtype)`` changes only the compute dtype, the scales
-  stay float16 (a cast to bf16 would lose bits of the format);
-* ``detach``, ``clone``, ``copy_`` from another ``Q1Tensor`` and pinning keep it packed;
+* ``.to(device)`` moves the packed parts; ``.to(dtype)`` changes only the compute dtype, the scales
+  keep theirs (a cast to bf16 would lose bits of the format);
+* ``detach``, ``clone``, ``copy_`` from another weight of its type and layout, and pinning keep it packed;
 * ``F.linear`` / ``F.conv2d`` with it as the weight run through the kernel contract (``kernels.py``);
+  ``F.embedding`` expands only the rows it looks up;
 * any other operation sees the dequantized dense weight (correct, but it materialises the weight:
   the layers never do that); in-place changes to the packed weight are refused.
 """
@@ -33,20 +40,194 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
-from . import q1_0
+from . import q1_0, q4_affine
 from .q1_0 import QS_BYTES, n_blocks, row_major
 
 aten = torch.ops.aten
 
 
-class Q1Tensor(torch.Tensor):
+class PackedTensor(torch.Tensor):
+    """A packed weight behind its logical shape and compute dtype. A subclass names its packed parts
+    (``INNER``, each ``[rows, ...]`` on one device), its ``QTYPE``, builds itself from
+    ``(*parts, shape, dtype)`` and knows ``dequantize``; moving, casting, pinning, copying, the kernel
+    contract for ``F.linear`` / ``F.conv2d`` and row gathers for ``F.embedding`` are shared here."""
+
+    INNER: tuple[str, ...] = ()
+    QTYPE = ""
+
+    @classmethod
+    def _wrap(cls, parts: dict[str, torch.Tensor], shape, dtype: torch.dtype | None):
+        shape = torch.Size(int(s) for s in shape)
+        devices = {t.device for t in parts.values()}
+        if len(devices) != 1:
+            raise ValueError(f"the packed parts of a {cls.QTYPE} weight lie on {sorted(map(str, devices))}: "
+                             "all must be on one device")
+        dtype = dtype or torch.float16
+        if not dtype.is_floating_point:
+            raise ValueError(f"a {cls.QTYPE} weight computes in a floating dtype, not {dtype}")
+        self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=devices.pop(), requires_grad=False)
+        for name, t in parts.items():
+            setattr(self, name, row_major(t))
+        # Plain copies of what the hot path asks: on a tensor subclass every .shape / .dtype read
+        # goes through __torch_function__. A packed weight never changes them (a cast makes a new one).
+        self._shape, self._cols, self._dtype = shape, shape[1:].numel(), dtype
+        return self
+
+    def __init__(self, *args, **kwargs):  # everything happens in __new__
+        super().__init__()
+
+    @property
+    def parts(self) -> list[torch.Tensor]:
+        return [getattr(self, n) for n in self.INNER]
+
+    @property
+    def rows(self) -> int:
+        return self._shape[0]
+
+    @property
+    def cols(self) -> int:
+        """Length of a row of the quantized matrix (``in`` for a linear, ``in*kh*kw`` for a conv)."""
+        return self._cols
+
+    @property
+    def qtype(self) -> str:
+        return self.QTYPE
+
+    @property
+    def nbytes(self) -> int:  # what it holds, not numel x element_size
+        return sum(t.numel() * t.element_size() for t in self.parts)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _same(self, parts, dtype: torch.dtype | None = None, shape=None):
+        return type(self)(*parts, self._shape if shape is None else shape, dtype or self._dtype)
+
+    def rows_dense(self, index: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense rows ``index`` (1-D), ``[len(index), cols]``: only those rows are expanded (an
+        embedding lookup never materialises the whole table)."""
+        part = self._same([t.index_select(0, index) for t in self.parts], shape=(index.numel(), self._cols))
+        return part.dequantize(dtype)
+
+    def __repr__(self, *, tensor_contents=None) -> str:
+        return (f"{type(self).__name__}(shape={list(self.shape)}, dtype={self.dtype}, device={self.device}, "
+                f"{self.nbytes} bytes)")
+
+    # -- torch integration ---------------------------------------------------------------------
+
+    def __tensor_flatten__(self):
+        return list(self.INNER), (type(self), tuple(self.shape), self.dtype)
+
+    @staticmethod
+    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
+        cls, shape, dtype = ctx
+        return cls(*(inner[n] for n in cls.INNER), shape, dtype)
+
+    def _moved(self, device=None, dtype=None, non_blocking: bool = False, copy: bool = False):
+        """This weight on ``device`` computing in ``dtype``: the packed parts move, their dtypes stay
+        (a cast of a scale would lose bits of the format; ``copy``: a new tensor object even when
+        nothing changes, as ``_to_copy`` must give). Tensor.to and its kin come here from
+        ``__torch_function__``, not through autograd's dispatch: that path refuses to alias an
+        inference-mode tensor's parts (ComfyUI runs every node under ``torch.inference_mode``)."""
+        dtype = dtype or self._dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"a {self.QTYPE} weight cannot become {dtype}; dequantize() it first")
+        first = self.parts[0]
+        device = first.device if device is None else torch.device(device)
+        if device == first.device and dtype == self._dtype and not copy:
+            return self
+        return self._same([t.to(device, non_blocking=non_blocking) for t in self.parts], dtype)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if args and isinstance(args[0], PackedTensor) and func in _MOVES:
+            self = args[0]
+            if func is torch.Tensor.to:
+                kwargs = dict(kwargs)
+                copy = bool(kwargs.pop("copy", False))  # _parse_to refuses it; ComfyUI passes it
+                device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
+                if isinstance(dtype, torch.dtype) or dtype is None:
+                    return self._moved(device, dtype, non_blocking, copy=copy)
+            else:
+                device, dtype = _MOVES[func](self, *args[1:], **kwargs)
+                return self._moved(device, dtype)
+        if func is torch.Tensor.detach and args and isinstance(args[0], PackedTensor):
+            return args[0]._same([t.detach() for t in args[0].parts])
+        if func is F.embedding:
+            ids, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(w, PackedTensor) and not isinstance(ids, PackedTensor) and w.dim() == 2 and \
+                    kwargs.get("max_norm") is None and (len(args) < 4 or args[3] is None):
+                return w.rows_dense(ids.reshape(-1)).reshape(*ids.shape, w.cols)
+        if func is F.linear or func is F.conv2d:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
+            if isinstance(w, PackedTensor) and not isinstance(x, PackedTensor):
+                from . import kernels
+
+                if func is F.linear:
+                    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                    return kernels.linear(x, w, bias)
+                names = ("bias", "stride", "padding", "dilation", "groups")
+                rest = dict(zip(names, args[2:]), **kwargs)
+                if rest.get("groups", 1) == 1:
+                    return kernels.conv2d(x, w, rest.get("bias"), rest.get("stride", 1),
+                                          rest.get("padding", 0), rest.get("dilation", 1))
+        with torch._C.DisableTorchFunctionSubclass():
+            return func(*args, **kwargs)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten.detach.default:
+            return args[0]._same([t.detach() for t in args[0].parts])
+        if func is aten.clone.default:
+            return args[0]._same([t.clone() for t in args[0].parts])
+        if func is aten._to_copy.default:
+            out = args[0]._moved(kwargs.get("device"), kwargs.get("dtype"), bool(kwargs.get("non_blocking")),
+                                 copy=True)
+            return out._same([t.pin_memory() for t in out.parts]) if kwargs.get("pin_memory") else out
+        if func is aten._pin_memory.default:
+            return args[0]._same([t.pin_memory() for t in args[0].parts])
+        if func is aten.is_pinned.default:
+            return args[0].parts[0].is_pinned()
+        if func is aten.copy_.default:
+            dst, src = args[0], args[1]
+            if isinstance(dst, PackedTensor):
+                if type(src) is not type(dst) or src.shape != dst.shape or \
+                        any(a.shape != b.shape or a.dtype != b.dtype for a, b in zip(src.parts, dst.parts)):
+                    raise TypeError(f"copy_ into a {dst.QTYPE} weight {list(dst.shape)} needs a {dst.QTYPE} weight "
+                                    f"of the same shape and layout, got {type(src).__name__} {list(src.shape)}; "
+                                    f"quantize it first ({type(dst).__name__}.from_float)")
+                for a, b in zip(dst.parts, src.parts):
+                    a.copy_(b)
+                # count the write, so caches of the dense weight (cpu_cache.py) see that the packed
+                # one changed (torch's own version counter: not below autograd, not in inference mode)
+                dst.qs._bonsai_writes = writes(dst.qs) + 1
+                return dst
+        if func._schema.is_mutable or func.__name__.endswith("_"):
+            raise TypeError(f"{func} would change a packed {args[0].QTYPE if isinstance(args[0], PackedTensor) else ''}"
+                            " weight in place; its packed bits are read-only (a LoRA goes beside it: "
+                            "BonsaiLinear.add_lora)")
+
+        def dense(t):
+            return t.dequantize() if isinstance(t, PackedTensor) else t
+
+        return func(*tree_map(dense, args), **tree_map(dense, kwargs))
+
+
+class Q1Tensor(PackedTensor):
     """A Q1_0 weight: packed sign bits + fp16 group scales behind the weight's own shape and dtype."""
 
+    INNER = ("qs", "d")
+    QTYPE = "Q1_0"
     qs: torch.Tensor
     d: torch.Tensor
 
     @staticmethod
-    def __new__(cls, qs: torch.Tensor, d: torch.Tensor, shape, dtype: torch.dtype | None = None):
+    def __new__(cls, qs: torch.Tensor, d: torch.Tensor | None = None, shape=None, dtype: torch.dtype | None = None,
+                requires_grad: bool = False):
+        if d is None and isinstance(qs, cls):  # type(param)(value, requires_grad=...), as accelerate re-wraps
+            return qs
         shape = torch.Size(int(s) for s in shape)
         if len(shape) < 2:
             raise ValueError(f"a Q1_0 weight is at least 2-D, got shape {list(shape)}")
@@ -59,19 +240,7 @@ class Q1Tensor(torch.Tensor):
             raise ValueError(f"packed tensors must be uint8 bits and float16 scales, got {qs.dtype} / {d.dtype}")
         if qs.device != d.device:
             raise ValueError(f"bits on {qs.device} and scales on {d.device}: both must be on one device")
-        dtype = dtype or torch.float16
-        if not dtype.is_floating_point:
-            raise ValueError(f"a Q1_0 weight computes in a floating dtype, not {dtype}")
-        self = torch.Tensor._make_wrapper_subclass(cls, shape, dtype=dtype, device=qs.device, requires_grad=False)
-        self.qs = row_major(qs)
-        self.d = row_major(d)
-        # Plain copies of what the hot path asks: on a tensor subclass every .shape / .dtype read
-        # goes through __torch_function__. A Q1Tensor never changes them (a cast makes a new one).
-        self._shape, self._cols, self._dtype = shape, cols, dtype
-        return self
-
-    def __init__(self, *args, **kwargs):  # everything happens in __new__
-        super().__init__()
+        return cls._wrap({"qs": qs, "d": d}, shape, dtype)
 
     # -- construction ------------------------------------------------------------------------
 
@@ -105,25 +274,6 @@ class Q1Tensor(torch.Tensor):
         qs, d = q1_0.from_blocks(blocks)
         return cls(qs, d, shape, dtype)
 
-    # -- what it is ----------------------------------------------------------------------------
-
-    @property
-    def rows(self) -> int:
-        return self._shape[0]
-
-    @property
-    def cols(self) -> int:
-        """Length of a row of the quantized matrix (``in`` for a linear, ``in*kh*kw`` for a conv)."""
-        return self._cols
-
-    @property
-    def qtype(self) -> str:
-        return "Q1_0"
-
-    @property
-    def nbytes(self) -> int:  # what it holds, not numel x element_size
-        return self.qs.numel() + 2 * self.d.numel()
-
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight in its own shape, in ``dtype`` (default: the tensor's compute dtype)."""
         return q1_0.dequantize(self.qs, self.d, self._cols, dtype or self._dtype).reshape(self._shape)
@@ -132,106 +282,74 @@ class Q1Tensor(torch.Tensor):
         """GGUF's 18-byte blocks, uint8 ``[rows, n_blocks * 18]``: what a file stores."""
         return q1_0.to_blocks(self.qs, self.d)
 
-    def _same(self, qs: torch.Tensor, d: torch.Tensor, dtype: torch.dtype | None = None) -> "Q1Tensor":
-        return Q1Tensor(qs, d, self._shape, dtype or self._dtype)
 
-    def __repr__(self, *, tensor_contents=None) -> str:
-        return (f"Q1Tensor(shape={list(self.shape)}, dtype={self.dtype}, device={self.device}, "
-                f"{self.nbytes} bytes)")
+class Q4Tensor(PackedTensor):
+    """A Q4_AFFINE weight (``q4_affine.py``): 4-bit codes + a scale and a bias per group, behind the
+    weight's own 2-D shape and compute dtype. Scales and biases keep the dtypes they came with."""
 
-    # -- torch integration ---------------------------------------------------------------------
-
-    def __tensor_flatten__(self):
-        return ["qs", "d"], (tuple(self.shape), self.dtype)
+    INNER = ("qs", "scale", "bias")
+    QTYPE = q4_affine.QTYPE
+    qs: torch.Tensor
+    scale: torch.Tensor
+    bias: torch.Tensor
 
     @staticmethod
-    def __tensor_unflatten__(inner, ctx, outer_size, outer_stride):
-        shape, dtype = ctx
-        return Q1Tensor(inner["qs"], inner["d"], shape, dtype)
+    def __new__(cls, qs: torch.Tensor, scale: torch.Tensor | None = None, bias: torch.Tensor | None = None, shape=None,
+                dtype: torch.dtype | None = None, requires_grad: bool = False):
+        if scale is None and isinstance(qs, cls):  # type(param)(value, requires_grad=...), as accelerate re-wraps
+            return qs
+        shape = torch.Size(int(s) for s in shape)
+        if len(shape) != 2:
+            raise ValueError(f"a Q4_AFFINE weight is 2-D [rows, cols], got shape {list(shape)}")
+        rows, cols = shape
+        ng = scale.shape[1] if scale.dim() == 2 else 0
+        if scale.dim() != 2 or ng == 0 or cols % ng or tuple(scale.shape) != (rows, ng) or \
+                tuple(bias.shape) != (rows, ng) or tuple(qs.shape) != (rows, cols // 2):
+            raise ValueError(f"packed tensors qs {tuple(qs.shape)} / scale {tuple(scale.shape)} / bias "
+                             f"{tuple(bias.shape)} do not fit shape {list(shape)} (expected qs {(rows, cols // 2)}, "
+                             "scale and bias [rows, groups] with groups dividing the row)")
+        q4_affine.check_group(cols, cols // ng)
+        if qs.dtype != torch.uint8 or scale.dtype not in q4_affine.DTYPE_NAMES or bias.dtype not in q4_affine.DTYPE_NAMES:
+            raise ValueError(f"packed tensors must be uint8 codes and float16/bfloat16/float32 scales and biases, "
+                             f"got {qs.dtype} / {scale.dtype} / {bias.dtype}")
+        return cls._wrap({"qs": qs, "scale": scale, "bias": bias}, shape, dtype)
 
-    def _moved(self, device=None, dtype=None, non_blocking: bool = False, copy: bool = False) -> "Q1Tensor":
-        """This weight on ``device`` computing in ``dtype``: bits and scales move, the scales stay fp16
-        (``copy``: a new tensor object even when nothing changes, as ``_to_copy`` must give). Tensor.to
-        and its kin come here from ``__torch_function__``, not through autograd's dispatch: that path
-        refuses to alias an inference-mode tensor's parts (ComfyUI runs every node under
-        ``torch.inference_mode``)."""
-        dtype = dtype or self._dtype
-        if not dtype.is_floating_point:
-            raise TypeError(f"a Q1_0 weight cannot become {dtype}; dequantize() it first")
-        device = self.qs.device if device is None else torch.device(device)
-        if device == self.qs.device and dtype == self._dtype and not copy:
-            return self
-        return self._same(self.qs.to(device, non_blocking=non_blocking),
-                          self.d.to(device, non_blocking=non_blocking), dtype)
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if args and isinstance(args[0], Q1Tensor) and func in _MOVES:
-            self = args[0]
-            if func is torch.Tensor.to:
-                kwargs = dict(kwargs)
-                copy = bool(kwargs.pop("copy", False))  # _parse_to refuses it; ComfyUI passes it
-                device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
-                if isinstance(dtype, torch.dtype) or dtype is None:
-                    return self._moved(device, dtype, non_blocking, copy=copy)
-            else:
-                device, dtype = _MOVES[func](self, *args[1:], **kwargs)
-                return self._moved(device, dtype)
-        if func is torch.Tensor.detach and args and isinstance(args[0], Q1Tensor):
-            return args[0]._same(args[0].qs.detach(), args[0].d.detach())
-        if func is F.linear or func is F.conv2d:
-            x, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
-            if isinstance(w, Q1Tensor) and not isinstance(x, Q1Tensor):
-                from . import kernels
-
-                if func is F.linear:
-                    bias = args[2] if len(args) > 2 else kwargs.get("bias")
-                    return kernels.linear(x, w, bias)
-                names = ("bias", "stride", "padding", "dilation", "groups")
-                rest = dict(zip(names, args[2:]), **kwargs)
-                if rest.get("groups", 1) == 1:
-                    return kernels.conv2d(x, w, rest.get("bias"), rest.get("stride", 1),
-                                          rest.get("padding", 0), rest.get("dilation", 1))
-        with torch._C.DisableTorchFunctionSubclass():
-            return func(*args, **kwargs)
+    @property
+    def group_size(self) -> int:
+        return self._cols // self.scale.shape[1]
 
     @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is aten.detach.default:
-            return args[0]._same(args[0].qs.detach(), args[0].d.detach())
-        if func is aten.clone.default:
-            return args[0]._same(args[0].qs.clone(), args[0].d.clone())
-        if func is aten._to_copy.default:
-            out = args[0]._moved(kwargs.get("device"), kwargs.get("dtype"), bool(kwargs.get("non_blocking")),
-                                 copy=True)
-            return out._same(out.qs.pin_memory(), out.d.pin_memory()) if kwargs.get("pin_memory") else out
-        if func is aten._pin_memory.default:
-            return args[0]._same(args[0].qs.pin_memory(), args[0].d.pin_memory())
-        if func is aten.is_pinned.default:
-            return args[0].qs.is_pinned()
-        if func is aten.copy_.default:
-            dst, src = args[0], args[1]
-            if isinstance(dst, Q1Tensor):
-                if not isinstance(src, Q1Tensor) or src.shape != dst.shape:
-                    raise TypeError(f"copy_ into a Q1_0 weight {list(dst.shape)} needs a Q1_0 weight of the "
-                                    f"same shape, got {type(src).__name__} {list(src.shape)}; quantize it first "
-                                    "(Q1Tensor.from_float)")
-                dst.qs.copy_(src.qs)
-                dst.d.copy_(src.d)
-                # count the write, so caches of the dense weight (cpu_cache.py) see that the packed
-                # one changed (torch's own version counter: not below autograd, not in inference mode)
-                dst.qs._bonsai_writes = writes(dst.qs) + 1
-                return dst
-        if func._schema.is_mutable or func.__name__.endswith("_"):
-            raise TypeError(f"{func} would change a Q1_0 weight in place; its packed bits are read-only "
-                            "(a LoRA goes beside it: BonsaiLinear.add_lora)")
+    def empty(cls, shape, device=None, dtype: torch.dtype | None = None, group: int = q4_affine.GROUP_SIZE,
+              scale_dtype: torch.dtype = torch.float16, bias_dtype: torch.dtype = torch.float16) -> "Q4Tensor":
+        rows, cols = int(shape[0]), int(shape[1])
+        q4_affine.check_group(cols, group)
+        return cls(torch.empty(rows, cols // 2, dtype=torch.uint8, device=device),
+                   torch.empty(rows, cols // group, dtype=scale_dtype, device=device),
+                   torch.empty(rows, cols // group, dtype=bias_dtype, device=device), shape, dtype)
 
-        def dense(t):
-            return t.dequantize() if isinstance(t, Q1Tensor) else t
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, dtype: torch.dtype | None = None, group: int = q4_affine.GROUP_SIZE,
+                   scale_dtype: torch.dtype = torch.float16) -> "Q4Tensor":
+        """Quantize a dense 2-D weight with the reference (round-to-nearest) quantizer."""
+        qs, scale, bias = q4_affine.quantize(weight, group, scale_dtype)
+        return cls(qs, scale, bias, weight.shape, dtype or (weight.dtype if weight.dtype.is_floating_point else None))
 
-        return func(*tree_map(dense, args), **tree_map(dense, kwargs))
+    @classmethod
+    def from_blocks(cls, blocks: torch.Tensor, shape, group: int, scale_dtype: torch.dtype,
+                    bias_dtype: torch.dtype, dtype: torch.dtype | None = None) -> "Q4Tensor":
+        qs, scale, bias = q4_affine.from_blocks(blocks, int(shape[1]), group, scale_dtype, bias_dtype)
+        return cls(qs, scale, bias, shape, dtype)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return q4_affine.dequantize(self.qs, self.scale, self.bias, dtype or self._dtype)
+
+    def to_blocks(self) -> torch.Tensor:
+        return q4_affine.to_blocks(self.qs, self.scale, self.bias)
+
+    def header_entry(self) -> dict:
+        """What a Bonsai file's header says about this weight beside its type and shape."""
+        return {"group_size": self.group_size, "scale_dtype": q4_affine.DTYPE_NAMES[self.scale.dtype],
+                "bias_dtype": q4_affine.DTYPE_NAMES[self.bias.dtype]}
 
 
 def _cuda_target(t, device=None, *a, **k):
@@ -257,3 +375,7 @@ def writes(qs: torch.Tensor) -> int:
 
 def is_q1(t) -> bool:
     return isinstance(t, Q1Tensor)
+
+
+def is_packed(t) -> bool:
+    return isinstance(t, PackedTensor)
