@@ -83,6 +83,24 @@ def make_modules(models_dir: pathlib.Path) -> dict[str, types.ModuleType]:
             "_log": log}
 
 
+def stub_missing_torchaudio() -> None:
+    """ComfyUI 0.33 imports torchaudio at module level (audio VAEs, Gemma 4); where the environment has
+    none (no wheel for its torch), empty stand-ins let ``comfy.sd`` import. Nothing here uses audio."""
+    try:
+        import torchaudio  # noqa: F401
+        return
+    except ImportError:
+        pass
+    import importlib.machinery
+
+    for name in ("torchaudio", "torchaudio.functional", "torchaudio.transforms"):
+        sys.modules[name] = types.ModuleType(name)
+        sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
+        sys.modules[name].__path__ = []
+    sys.modules["torchaudio"].functional = sys.modules["torchaudio.functional"]
+    sys.modules["torchaudio"].transforms = sys.modules["torchaudio.transforms"]
+
+
 def load_pack(name: str = "ComfyUI_Bonsai_stubbed"):
     """Import the pack folder the way ComfyUI does: a package under its folder's name."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])

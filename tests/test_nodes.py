@@ -15,7 +15,7 @@ from bonsai_core.convert import convert_pipeline
 from tests import comfy_stub
 from tests.sd_fixtures import make_tiny_sd_pipeline
 
-TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "BONSAI_PIPE", "CLIP"}
+TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "BONSAI_PIPE", "MODEL", "CLIP"}
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,7 @@ def nodes(comfy):
 def test_every_node_declares_a_well_formed_interface(comfy):
     m = comfy["pack"].NODE_CLASS_MAPPINGS
     assert set(m) == {"BonsaiLoader", "BonsaiSampler", "BonsaiGuardrail", "BonsaiTextOverlay",
-                      "BonsaiTextEncoderLoader", "BonsaiLoRA"}
+                      "BonsaiDiffusionModelLoader", "BonsaiTextEncoderLoader", "BonsaiLoRA"}
     assert set(comfy["pack"].NODE_DISPLAY_NAME_MAPPINGS) == set(m)
     assert comfy["pack"].WEB_DIRECTORY == "./web"
     for node_id, cls in m.items():
@@ -85,6 +85,20 @@ def test_loader_lists_models_folder_and_registers_it_with_explicit_extensions(co
     assert names == ["bonsai-shapes", "tiny-sd-bonsai", "(use the path input)"]  # the shipped model first
     paths, exts = comfy["fp"].folder_names_and_paths["bonsai"]
     assert paths == [str(comfy["models"] / "bonsai")] and exts == {".gguf", ".safetensors", ".json"}
+
+
+def test_diffusion_model_loader_lists_bonsai_folders_and_files_of_its_three_folders(comfy, tmp_path):
+    fp = comfy["fp"]
+    (tmp_path / "dm").mkdir()
+    (tmp_path / "dm" / "klein-q1_0.gguf").write_bytes(b"GGUF")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "other.safetensors").write_bytes(b"")
+    fp.folder_names_and_paths["diffusion_models"] = ([str(tmp_path / "dm"), str(tmp_path / "unet")], {".safetensors"})
+    try:
+        names = comfy["pack"].NODE_CLASS_MAPPINGS["BonsaiDiffusionModelLoader"].INPUT_TYPES()["required"]["model_name"][0]
+    finally:
+        del fp.folder_names_and_paths["diffusion_models"]
+    assert names == ["klein-q1_0.gguf", "other.safetensors", "tiny-sd-bonsai"]
 
 
 def test_loader_frees_comfy_memory_then_gives_a_pipe(comfy, nodes):

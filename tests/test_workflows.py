@@ -25,9 +25,39 @@ CORE = {
                       "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0})}, ("IMAGE",)),
     "UpscaleModelLoader": ({"model_name": ([comfy_fixtures.UPSCALER], {})}, ("UPSCALE_MODEL",)),
     "ImageUpscaleWithModel": ({"upscale_model": ("UPSCALE_MODEL", {}), "image": ("IMAGE", {})}, ("IMAGE",)),
+    # the native workflows' core nodes (ComfyUI 0.33.0; the klein ones are absent from 0.3.64)
+    "CLIPLoader": ({"clip_name": ([comfy_fixtures.QWEN_TE, comfy_fixtures.CLIP_L], {}),
+                    "type": (["stable_diffusion", "flux2"], {}), "device": (["default", "cpu"], {})}, ("CLIP",)),
+    "VAELoader": ({"vae_name": ([comfy_fixtures.FLUX2_VAE, comfy_fixtures.SD_VAE], {})}, ("VAE",)),
+    "CLIPTextEncode": ({"text": ("STRING", {}), "clip": ("CLIP", {})}, ("CONDITIONING",)),
+    "ConditioningZeroOut": ({"conditioning": ("CONDITIONING", {})}, ("CONDITIONING",)),
+    "CFGGuider": ({"model": ("MODEL", {}), "positive": ("CONDITIONING", {}), "negative": ("CONDITIONING", {}),
+                   "cfg": ("FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0})}, ("GUIDER",)),
+    "Flux2Scheduler": ({"steps": ("INT", {"min": 1, "max": 4096}), "width": ("INT", {"min": 16, "max": 16384}),
+                        "height": ("INT", {"min": 16, "max": 16384})}, ("SIGMAS",)),
+    "KSamplerSelect": ({"sampler_name": (["euler", "dpmpp_2m"], {})}, ("SAMPLER",)),
+    "RandomNoise": ({"noise_seed": ("INT", {"min": 0, "max": 2**64 - 1, "control_after_generate": True})}, ("NOISE",)),
+    "EmptyFlux2LatentImage": ({"width": ("INT", {"min": 16, "max": 16384}), "height": ("INT", {"min": 16, "max": 16384}),
+                               "batch_size": ("INT", {"min": 1, "max": 4096})}, ("LATENT",)),
+    "SamplerCustomAdvanced": ({"noise": ("NOISE", {}), "guider": ("GUIDER", {}), "sampler": ("SAMPLER", {}),
+                               "sigmas": ("SIGMAS", {}), "latent_image": ("LATENT", {})}, ("LATENT", "LATENT")),
+    "VAEDecode": ({"samples": ("LATENT", {}), "vae": ("VAE", {})}, ("IMAGE",)),
+    "EmptyLatentImage": ({"width": ("INT", {"min": 16, "max": 16384}), "height": ("INT", {"min": 16, "max": 16384}),
+                          "batch_size": ("INT", {"min": 1, "max": 4096})}, ("LATENT",)),
+    "KSampler": ({"model": ("MODEL", {}), "seed": ("INT", {"min": 0, "max": 2**64 - 1, "control_after_generate": True}),
+                  "steps": ("INT", {"min": 1, "max": 10000}), "cfg": ("FLOAT", {"min": 0.0, "max": 100.0}),
+                  "sampler_name": (["euler", "dpmpp_2m"], {}), "scheduler": (["simple", "karras", "normal"], {}),
+                  "positive": ("CONDITIONING", {}), "negative": ("CONDITIONING", {}), "latent_image": ("LATENT", {}),
+                  "denoise": ("FLOAT", {"min": 0.0, "max": 1.0})}, ("LATENT",)),
+    "LoraLoaderModelOnly": ({"model": ("MODEL", {}), "lora_name": ([comfy_fixtures.KLEIN_LORA], {}),
+                             "strength_model": ("FLOAT", {"min": -100.0, "max": 100.0})}, ("MODEL",)),
 }
 # model lists are files on the user's disk: the workflows name the models the real-ComfyUI test makes
-LISTED = {("BonsaiLoader", "model"): [comfy_fixtures.SD_MODEL, comfy_fixtures.KLEIN_MODEL]}
+LISTED = {("BonsaiLoader", "model"): [comfy_fixtures.SD_MODEL, comfy_fixtures.KLEIN_MODEL],
+          ("BonsaiDiffusionModelLoader", "model_name"): [comfy_fixtures.KLEIN_GGUF, comfy_fixtures.SD15_MODEL]}
+MODEL_DIRS = {"BonsaiLoader": ("bonsai",), "UpscaleModelLoader": ("upscale_models",),
+              "BonsaiDiffusionModelLoader": ("diffusion_models", "bonsai"), "CLIPLoader": ("text_encoders",),
+              "VAELoader": ("vae",), "LoraLoaderModelOnly": ("loras",)}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +109,7 @@ def check_value(where: str, spec, value) -> None:
 def test_the_workflows_folder_is_the_only_example_folder_and_every_file_has_its_twin_and_thumbnail():
     for other in ("example_workflows", "example", "examples", "workflow"):
         assert not (ROOT / other).exists(), other  # ComfyUI serves only the first of these it finds
-    assert len(UI_FILES) == 7 and [p.name for p in UI_FILES] == [p.name for p in API_FILES]
+    assert len(UI_FILES) == 10 and [p.name for p in UI_FILES] == [p.name for p in API_FILES]
     for p in UI_FILES:
         jpg = p.with_suffix(".jpg")
         assert jpg.is_file() and jpg.read_bytes()[:3] == b"\xff\xd8\xff", jpg
@@ -159,7 +189,7 @@ def test_ui_workflow_links_are_consistent_and_it_is_its_api_twin(path, specs):
             if i["link"]:
                 _, src, slot, _, _, _ = links[i["link"]]
                 assert twin["inputs"][i["name"]] == [str(src), slot], f"{path.name} node {nid}.{i['name']}"
-        if n["type"] in ("BonsaiLoader", "UpscaleModelLoader"):
+        if n["type"] in MODEL_DIRS:  # the missing-models dialog: which file, where from, which folder
             (model,) = n["properties"]["models"]
             assert model["name"] == n["widgets_values"][0] or n["type"] == "UpscaleModelLoader"
-            assert model["url"].startswith("https://") and model["directory"] in ("bonsai", "upscale_models")
+            assert model["url"].startswith("https://") and model["directory"] in MODEL_DIRS[n["type"]]

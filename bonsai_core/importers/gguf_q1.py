@@ -28,7 +28,7 @@ from ..errors import BonsaiCheckpointError
 from ..quant.q1_0 import BLOCK_BYTES, GGML_TYPE_Q1_0, GROUP_SIZE
 from ..quant import q4_affine
 from ..quant.tensor import Q1Tensor, Q4Tensor
-from . import ImportedTransformer, refuse, validate_or_infer
+from . import ImportedTransformer, Tensorish, refuse, validate_or_infer
 from .flux2_names import (
     bfl_to_diffusers, diffusers_name_to_bfl, diffusers_to_bfl, strip_bfl_prefix,
 )
@@ -114,12 +114,13 @@ def _kv_string(reader, key: str) -> str | None:
     return v if isinstance(v, str) else None
 
 
-def read_gguf(path, allow_dequantize: bool = False) -> ImportedTransformer:
-    """Read a FLUX.2 [klein] ``.gguf`` (BFL names; Q1_0, BF16/F16/F32, Q8_0) into the common form.
+def read_gguf_raw(path) -> tuple[dict[str, Tensorish], list[str]]:
+    """Every tensor of a ``.gguf`` under the file's own (BFL) names, checked: Q1_0 as ``Q1Tensor``,
+    BF16/F16/F32 as they are, Q8_0 dequantized to bf16. Returns ``(tensors, notes)``.
 
-    ``allow_dequantize`` is accepted for a uniform ``import_transformer`` call; it does not make
-    Q2_0 (ternary) or other types importable (Q8_0 is always dequantized, with a note).
-    """
+    The gguf package memory-maps the file and parses only the header here (the tensor table is read
+    by ``_raw_reader`` as plain records); each tensor's bytes are copied out of the map once, so
+    nothing refers to the file afterwards."""
     path = Path(path)
     from ..validate import check_regular_file
 
@@ -204,6 +205,18 @@ def read_gguf(path, allow_dequantize: bool = False) -> ImportedTransformer:
         notes.append(f"removed the 'model.diffusion_model.'/'diffusion_model.' prefix from {stripped} tensor names")
     if q8:
         notes.append(f"Q8_0 tensors dequantized to bf16 (d*q in fp32, then rounded to bf16): {', '.join(q8)}")
+    del reader  # releases the memory map; every tensor above is a copy
+    return raw, notes
+
+
+def read_gguf(path, allow_dequantize: bool = False) -> ImportedTransformer:
+    """Read a FLUX.2 [klein] ``.gguf`` (BFL names; Q1_0, BF16/F16/F32, Q8_0) into the common form.
+
+    ``allow_dequantize`` is accepted for a uniform ``import_transformer`` call; it does not make
+    Q2_0 (ternary) or other types importable (Q8_0 is always dequantized, with a note).
+    """
+    path = Path(path)
+    raw, notes = read_gguf_raw(path)
 
     # BFL names -> diffusers names; a file already in diffusers names passes through
     bfl_part = {n: t for n, t in raw.items() if diffusers_name_to_bfl(n) is None}
@@ -225,7 +238,6 @@ def read_gguf(path, allow_dequantize: bool = False) -> ImportedTransformer:
     notes.append("BFL names mapped to diffusers names: fused qkv split into q/k/v rows (exact), "
                  "final_layer.adaLN_modulation.1 halves swapped into norm_out.linear")
 
-    del reader  # releases the memory map; every tensor above is a copy
     validate_or_infer(path, tensors, None, notes)
     return ImportedTransformer(tensors=tensors, config=None, source_layout="gguf_q1", notes=notes)
 

@@ -144,9 +144,11 @@ class PackedTensor(torch.Tensor):
         if args and isinstance(args[0], PackedTensor) and func in _MOVES:
             self = args[0]
             if func is torch.Tensor.to:
+                kwargs = dict(kwargs)
+                copy = bool(kwargs.pop("copy", False))  # _parse_to refuses it; ComfyUI passes it
                 device, dtype, non_blocking, _ = torch._C._nn._parse_to(*args[1:], **kwargs)
                 if isinstance(dtype, torch.dtype) or dtype is None:
-                    return self._moved(device, dtype, non_blocking)
+                    return self._moved(device, dtype, non_blocking, copy=copy)
             else:
                 device, dtype = _MOVES[func](self, *args[1:], **kwargs)
                 return self._moved(device, dtype)

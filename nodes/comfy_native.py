@@ -1,0 +1,362 @@
+"""Every ComfyUI internal the native MODEL needs, in one file, checked against the running version.
+
+A Bonsai denoiser becomes a real ComfyUI ``MODEL`` (core KSampler, SamplerCustomAdvanced, LoRA
+loaders and model patches work on it) the way ComfyUI-GGUF's does: ``bonsai_core.native`` reads it
+into ComfyUI's own names with the 1-bit weights packed (``Q1Tensor``), and
+``comfy.sd.load_diffusion_model_state_dict(sd, model_options={"custom_operations": BonsaiOps})``
+lets core's architecture detection build the model with our layers. What we add over GGUF:
+
+* ``Linear`` / ``Conv2d`` compute from the packed weight through the kernel contract
+  (``bonsai_core.quant.kernels``: reference on cpu/mps, Triton on cuda), never a dense copy kept;
+* LoRA is a side computation at run time: ``y = W x + sum(strength * alpha/r * up(down(x)))``
+  read from the ModelPatcher's patch list (the patcher hands it to the layer instead of merging;
+  in low-VRAM mode it arrives as ComfyUI's ``LowVramPatch``, which we read the same way), so a
+  strength change is a new list, not a reload, and no sign+scale weight is ever re-quantized;
+* sizes: a ``Q1Tensor``'s ``nbytes`` is its packed bytes, which ComfyUI 0.33's ``module_size``
+  reads; 0.3.64 multiplies ``numel`` by the element size, so the patcher's size is set here.
+
+Internals used (each checked in ``require()``): ``comfy.ops.manual_cast`` (its ``Linear`` /
+``Conv2d``, ``run_every_op`` where present), ``comfy.sd.load_diffusion_model_state_dict`` (and its
+``disable_dynamic`` where present), ``comfy.model_patcher.ModelPatcher.{patch_weight_to_device,
+unpatch_model}``, the patch tuple ``(strength, adapter, strength_model, offset, function)``,
+``LowVramPatch``'s ``key`` / ``patches``, ``comfy.weight_adapter.LoRAAdapter.weights``.
+Tested with ComfyUI 0.3.64 (a125cd84) and 0.33.0 (783545f6).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..bonsai_core.errors import BonsaiError, BonsaiRequestError
+from ..bonsai_core.quant import kernels
+from ..bonsai_core.quant.tensor import Q1Tensor
+
+TESTED_VERSIONS = ("0.3.64", "0.33.0")
+
+
+def is_q1(t) -> bool:
+    """A packed weight, also one made by another import of ``bonsai_core`` (a pip-installed copy beside
+    the pack's own, or a benchmark's): the class is matched by name, the layout by its members."""
+    return isinstance(t, Q1Tensor) or (type(t).__name__ == "Q1Tensor" and hasattr(t, "qs") and hasattr(t, "d"))
+
+
+def comfy_version() -> str:
+    try:
+        import comfyui_version
+
+        return str(comfyui_version.__version__)
+    except Exception:  # noqa: BLE001 - very old checkouts have no version module
+        return "unknown"
+
+
+def require() -> None:
+    """Raise a ``BonsaiError`` naming the ComfyUI version when an internal we use is missing."""
+    import comfy.model_patcher
+    import comfy.ops
+    import comfy.sd
+
+    missing = []
+    for owner, names in ((comfy.ops, ("manual_cast",)), (comfy.sd, ("load_diffusion_model_state_dict",)),
+                         (comfy.model_patcher.ModelPatcher, ("patch_weight_to_device", "unpatch_model", "clone"))):
+        missing += [f"{owner.__name__}.{n}" for n in names if not hasattr(owner, n)]
+    for cls in ("Linear", "Conv2d"):
+        if not hasattr(getattr(comfy.ops, "manual_cast", None), cls):
+            missing.append(f"comfy.ops.manual_cast.{cls}")
+    try:
+        from comfy.weight_adapter import LoRAAdapter  # noqa: F401
+    except ImportError:
+        missing.append("comfy.weight_adapter.LoRAAdapter")
+    if missing:
+        raise BonsaiError(
+            f"ComfyUI {comfy_version()} changed internals the Bonsai native model uses ({', '.join(missing)}); "
+            f"this pack was tested with ComfyUI {' and '.join(TESTED_VERSIONS)}: update ComfyUI-Bonsai, or use "
+            "the Bonsai Loader + Bonsai Sampler nodes meanwhile")
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA as a side computation, from ComfyUI's patch tuples
+
+
+def lora_terms(patches, layer_shape, device, dtype, cache: dict) -> list[tuple]:
+    """ComfyUI patch tuples for one weight -> ``(down, up, scale, strength_model, rows)`` terms.
+
+    ``down`` is ``[r, in]`` (linear) or ``[r, in, kh, kw]`` (conv), ``up`` ``[out_rows, r]``;
+    ``rows`` is ``None`` or ``(start, length)`` of the output rows the patch covers (a LoRA on q, k or
+    v of a fused qkv weight). Only LoRA/LoCon adapters are low-rank; anything else is refused,
+    naming it, because merging it would need the dense weight."""
+    terms = []
+    for p in patches:
+        strength, v, strength_model = p[0], p[1], p[2]
+        offset = p[3] if len(p) > 3 else None
+        function = p[4] if len(p) > 4 else None
+        if type(v).__name__ != "LoRAAdapter" or function is not None:
+            kind = type(v).__name__ if not isinstance(v, tuple) else repr(v[0])
+            raise BonsaiRequestError(
+                f"a {kind} patch on a 1-bit Bonsai layer: only LoRA / LoCon patches can run beside packed weights "
+                "(others would need the dense weight merged and re-quantized, which erases them); use a plain LoRA")
+        up, down, alpha, mid, dora, reshape = v.weights[:6]
+        if dora is not None or reshape is not None:
+            raise BonsaiRequestError("a DoRA (or reshaping) LoRA on a 1-bit Bonsai layer is not supported: it "
+                                     "rescales the merged weight; use a plain LoRA")
+        key = (id(v), device, dtype)
+        if key not in cache:
+            d = down.to(device, torch.float32)
+            if mid is not None:  # LoCon's middle kernel folded into down, as ComfyUI's LoRAAdapter does
+                m = mid.to(device, torch.float32)
+                d = torch.mm(d.transpose(0, 1).flatten(1), m.transpose(0, 1).flatten(1)).reshape(
+                    d.shape[1], d.shape[0], m.shape[2], m.shape[3]).transpose(0, 1)
+            rank = d.shape[0]
+            d = d.reshape(rank, *layer_shape[1:]) if len(layer_shape) > 2 else d.reshape(rank, -1)
+            cache[key] = (d.to(dtype), up.reshape(up.shape[0], -1).to(device, dtype), rank)
+        d, u, rank = cache[key]
+        scale = float(strength) * (float(alpha) / rank if alpha is not None else 1.0)
+        rows = None
+        if offset is not None:
+            if offset[0] != 0:
+                raise BonsaiRequestError(f"a LoRA patch offset along dimension {offset[0]} on a 1-bit layer "
+                                         "(only output rows are supported)")
+            rows = (int(offset[1]), int(offset[2]))
+        terms.append((d, u, scale, float(strength_model), rows))
+    return terms
+
+
+def add_lora(y: torch.Tensor, x: torch.Tensor, terms, delta, channel_dim: int) -> torch.Tensor:
+    """``y`` with every term applied in order, as ComfyUI's ``calculate_weight`` merges them:
+    ``y_rows = strength_model * y_rows + scale * up(down(x))``."""
+    out = y.shape[channel_dim]
+    for d, u, scale, strength_model, rows in terms:
+        start, length = rows or (0, out)
+        if strength_model != 1.0:
+            factor = torch.ones(out, dtype=y.dtype, device=y.device)
+            factor[start:start + length] = strength_model
+            y = y * factor.reshape([-1] + [1] * (y.dim() - 1 - channel_dim % y.dim()))
+        r = delta(x, d, u) * scale
+        if rows is not None:
+            pad = [0, 0] * (y.dim() - 1 - channel_dim % y.dim()) + [start, out - start - length]
+            r = F.pad(r, pad)
+        y = y + r
+    return y
+
+
+def _linear_delta(x, d, u):
+    return F.linear(F.linear(x, d), u)
+
+
+# ------------------------------------------------------------------------------------------------
+# The layers
+
+
+def _weight_patches(m) -> list:
+    """The LoRA patches for this layer's packed weight: what the patcher handed over, plus those
+    that reach it as ComfyUI's ``LowVramPatch`` (low-VRAM and dynamic-VRAM loading)."""
+    lowvram = []
+    for f in getattr(m, "weight_function", ()):
+        if hasattr(f, "patches") and hasattr(f, "key"):
+            lowvram += list(f.patches.get(f.key, ()))
+        else:
+            raise BonsaiRequestError(f"a {type(f).__name__} weight function on a 1-bit Bonsai layer cannot run "
+                                     "(it needs the dense weight)")
+    # a layer ComfyUI moved to low-VRAM mode carries the patcher's current list there; what an
+    # earlier full load handed over may be stale, so it never adds to it
+    return lowvram if lowvram else list(getattr(m, "bonsai_patches", ()))
+
+
+def _bias(m, x):
+    if m.bias is None:
+        return None
+    b = m.bias.to(device=x.device, dtype=x.dtype)
+    for f in getattr(m, "bias_function", ()):
+        b = f(b)
+    return b
+
+
+def _q1_forward(m, x, op: str):
+    import comfy.ops
+
+    every = getattr(comfy.ops, "run_every_op", None)
+    if every is not None:
+        every()  # ComfyUI's per-layer interrupt check (0.33)
+    w = m.weight
+    if w.device != x.device:  # offloaded (low VRAM): the packed bytes move, 1/14 of fp16's
+        w = w.to(x.device, non_blocking=True)
+    bias = _bias(m, x)
+    if op == "linear":
+        y = kernels.linear(x, w, bias)
+        delta, channel_dim = _linear_delta, -1
+    else:
+        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            y = F.conv2d(x, w.dequantize(x.dtype), bias, m.stride, m.padding, m.dilation, m.groups)
+        else:
+            y = kernels.conv2d(x, w, bias, m.stride, m.padding, m.dilation)
+
+        def delta(x, d, u):
+            h = F.conv2d(x, d, None, m.stride, m.padding, m.dilation)
+            return F.conv2d(h, u.reshape(*u.shape, 1, 1))
+
+        channel_dim = 1
+    patches = _weight_patches(m)
+    if patches:
+        cache = m.__dict__.setdefault("_bonsai_lora_cache", {})
+        y = add_lora(y, x, lora_terms(patches, tuple(w.shape), x.device, x.dtype, cache), delta, channel_dim)
+    return y
+
+
+def _assign(m, state_dict, prefix, missing_keys, unexpected_keys):
+    """Take the file's tensors as they are: a Q1_0 weight stays packed (computing in the layer's
+    dtype), a dense one is cast to it. Nothing is allocated at the layer's dense size."""
+    dtype = m.bonsai_dtype
+    for name in ("weight", "bias"):
+        key = prefix + name
+        if key in state_dict:
+            t = state_dict[key]
+            if is_q1(t):
+                t = t.to(dtype=dtype or t.dtype)
+            elif dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            setattr(m, name, torch.nn.Parameter(t, requires_grad=False))
+        elif getattr(m, name) is not None:
+            missing_keys.append(key)
+    for k in state_dict:
+        if k.startswith(prefix) and k[len(prefix):] not in ("weight", "bias"):
+            unexpected_keys.append(k)
+
+
+def _skip_meta(m, fn, recurse, apply):
+    """Until the file's tensors arrive the layer's are on the meta device; ComfyUI 0.3.64 moves the
+    model to its offload device before loading, which meta tensors cannot do: they stay as they are."""
+    if m.weight is not None and m.weight.is_meta:
+        return m
+    return apply(fn, recurse)
+
+
+_OPS = {}
+
+
+def bonsai_ops():
+    """``custom_operations`` for ComfyUI: ``manual_cast`` with Linear / Conv2d that keep Q1_0 weights packed."""
+    if "ops" in _OPS:
+        return _OPS["ops"]
+    import comfy.ops
+
+    base = comfy.ops.manual_cast
+
+    class BonsaiOps(base):
+        class Linear(base.Linear):
+            def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
+                torch.nn.Linear.__init__(self, in_features, out_features, bias, device="meta", dtype=dtype)
+                self.bonsai_dtype = dtype
+
+            def reset_parameters(self):
+                return None
+
+            def _apply(self, fn, recurse=True):
+                return _skip_meta(self, fn, recurse, super()._apply)
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs):
+                _assign(self, state_dict, prefix, missing_keys, unexpected_keys)
+
+            def forward(self, x, *args, **kwargs):
+                if is_q1(self.weight):
+                    return _q1_forward(self, x, "linear")
+                return super().forward(x, *args, **kwargs)
+
+        class Conv2d(base.Conv2d):
+            def __init__(self, *args, device=None, dtype=None, **kwargs):
+                torch.nn.Conv2d.__init__(self, *args, device="meta", dtype=dtype, **kwargs)
+                self.bonsai_dtype = dtype
+
+            def reset_parameters(self):
+                return None
+
+            def _apply(self, fn, recurse=True):
+                return _skip_meta(self, fn, recurse, super()._apply)
+
+            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs):
+                _assign(self, state_dict, prefix, missing_keys, unexpected_keys)
+
+            def forward(self, x, *args, **kwargs):
+                if is_q1(self.weight):
+                    return _q1_forward(self, x, "conv2d")
+                return super().forward(x, *args, **kwargs)
+
+    _OPS["ops"] = BonsaiOps
+    return BonsaiOps
+
+
+# ------------------------------------------------------------------------------------------------
+# The patcher: hands LoRA patches of packed weights to the layers instead of merging them
+
+_PATCHERS = {}
+
+
+def _patcher_class(base):
+    if base in _PATCHERS:
+        return _PATCHERS[base]
+
+    class BonsaiModelPatcher(base):
+        def patch_weight_to_device(self, key, device_to=None, *args, **kwargs):
+            import comfy.utils
+
+            module_name, _, leaf = key.rpartition(".")
+            try:
+                m = comfy.utils.get_attr(self.model, module_name) if module_name else self.model
+            except AttributeError:
+                m = None
+            if leaf == "weight" and is_q1(getattr(m, "weight", None)):
+                m.bonsai_patches = list(self.patches.get(key, ()))  # this patcher's list; [] clears
+                m.__dict__.pop("_bonsai_lora_cache", None)
+                return m.weight if kwargs.get("return_weight") else None
+            return super().patch_weight_to_device(key, device_to, *args, **kwargs)
+
+        def unpatch_model(self, *args, **kwargs):
+            for m in self.model.modules():
+                if getattr(m, "bonsai_patches", None):
+                    m.bonsai_patches = []
+                    m.__dict__.pop("_bonsai_lora_cache", None)
+            return super().unpatch_model(*args, **kwargs)
+
+    BonsaiModelPatcher.__name__ = f"Bonsai{base.__name__}"
+    _PATCHERS[base] = BonsaiModelPatcher
+    return BonsaiModelPatcher
+
+
+def model_nbytes(model: torch.nn.Module) -> int:
+    """Bytes the model holds: packed bytes for Q1_0 weights, plain bytes for the rest."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.nbytes if is_q1(t) else t.numel() * t.element_size()
+    return total
+
+
+def load_native_model(sd: dict, source: str):
+    """A ComfyUI ModelPatcher for a native state dict (``bonsai_core.native``) built by core's own
+    detection with ``BonsaiOps``. Refuses, naming ``source``, a dict core cannot detect or a model
+    that was left with unfilled weights."""
+    require()
+    import comfy.sd
+
+    import inspect
+
+    kwargs = {}
+    if "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
+        # ComfyUI 0.33's dynamic VRAM (comfy_aimdo, on CUDA) stages plain and comfy_kitchen tensors in
+        # its own buffers; a Q1_0 weight is neither, so the model takes the classic ModelPatcher path
+        # (whole layers moved, low-VRAM patches), the one tested here. It holds 1/14 of bf16's bytes.
+        kwargs["disable_dynamic"] = True
+    patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"custom_operations": bonsai_ops()},
+                                                       **kwargs)
+    if patcher is None:
+        raise BonsaiError(f"{source}: ComfyUI {comfy_version()} did not recognise this model's architecture "
+                          "(FLUX.2 [klein] needs ComfyUI 0.33 or newer; SD1.5/SDXL any recent one)")
+    empty = [n for n, p in patcher.model.diffusion_model.named_parameters() if p.is_meta]
+    if empty:
+        raise BonsaiError(f"{source}: ComfyUI built a model whose weights {empty[:4]} the file does not hold "
+                          "(not a complete model for this architecture)")
+    patcher.__class__ = _patcher_class(type(patcher))
+    patcher.size = model_nbytes(patcher.model)
+    return patcher
