@@ -258,7 +258,8 @@ def test_pack_imports_and_its_nodes_are_listed(comfy):
     info = comfy.get("/object_info")
     for node in NODES:
         assert info[node]["category"] == "Bonsai" and info[node]["description"], node
-    assert "bonsai-sd-tiny" in info["BonsaiLoader"]["input"]["required"]["model"][0]
+    listed = info["BonsaiLoader"]["input"]["required"]["model"][0]
+    assert listed[0] == "bonsai-shapes" and "bonsai-sd-tiny" in listed  # the shipped model first: the default
     native = info["BonsaiDiffusionModelLoader"]["input"]["required"]["model_name"][0]
     assert {"bonsai-sd15", "bonsai_image_4b-q1_0.gguf"} <= set(native), native
 

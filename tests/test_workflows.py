@@ -53,7 +53,7 @@ CORE = {
                              "strength_model": ("FLOAT", {"min": -100.0, "max": 100.0})}, ("MODEL",)),
 }
 # model lists are files on the user's disk: the workflows name the models the real-ComfyUI test makes
-LISTED = {("BonsaiLoader", "model"): [comfy_fixtures.SD_MODEL, comfy_fixtures.KLEIN_MODEL],
+LISTED = {("BonsaiLoader", "model"): ["bonsai-shapes", comfy_fixtures.SD_MODEL, comfy_fixtures.KLEIN_MODEL],
           ("BonsaiDiffusionModelLoader", "model_name"): [comfy_fixtures.KLEIN_GGUF, comfy_fixtures.SD15_MODEL]}
 MODEL_DIRS = {"BonsaiLoader": ("bonsai",), "UpscaleModelLoader": ("upscale_models",),
               "BonsaiDiffusionModelLoader": ("diffusion_models", "bonsai"), "CLIPLoader": ("text_encoders",),
