@@ -241,46 +241,40 @@ def bonsai_ops():
 
     base = comfy.ops.manual_cast
 
+    class Packed:
+        """What both layers do with a Q1_0 weight (the base layer, next in the MRO, does the rest):
+        built on the meta device, filled by assignment, computed by the kernel contract."""
+        KIND = ""
+
+        def reset_parameters(self):
+            return None
+
+        def _apply(self, fn, recurse=True):
+            return _skip_meta(self, fn, recurse, super()._apply)
+
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                                  unexpected_keys, error_msgs):
+            _assign(self, state_dict, prefix, missing_keys, unexpected_keys)
+
+        def forward(self, x, *args, **kwargs):
+            if is_q1(self.weight):
+                return _q1_forward(self, x, self.KIND)
+            return super().forward(x, *args, **kwargs)
+
     class BonsaiOps(base):
-        class Linear(base.Linear):
+        class Linear(Packed, base.Linear):
+            KIND = "linear"
+
             def __init__(self, in_features, out_features, bias=True, device=None, dtype=None):
                 torch.nn.Linear.__init__(self, in_features, out_features, bias, device="meta", dtype=dtype)
                 self.bonsai_dtype = dtype
 
-            def reset_parameters(self):
-                return None
+        class Conv2d(Packed, base.Conv2d):
+            KIND = "conv2d"
 
-            def _apply(self, fn, recurse=True):
-                return _skip_meta(self, fn, recurse, super()._apply)
-
-            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs):
-                _assign(self, state_dict, prefix, missing_keys, unexpected_keys)
-
-            def forward(self, x, *args, **kwargs):
-                if is_q1(self.weight):
-                    return _q1_forward(self, x, "linear")
-                return super().forward(x, *args, **kwargs)
-
-        class Conv2d(base.Conv2d):
             def __init__(self, *args, device=None, dtype=None, **kwargs):
                 torch.nn.Conv2d.__init__(self, *args, device="meta", dtype=dtype, **kwargs)
                 self.bonsai_dtype = dtype
-
-            def reset_parameters(self):
-                return None
-
-            def _apply(self, fn, recurse=True):
-                return _skip_meta(self, fn, recurse, super()._apply)
-
-            def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs):
-                _assign(self, state_dict, prefix, missing_keys, unexpected_keys)
-
-            def forward(self, x, *args, **kwargs):
-                if is_q1(self.weight):
-                    return _q1_forward(self, x, "conv2d")
-                return super().forward(x, *args, **kwargs)
 
     _OPS["ops"] = BonsaiOps
     return BonsaiOps

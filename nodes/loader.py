@@ -13,6 +13,22 @@ DEVICES = ("auto", "cuda", "mps", "cpu")
 PATH_CHOICE = "(use the path input)"
 
 
+def model_input(tooltip: str) -> tuple:
+    """The ``model`` list input of the loaders: the models ComfyUI can see, the shipped one first (the
+    default), then the choice that hands over to the ``path`` input."""
+    names = host.model_names()
+    return (names + [PATH_CHOICE], {"default": names[0] if names else PATH_CHOICE, "tooltip": tooltip})
+
+
+def model_source(model: str, path: str, what: str) -> str:
+    """The folder (or Hub id) a loader reads: ``path`` when given, else the listed model's folder."""
+    source = path.strip() or (None if model == PATH_CHOICE else host.model_path(model))
+    if not source:
+        raise BonsaiRequestError(f"no model chosen: put a Bonsai model folder in {host.model_folders()[0]} and "
+                                 f"pick it, or give {what} in path")
+    return source
+
+
 @dataclass(frozen=True)
 class BonsaiPipe:
     """What flows along a BONSAI_PIPE wire: how to get the loaded engine. The engine keeps one model
@@ -46,12 +62,9 @@ class BonsaiLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        names = host.model_names()
         return {
             "required": {
-                "model": (names + [PATH_CHOICE], {
-                    "default": names[0] if names else PATH_CHOICE,
-                    "tooltip": "A model folder in models/bonsai/, or the last entry to use the path input."}),
+                "model": model_input("A model folder in models/bonsai/, or the last entry to use the path input."),
                 "device": (list(DEVICES), {
                     "default": "auto",
                     "tooltip": "auto: the device ComfyUI runs on. cuda, mps or cpu to choose; a device this "
@@ -70,11 +83,7 @@ class BonsaiLoader:
         }
 
     def load(self, model, device, dtype, path=""):
-        source = path.strip() or (None if model == PATH_CHOICE else host.model_path(model))
-        if not source:
-            raise BonsaiRequestError(
-                f"no model chosen: put a Bonsai model folder in {host.model_folders()[0]} and pick it, or give a "
-                "folder or Hub repo id in path")
+        source = model_source(model, path, "a folder or Hub repo id")
         dev = host.comfy_device() if device == "auto" else device
         pipe = BonsaiPipe(source, dev, None if dtype == "auto" else dtype)
         pipe.engine()  # load now: errors and load time belong to this node

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from ..bonsai_core.errors import BonsaiRequestError
 from ..bonsai_core.loader import read_text_encoder
-from . import comfy_text_encoder, host
-from .loader import PATH_CHOICE
+from . import comfy_text_encoder
+from .loader import model_input, model_source
 
 
 class BonsaiTextEncoderLoader:
@@ -20,13 +19,10 @@ class BonsaiTextEncoderLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
-        names = host.model_names()
         return {
             "required": {
-                "model": (names + [PATH_CHOICE], {
-                    "default": names[0] if names else PATH_CHOICE,
-                    "tooltip": "A Bonsai klein model folder in models/bonsai/ (its text_encoder/ is read), or the "
-                               "last entry to use the path input."}),
+                "model": model_input("A Bonsai klein model folder in models/bonsai/ (its text_encoder/ is read), "
+                                     "or the last entry to use the path input."),
             },
             "optional": {
                 "path": ("STRING", {"default": "", "tooltip": "A Bonsai model folder, or its text_encoder/ folder."}),
@@ -34,9 +30,6 @@ class BonsaiTextEncoderLoader:
         }
 
     def load(self, model, path=""):
-        source = path.strip() or (None if model == PATH_CHOICE else host.model_path(model))
-        if not source:
-            raise BonsaiRequestError(f"no model chosen: put a Bonsai model folder in {host.model_folders()[0]} and "
-                                     "pick it, or give a folder in path")
+        source = model_source(model, path, "a folder")
         config, tensors, layers = read_text_encoder(source)
         return (comfy_text_encoder.build_clip(config, tensors, layers),)
