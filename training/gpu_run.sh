@@ -45,14 +45,24 @@ score() {  # teacher, distilled student and naive 1-bit on the held-out prompts
       --model teacher="$W/teacher" --model distilled="$W/student" --model naive="$W/naive" \
       --json "$OUT/eval.json" --grid "$OUT/eval_grid.png"
 }
-pack_teacher() {
-  $PY training/evaluate.py sample --model "$W/teacher" --grid "$OUT/teacher_grid.png" $SAMPLE $DEV
+pack_teacher_parts() {  # the teacher in fp16 parts (under 16 MB each) and its training log
   $PY training/pack.py teacher "$W/teacher" "$OUT"
   cp "$W/log.jsonl" "$OUT/teacher_log.jsonl"
+}
+pack_teacher() {
+  $PY training/evaluate.py sample --model "$W/teacher" --grid "$OUT/teacher_grid.png" $SAMPLE $DEV
+  pack_teacher_parts
 }
 pack_student() {
   $PY training/pack.py model "$W/student" "$OUT/student.tar"
   cp "$W/distill-work/log.jsonl" "$OUT/distill_log.jsonl"
+}
+distill_from_scratch() {  # naive 1-bit, classifier, a new distillation of the teacher, scores, the student packed
+  rm -rf "$W/naive"; naive
+  classifier
+  $PY -m bonsai_core distill "$W/teacher" "$W/student" --work "$W/distill-work" $DIST $DEV --overwrite
+  score
+  pack_student
 }
 
 case "$STAGE" in
@@ -69,22 +79,13 @@ case "$STAGE" in
     need_teacher
     rm -rf "$W/vae" "$W/unet.pt" "$W/log.jsonl"; cp -r "$W/teacher/vae" "$W/vae"
     $PY training/train_teacher.py unet --work "$W" $C $UNET
-    $PY training/pack.py teacher "$W/teacher" "$OUT"
-    cp "$W/log.jsonl" "$OUT/teacher_log.jsonl"
-    rm -rf "$W/naive"; naive
-    classifier
-    $PY -m bonsai_core distill "$W/teacher" "$W/student" --work "$W/distill-work" $DIST $DEV --overwrite
-    score
-    pack_student
+    pack_teacher_parts
+    distill_from_scratch
     rm -f "$OUT/eval_grid.txt" "$OUT/distill_log.jsonl"  # 8 files come back at most: both are in retrain.log
     ;;
   distill)       # ~9 min: naive 1-bit (seconds), classifier (1 min), distillation (4.5 min), scores (1.5 min)
     need_teacher
-    rm -rf "$W/naive"; naive
-    classifier
-    $PY -m bonsai_core distill "$W/teacher" "$W/student" --work "$W/distill-work" $DIST $DEV --overwrite
-    score
-    pack_student
+    distill_from_scratch
     ;;
   more)          # ~9 min: the distillation resumed from its checkpoint, scored and packed again
     need_teacher
