@@ -434,3 +434,12 @@ def test_hqq_float32_scale_and_zero_fall_back_to_exact_dense_values(tmp_path, re
     assert not isinstance(imp.state_dict[f"{name}.weight"], Q4Tensor)
     assert isinstance(imp.state_dict["model.layers.0.mlp.down_proj.weight"], Q4Tensor)
     assert "13 kept 4-bit" in imp.notes[0] and "1 dequantized" in imp.notes[0] and "float32 does not hold" in imp.notes[0]
+
+
+def test_an_empty_hqq_weight_has_no_4bit_form_and_is_left_to_the_dense_path():
+    from bonsai_core.importers.text_encoder import _hqq_as_q4
+
+    # a corrupted leaf of shape [0, 64]: no codes to take a max of; the dense path refuses it by name
+    empty = torch.zeros(0, 64, dtype=torch.uint8)
+    assert _hqq_as_q4(empty, torch.zeros(0, 1, dtype=torch.float16), torch.zeros(0, 1, dtype=torch.float16),
+                      torch.float16, (0, 64), 64, 1, torch.bfloat16) is None

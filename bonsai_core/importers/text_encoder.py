@@ -592,7 +592,7 @@ def _hqq_as_q4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, scale_d
 
     if axis != 1 or gs is None or gs % 2 or len(shape) != 2 or shape[1] % gs or scale_dtype not in DTYPE_NAMES:
         return None
-    if int(q.max()) > 15:
+    if q.numel() == 0 or int(q.max()) > 15:  # an empty weight has no 4-bit form (nor max): the dense path judges it
         return None
     rows, cols = shape
     s = scale.reshape(rows, cols // gs)
