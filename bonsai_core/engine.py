@@ -231,8 +231,8 @@ class BonsaiImageEngine:
         place = getattr(family, "place_text_encoder", None)
         if place is not None:  # the text encoder on the device when it fits the budget (placement.py)
             d = family.defaults
-            place(config.max_vram_bytes, lambda: estimate_memory_bytes(
-                family.memory_model(cfg=False), width=config.family_value("width", d),
+            place(config.max_vram_bytes, lambda: estimate_memory_bytes(  # a run without the text encoder's weights
+                family.memory_model(cfg=False, text_encoder=False), width=config.family_value("width", d),
                 height=config.family_value("height", d), batch=1))
         engine = cls(family, source=str(src), folder=folder, choice=choice, config=config,
                      load_seconds=time.perf_counter() - t0)

@@ -578,3 +578,27 @@ def test_the_memory_model_counts_a_resident_text_encoder_in_every_phase_and_a_le
     # the denoise and decode phases hold it too, the encode phase the same bytes as when lent
     for phase, value in resident.phases(64, 64, 1).items():
         assert value == lent.phases(64, 64, 1)[phase] + (0 if phase == "encode" else te), phase
+
+
+def test_placement_sets_the_measured_text_encoder_beside_a_run_estimated_without_it(work, eng, monkeypatch):
+    """``placement.place_text_encoder`` adds the text encoder's measured bytes to the run's estimate,
+    so that estimate must not hold the text encoder already (it would count twice and park an encoder
+    that fits)."""
+    from bonsai_core.guardrails import estimate_memory_bytes
+    from bonsai_core.quant.layers import module_nbytes
+
+    fam = eng.family
+    monkeypatch.setattr(fam, "device", torch.device("cuda"))
+    lent = fam.memory_model(cfg=False)
+    without = fam.memory_model(cfg=False, text_encoder=False)
+    assert lent.lent_bytes == module_nbytes(fam.text_encoder) > 0
+    assert (without.resident_bytes, without.lent_bytes) == (fam.weight_bytes(), 0)
+    # what the engine hands the family at load: the estimate of a run without the text encoder's weights
+    seen = []
+    monkeypatch.setattr(type(fam), "place_text_encoder", lambda self, budget, run_bytes: seen.append(
+        (run_bytes(), estimate_memory_bytes(self.memory_model(cfg=False, text_encoder=False), width=1024,
+                                            height=1024, batch=1),
+         estimate_memory_bytes(self.memory_model(cfg=False), width=1024, height=1024, batch=1))))
+    BonsaiImageEngine.from_pretrained(work["bonsai"], device="cpu")
+    (given, without_te, with_te), = seen
+    assert given == without_te < with_te

@@ -173,15 +173,16 @@ class Flux2KleinFamily(Family):
     def tokenizer(self):
         return self._tokenizer
 
-    def memory_model(self, cfg: bool):
+    def memory_model(self, cfg: bool, text_encoder: bool = True):
         """On CUDA the text encoder is on the card for the whole run when placement kept it resident,
         else only while it encodes (lent from host memory); elsewhere it shares the one memory with
-        everything else for the whole run."""
+        everything else for the whole run. ``text_encoder=False``: a run without its weights, what
+        placement sets the measured text encoder beside."""
         from .. import cuda_graph
         from ..guardrails import MemoryModel, flux_step_elements, text_encode_elements, vae_decode_elements
         from ..quant.layers import module_nbytes
 
-        te_bytes = module_nbytes(self.text_encoder) if isinstance(self.text_encoder, nn.Module) else 0
+        te_bytes = module_nbytes(self.text_encoder) if text_encoder and isinstance(self.text_encoder, nn.Module) else 0
         on_card_all_run = self.device.type != "cuda" or self.te_resident
         lent = te_bytes if self.device.type == "cuda" and not self._te_offloaded and not on_card_all_run else 0
         resident = self.weight_bytes() + (te_bytes if on_card_all_run else 0)
