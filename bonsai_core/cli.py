@@ -164,12 +164,15 @@ def _cmd_generate(args) -> int:
                                                cache_dir=config.cache_dir, config=config)
     print(f"loaded {engine.model_name} ({engine.family.name}) on {engine.choice.reason} "
           f"in {engine.load_seconds:.1f} s", file=sys.stderr)
-    for spec in args.lora or ():
+    if args.lora:
         from .lora import parse_lora_arg
 
-        path, strength = parse_lora_arg(spec)
-        adapter = engine.load_lora(path, strength)  # one file at a time; refused as a whole if any key fits nothing
-        print(f"LoRA {adapter.path.name}: {len(adapter.modules)} layers at strength {strength:g}", file=sys.stderr)
+        # the attached set made exactly the list, as `bonsai batch` and the nodes make it (one file given
+        # twice adds its strengths); a file with a key that fits nothing is refused as a whole
+        engine.use_loras([parse_lora_arg(spec) for spec in args.lora])
+        for adapter in engine.lora_set().adapters.values():
+            print(f"LoRA {adapter.path.name}: {len(adapter.modules)} layers at strength {adapter.strength:g}",
+                  file=sys.stderr)
     bar = tqdm(total=config.family_value("steps", engine.family.defaults), unit="step", file=sys.stderr)
 
     def progress(step, total, _preview):

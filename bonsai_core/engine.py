@@ -178,6 +178,7 @@ class BonsaiImageEngine:
     def __init__(self, family: Family, *, source: str, folder: Path, choice: devices.DeviceChoice,
                  config: BonsaiConfig, load_seconds: float = 0.0):
         self.family = family
+        self._lora_set = None  # lora.LoRASet, made on first use (lora_set)
         self.source = source
         self.folder = folder
         self.choice = choice
@@ -264,11 +265,9 @@ class BonsaiImageEngine:
         """The adapters attached to this model (``lora.LoRASet``)."""
         from .lora import LoRASet
 
-        fam = self._family()
-        current = getattr(self, "_lora_set", None)
-        if current is None or current.family is not fam:
-            current = self._lora_set = LoRASet(fam)
-        return current
+        if self._lora_set is None:  # made once per loaded model: unload() drops it with the model
+            self._lora_set = LoRASet(self._family())
+        return self._lora_set
 
     def load_lora(self, path: str | os.PathLike, strength: float = 1.0, name: str | None = None,
                   strict: bool = True):
@@ -285,9 +284,10 @@ class BonsaiImageEngine:
 
     def use_loras(self, loras=()) -> None:
         """Make the attached adapters exactly ``loras`` (``(file, strength)`` pairs)."""
-        before = self.lora_set().names()
-        self.lora_set().use(list(loras))
-        if set(before) - set(self.lora_set().names()):
+        adapters = self.lora_set()
+        before = adapters.names()
+        adapters.use(list(loras))
+        if set(before) - set(adapters.names()):
             devices.free_cache(self.device)
 
     # ------------------------------------------------------------------ generating

@@ -82,10 +82,6 @@ class Adapter:
     strength: float
     modules: list[tuple[str, nn.Module]]  # (component.module, layer)
     components: set[str]
-    warnings: list[str] = field(default_factory=list)
-
-    def info(self) -> dict:
-        return {"name": self.name, "file": str(self.path), "strength": self.strength, "layers": len(self.modules)}
 
 
 def parse_lora_arg(text: str) -> tuple[str, float]:
@@ -334,11 +330,9 @@ class LoRASet:
             raise BonsaiCheckpointError(
                 f"{path}: {len(lora.unmatched)} of the LoRA's layers match nothing in this {self.family.name} model "
                 f"(is it for another model?); nothing was attached:{_listing(lora.unmatched)}")
-        notes = []
         if lora.unmatched:
-            notes.append(f"LoRA {name!r} ({path.name}): {len(lora.unmatched)} key(s) left out, they match nothing "
-                         f"in this model:{_listing(lora.unmatched)}")
-            warnings.warn(notes[-1], stacklevel=2)
+            warnings.warn(f"LoRA {name!r} ({path.name}): {len(lora.unmatched)} key(s) left out, they match nothing "
+                          f"in this model:{_listing(lora.unmatched)}", stacklevel=2)
         comps = components_of(self.family)
         attached = []
         try:
@@ -350,7 +344,7 @@ class LoRASet:
             for _n, module in attached:
                 layers.detach_lora(module, name)
             raise
-        adapter = Adapter(name, path, signature, strength, attached, lora.components, notes)
+        adapter = Adapter(name, path, signature, strength, attached, lora.components)
         self.adapters[name] = adapter
         self._changed(adapter)
         return adapter
@@ -397,13 +391,6 @@ class LoRASet:
                     self.set_strength(key, strength)
             else:
                 self.load(key, strength, name=key)
-
-    def clear(self) -> None:
-        for name in list(self.adapters):
-            self.unload(name)
-
-    def info(self) -> list[dict]:
-        return [a.info() for a in self.adapters.values()]
 
     def _changed(self, adapter: Adapter) -> None:
         if any(c.startswith("text_encoder") for c in adapter.components):
