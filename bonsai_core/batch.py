@@ -137,6 +137,12 @@ def _record_path(out: Path, index: int) -> Path:
     return out / STATE_DIR / "records" / f"{index:05d}.json"
 
 
+def _write_record(out: Path, index: int, record: dict) -> None:
+    from . import checkpoint
+
+    checkpoint.atomic_write(_record_path(out, index), lambda tmp: tmp.write_text(json.dumps(record)))
+
+
 def _read_json(path: Path):
     try:
         return json.loads(path.read_text())
@@ -158,8 +164,6 @@ def _png_batch_info(path: Path) -> dict | None:
 def scan(entries: list[Entry], opts: BatchOptions) -> tuple[list[Entry], list[str]]:
     """Unfinished entries, and notes on what was recovered. Refuses a folder that holds another
     batch's image under one of these names."""
-    from . import checkpoint
-
     todo, notes = [], []
     for e in entries:
         png, rec_path = opts.out / e.file_name(), _record_path(opts.out, e.index)
@@ -172,7 +176,7 @@ def scan(entries: list[Entry], opts: BatchOptions) -> tuple[list[Entry], list[st
                     f"{png} already exists and was not made by this batch entry (prompt, seed, settings, model or "
                     "LoRAs differ); it is never overwritten: use another --out folder, or move the file away")
             if not (rec and rec.get("status") == "ok"):
-                checkpoint.atomic_write(rec_path, lambda tmp, r=info: tmp.write_text(json.dumps(r)))
+                _write_record(opts.out, e.index, info)
                 notes.append(f"entry {e.index}: image was complete, its record restored from the PNG")
             continue
         todo.append(e)
@@ -181,8 +185,6 @@ def scan(entries: list[Entry], opts: BatchOptions) -> tuple[list[Entry], list[st
 
 def render(engine, entry: Entry, opts: BatchOptions, process: int = 0) -> dict:
     """Generate one entry, post-process it, write the PNG then the record; returns the record."""
-    from . import checkpoint
-
     fp = fingerprint(entry, opts)
     s = fp["settings"]
     t0 = time.perf_counter()
@@ -211,18 +213,16 @@ def render(engine, entry: Entry, opts: BatchOptions, process: int = 0) -> dict:
               "warnings": result.warnings}
     m["batch"] = record
     result.save(opts.out / entry.file_name(), 0)  # atomic; the PNG carries its record
-    checkpoint.atomic_write(_record_path(opts.out, entry.index), lambda tmp: tmp.write_text(json.dumps(record)))
+    _write_record(opts.out, entry.index, record)
     return record
 
 
 def _failed(entry: Entry, opts: BatchOptions, exc: BaseException, device: str, process: int = 0) -> dict:
-    from . import checkpoint
-
     fp = fingerprint(entry, opts)
     record = {"index": entry.index, "status": "failed", "file": None, "prompt": entry.prompt, "seed": fp["seed"],
               "settings": fp["settings"], "device": device, "host": socket.gethostname(), "process": process,
               "error": f"{type(exc).__name__}: {exc}", "finished_at": _now(), "fingerprint": digest(fp)}
-    checkpoint.atomic_write(_record_path(opts.out, entry.index), lambda tmp: tmp.write_text(json.dumps(record)))
+    _write_record(opts.out, entry.index, record)
     return record
 
 

@@ -187,15 +187,15 @@ def convert_pipeline(src: str | Path, dst: str | Path, *, quantize_text_encoder:
                 weights = checkpoint.WEIGHTS_NAME if entry[0] == "diffusers" else checkpoint.TE_WEIGHTS_NAME
                 probe = None
                 if name != denoiser:  # the dense encoder's embeddings, before its weights are replaced
-                    ids = _probe_ids(src, model)
-                    probe = (ids, *_embeddings(model, ids, _klein_layers(src, family)))
+                    ids, layers = _probe_ids(src, model), _klein_layers(src, family)
+                    probe = (ids, layers, *_embeddings(model, ids, layers))
                 log(f"quantizing {name} with policy {pol.name}")
                 report = _quantize_and_save(model, comp_dst, comp_src, family=family, component=name,
                                             policy=pol, weights_name=weights)
                 result.reports[name] = report
                 if probe is not None:  # as the file holds it: kept tensors in fp16, computed in fp32
-                    ids, want, what = probe
-                    got, _ = _embeddings(model.float(), ids, _klein_layers(src, family))
+                    ids, layers, want, what = probe
+                    got, _ = _embeddings(model.float(), ids, layers)
                     err = embedding_error(want, got)
                     result.embedding_error[name] = {**err, "prompts": int(ids.shape[0]), "output": what}
                 after = report.bytes_after

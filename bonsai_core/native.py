@@ -27,7 +27,6 @@ from .errors import BonsaiCheckpointError
 from .quant.tensor import Q1Tensor
 
 FAMILIES = ("flux2_klein", "sd_unet")
-SUFFIXES = (".gguf", ".safetensors")
 
 
 @dataclass
@@ -43,10 +42,6 @@ class NativeStateDict:
     @property
     def packed_nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values() if isinstance(t, Q1Tensor))
-
-    @property
-    def dense_nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values() if not isinstance(t, Q1Tensor))
 
     def dequantized(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """Every tensor dense in ``dtype``: what a host's own loader can read (tests, comparisons)."""

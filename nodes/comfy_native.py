@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..bonsai_core.errors import BonsaiError, BonsaiRequestError
 from ..bonsai_core.quant import kernels
+from ..bonsai_core.quant.layers import module_nbytes
 from ..bonsai_core.quant.tensor import Q1Tensor
 
 TESTED_VERSIONS = ("0.3.64", "0.33.0")
@@ -318,13 +319,9 @@ def _patcher_class(base):
 
 
 def model_nbytes(model: torch.nn.Module) -> int:
-    """Bytes the model holds: packed bytes for Q1_0 weights, plain bytes for the rest."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.nbytes if is_q1(t) else t.numel() * t.element_size()
-    return total
+    """Bytes the model holds: packed bytes for Q1_0 weights (what a packed weight's ``nbytes`` says, also
+    one made by another import), plain bytes for the rest."""
+    return module_nbytes(model)
 
 
 def load_native_model(sd: dict, source: str):

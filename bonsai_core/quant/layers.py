@@ -458,7 +458,7 @@ def plan_report(model: nn.Module, policy: PrecisionPolicy | None = None,
     ones at 36 bytes per 64-group (fp16 scale and bias).
     """
     from .q1_0 import packed_nbytes
-    from .q4_affine import GROUP_SIZE as Q4_GROUP
+    from .q4_affine import GROUP_SIZE as Q4_GROUP, block_bytes
 
     policy = policy or PrecisionPolicy()
     size = torch.empty(0, dtype=reference_dtype).element_size()
@@ -478,7 +478,7 @@ def plan_report(model: nn.Module, policy: PrecisionPolicy | None = None,
             w = module.weight
             rows, cols = w.shape[0], w.shape[1:].numel()
             packed = packed_nbytes(rows, cols) if policy.qtype == "Q1_0" else \
-                rows * cols // 2 + 2 * 2 * rows * (cols // Q4_GROUP)  # codes + fp16 scale and bias per group
+                rows * (cols // Q4_GROUP) * block_bytes(Q4_GROUP, torch.float16, torch.float16)  # whole groups
             after = before - nbytes(w) + packed
         report.bytes_after += after - before
         report.layers.append(LayerReport(name, type(module).__name__, tuple(module.weight.shape),

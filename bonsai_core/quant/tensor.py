@@ -376,6 +376,3 @@ def writes(qs: torch.Tensor) -> int:
 def is_q1(t) -> bool:
     return isinstance(t, Q1Tensor)
 
-
-def is_packed(t) -> bool:
-    return isinstance(t, PackedTensor)
