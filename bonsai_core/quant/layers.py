@@ -17,6 +17,7 @@ attached and detached by name; the packed bits are never touched. Every change b
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -90,7 +91,7 @@ class _Q1Layer:
     def add_lora(self, name: str, down: torch.Tensor, up: torch.Tensor, strength: float = 1.0) -> None:
         """Attach a side branch ``name`` (replacing one of that name). Shapes: linear ``down [r, in]``,
         ``up [out, r]``; conv ``down [r, in, kh, kw]``, ``up [out, r]`` or ``[out, r, 1, 1]``."""
-        down, up = self._check_lora(name, down, up)
+        down, up = _check_lora(self._logical_shape(), name, down, up)
         self.remove_lora(name)
         dtype = self.bias.dtype if self.bias is not None else self.weight.dtype
         self.lora.append(LoRABranch(name, down.to(self.weight.device, dtype), up.to(self.weight.device, dtype),
@@ -99,37 +100,14 @@ class _Q1Layer:
 
     def remove_lora(self, name: str) -> bool:
         """Detach branch ``name``; False when there was none of that name."""
-        for i, b in enumerate(self.lora):
-            if b.name == name:
-                del self.lora[i]
-                _LORA_EPOCH[0] += 1
-                return True
-        return False
+        return _remove_branch(self.lora, name)
 
     def set_lora_strength(self, name: str, strength: float) -> None:
-        for b in self.lora:
-            if b.name == name:
-                b.strength = float(strength)
-                _LORA_EPOCH[0] += 1
-                return
-        raise KeyError(f"no LoRA branch {name!r} on this layer (has {self.lora_names()})")
+        if not _set_branch_strength(self.lora, name, strength):
+            raise KeyError(f"no LoRA branch {name!r} on this layer (has {self.lora_names()})")
 
     def _with_lora(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        for b in self.lora:
-            if b.strength:
-                y = y + b.strength * self._lora_delta(x, b.down.to(x.dtype), b.up.to(x.dtype))
-        return y
-
-    def _check_lora(self, name, down, up):
-        shape = self._logical_shape()
-        out, fan_in = shape[0], shape[1:]
-        r = down.shape[0] if down.dim() else 0
-        up = up.reshape(up.shape[0], -1) if up.dim() >= 2 else up
-        if tuple(down.shape[1:]) != tuple(fan_in) or tuple(up.shape) != (out, r):
-            raise BonsaiCheckpointError(
-                f"LoRA {name!r}: down {list(down.shape)} / up {list(up.shape)} do not fit a layer of weight "
-                f"{list(shape)} (expected down [r, {', '.join(map(str, fan_in))}] and up [{out}, r])")
-        return down, up
+        return _add_branches(self.lora, x, y, self._lora_delta)
 
 
 class BonsaiLinear(_Q1Layer, nn.Linear):
@@ -164,7 +142,7 @@ class BonsaiLinear(_Q1Layer, nn.Linear):
         return self._with_lora(x, y) if len(self.lora) else y
 
     def _lora_delta(self, x, down, up):
-        return F.linear(F.linear(x, down), up)
+        return _linear_delta(x, down, up)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -202,8 +180,7 @@ class BonsaiConv2d(_Q1Layer, nn.Conv2d):
         return self._with_lora(x, y) if len(self.lora) else y
 
     def _lora_delta(self, x, down, up):
-        h = F.conv2d(x, down, None, self.stride, self.padding, self.dilation)
-        return F.conv2d(h, up.reshape(*up.shape[:2], 1, 1))
+        return _conv_delta(self, x, down, up)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -225,7 +202,7 @@ def attach_lora(module: nn.Module, name: str, down: torch.Tensor, up: torch.Tens
     if not _dense_slot_fits(module):
         raise BonsaiCheckpointError(f"LoRA {name!r}: cannot attach to a {type(module).__name__} (a branch needs a "
                                     "Linear, or a Conv2d with groups=1 and zero padding)")
-    down, up = _Q1Layer._check_lora(_DenseView(module), name, down, up)
+    down, up = _check_lora(module.weight.shape, name, down, up)
     detach_lora(module, name)
     if getattr(module, "lora", None) is None:
         module.lora = nn.ModuleList()
@@ -240,18 +217,13 @@ def detach_lora(module: nn.Module, name: str) -> bool:
     if isinstance(module, QUANTIZED_TYPES):
         return module.remove_lora(name)
     branches = getattr(module, "lora", None)
-    if branches is None:
+    if branches is None or not _remove_branch(branches, name):
         return False
-    for i, b in enumerate(branches):
-        if b.name == name:
-            del branches[i]
-            _LORA_EPOCH[0] += 1
-            if not len(branches):  # the last one: the layer is a plain layer again (no hook, no list)
-                module._bonsai_lora_hook.remove()
-                del module._bonsai_lora_hook
-                del module.lora
-            return True
-    return False
+    if not len(branches):  # the last one: the layer is a plain layer again (no hook, no list)
+        module._bonsai_lora_hook.remove()
+        del module._bonsai_lora_hook
+        del module.lora
+    return True
 
 
 def reweight_lora(module: nn.Module, name: str, strength: float) -> None:
@@ -259,12 +231,8 @@ def reweight_lora(module: nn.Module, name: str, strength: float) -> None:
     if isinstance(module, QUANTIZED_TYPES):
         module.set_lora_strength(name, strength)
         return
-    for b in getattr(module, "lora", None) or ():
-        if b.name == name:
-            b.strength = float(strength)
-            _LORA_EPOCH[0] += 1
-            return
-    raise KeyError(f"no LoRA branch {name!r} on this layer")
+    if not _set_branch_strength(getattr(module, "lora", None) or (), name, strength):
+        raise KeyError(f"no LoRA branch {name!r} on this layer")
 
 
 def lora_fan_in(module: nn.Module) -> tuple[int, ...] | None:
@@ -281,28 +249,57 @@ def _dense_slot_fits(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
 
 
-class _DenseView:
-    """What ``_Q1Layer._check_lora`` asks of a layer, for a dense one."""
-
-    def __init__(self, module: nn.Module):
-        self._shape = module.weight.shape
-
-    def _logical_shape(self) -> torch.Size:
-        return self._shape
-
-
 def _dense_lora_hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
-    x = args[0]
-    for b in module.lora:
-        if not b.strength:
-            continue
-        down, up = b.down.to(x.dtype), b.up.to(x.dtype)
-        if isinstance(module, nn.Conv2d):
-            delta = BonsaiConv2d._lora_delta(module, x, down, up)
-        else:
-            delta = F.linear(F.linear(x, down), up)
-        output = output + b.strength * delta
-    return output
+    delta = partial(_conv_delta, module) if isinstance(module, nn.Conv2d) else _linear_delta
+    return _add_branches(module.lora, args[0], output, delta)
+
+
+# -- one LoRA slot for both kinds of layer: a list of LoRABranch and the branch arithmetic -----------
+def _check_lora(shape: torch.Size, name: str, down: torch.Tensor, up: torch.Tensor):
+    """``down`` / ``up`` against a weight of ``shape`` (a conv's 4-D ``up`` flattened to ``[out, r]``)."""
+    out, fan_in = shape[0], shape[1:]
+    r = down.shape[0] if down.dim() else 0
+    up = up.reshape(up.shape[0], -1) if up.dim() >= 2 else up
+    if tuple(down.shape[1:]) != tuple(fan_in) or tuple(up.shape) != (out, r):
+        raise BonsaiCheckpointError(
+            f"LoRA {name!r}: down {list(down.shape)} / up {list(up.shape)} do not fit a layer of weight "
+            f"{list(shape)} (expected down [r, {', '.join(map(str, fan_in))}] and up [{out}, r])")
+    return down, up
+
+
+def _remove_branch(branches, name: str) -> bool:
+    for i, b in enumerate(branches):
+        if b.name == name:
+            del branches[i]
+            _LORA_EPOCH[0] += 1
+            return True
+    return False
+
+
+def _set_branch_strength(branches, name: str, strength: float) -> bool:
+    for b in branches:
+        if b.name == name:
+            b.strength = float(strength)
+            _LORA_EPOCH[0] += 1
+            return True
+    return False
+
+
+def _add_branches(branches, x: torch.Tensor, y: torch.Tensor, delta) -> torch.Tensor:
+    """``y`` plus every branch's ``strength x delta(x, down, up)``, in the order they were attached."""
+    for b in branches:
+        if b.strength:
+            y = y + b.strength * delta(x, b.down.to(x.dtype), b.up.to(x.dtype))
+    return y
+
+
+def _linear_delta(x, down, up):
+    return F.linear(F.linear(x, down), up)
+
+
+def _conv_delta(conv: nn.Conv2d, x, down, up):
+    h = F.conv2d(x, down, None, conv.stride, conv.padding, conv.dilation)
+    return F.conv2d(h, up.reshape(*up.shape[:2], 1, 1))
 
 
 def empty_like_float(module: nn.Module, device=None, dtype: torch.dtype | None = None) -> nn.Module:
