@@ -310,7 +310,9 @@ def _patcher_class(base):
             for m in self.model.modules():
                 if getattr(m, "bonsai_patches", None):
                     m.bonsai_patches = []
-                    m.__dict__.pop("_bonsai_lora_cache", None)
+                # also a low-VRAM layer's, whose patches came as LowVramPatch (no bonsai_patches to clear):
+                # its down/up copies on the device would outlive the LoRA otherwise
+                m.__dict__.pop("_bonsai_lora_cache", None)
             return super().unpatch_model(*args, **kwargs)
 
     BonsaiModelPatcher.__name__ = f"Bonsai{base.__name__}"

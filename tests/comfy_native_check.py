@@ -165,7 +165,9 @@ def klein_case(work: Path, pack):
         truth_lm = dense_model(sd)  # the merged weights at strength 0.5, from the loop above
         want = truth_lm.model.apply_model(latent, t, c_crossattn=cond)
     RESULTS["klein_lowvram_lora_rel"] = rel(got, want)
-    lm.unpatch_model()
+    RESULTS["klein_lowvram_caches_before_unpatch"] = sum("_bonsai_lora_cache" in m.__dict__ for m in lm.model.modules())
+    lm.unpatch_model()  # the LoRA's down/up copies go with it
+    RESULTS["klein_lowvram_caches_after_unpatch"] = sum("_bonsai_lora_cache" in m.__dict__ for m in lm.model.modules())
 
 
 # ------------------------------------------------------------------------------------------- SD1.5

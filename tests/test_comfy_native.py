@@ -169,5 +169,6 @@ def test_native_model_samples_as_comfyuis_own_loader_of_the_dequantized_weights(
     assert r["klein_after_lora_rel"] < 1e-6  # the MODEL without the LoRA is unpatched again
     # low-VRAM load: the LoRA arrives as ComfyUI's LowVramPatch on both patched layers, same result
     assert r["klein_lowvram_patched_layers"] == 2 and r["klein_lowvram_lora_rel"] < 1e-5
+    assert r["klein_lowvram_caches_before_unpatch"] == 2 and r["klein_lowvram_caches_after_unpatch"] == 0
     # the FLUX.2 VAE in diffusers' layout (as Bonsai Image 4B ships it) loads in core's VAELoader as it is
     assert r["vae_latent_channels"] == 128 and r["vae_shape"] == [1, 48, 48, 3] and r["vae_max_abs"] < 1e-4
