@@ -22,6 +22,7 @@ import torch
 from ..bonsai_core.errors import BonsaiError
 from ..bonsai_core.quant import kernels
 from ..bonsai_core.quant.tensor import PackedTensor
+from .comfy_native import comfy_version
 
 MIN_VERSION = (0, 33, 0)
 QWEN3_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -29,11 +30,10 @@ QWEN3_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_la
 
 
 def _version() -> tuple[int, ...] | None:
+    """ComfyUI's version as numbers (None: unknown or not plain numbers)."""
     try:
-        import comfyui_version
-
-        return tuple(int(p) for p in comfyui_version.__version__.split(".")[:3])
-    except (ImportError, ValueError, AttributeError):
+        return tuple(int(p) for p in comfy_version().split(".")[:3])
+    except ValueError:  # "unknown", or a suffixed version
         return None
 
 
