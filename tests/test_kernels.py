@@ -181,3 +181,21 @@ def test_a_zero_cpu_cache_budget_turns_it_off(monkeypatch):
     monkeypatch.setenv("BONSAI_CPU_CACHE_MB", "lots")
     with pytest.raises(BonsaiDeviceError, match="BONSAI_CPU_CACHE_MB='lots' is not a number"):
         CpuCacheKernel().supports(torch.randn(1, 256), lin.weight)
+
+
+def test_bonsai_act_is_read_once_checked_and_leaves_cpu_products_exact(monkeypatch):
+    lin, _ = _layers()
+    x = torch.randn(3, 256)
+    exact = kernels.REFERENCE.linear(x, lin.weight, lin.bias)
+    try:
+        for value, want in (("fp8", "fp8"), ("INT8", "int8"), ("bf16", "16"), ("", "16")):
+            monkeypatch.setenv("BONSAI_ACT", value)
+            kernels.reload()
+            assert kernels.act() == want
+            assert torch.equal(lin(x), exact)  # on a CPU the activations are never quantized
+        monkeypatch.setenv("BONSAI_ACT", "int4")
+        with pytest.raises(BonsaiDeviceError, match="BONSAI_ACT='int4' is not an activation precision; use one of 16, fp8, int8"):
+            kernels.reload()
+    finally:
+        monkeypatch.delenv("BONSAI_ACT", raising=False)
+        kernels.reload()

@@ -151,6 +151,12 @@ def test_policy_patterns_can_be_changed():
 def test_policy_round_trips_through_dict():
     p = default_policy("flux2_klein")
     assert PrecisionPolicy.from_dict(p.to_dict()) == p
+    q4 = PrecisionPolicy(name="te", qtype="Q4_AFFINE", quantize_types=(nn.Linear,))
+    assert PrecisionPolicy.from_dict(q4.to_dict()) == q4
+    with pytest.raises(ValueError, match="qtype 'Q9_9'"):
+        PrecisionPolicy.from_dict({**p.to_dict(), "qtype": "Q9_9"})
+    with pytest.raises(ValueError, match="Embedding"):
+        PrecisionPolicy.from_dict({**p.to_dict(), "quantize_types": ["Linear", "Embedding"]})
 
 
 def test_under_inference_mode_a_packed_weight_moves_casts_and_loads_and_stays_packed():

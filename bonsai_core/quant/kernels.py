@@ -17,8 +17,8 @@ installs never import Triton.
 
 Which kernel runs is chosen once per process from ``BONSAI_KERNEL``:
 ``auto`` (default: the first registered kernel that takes part in auto and supports the inputs,
-else the reference), ``reference``, or a kernel's name (``triton``, ``dequant``, ``gemv``, ``fused``
-on CUDA). A name
+else the reference), ``reference``, or a kernel's name (``triton``, ``w1``, ``dequant``, ``gemv``,
+``fused`` on CUDA). A name
 that no kernel has is refused on every device with a ``BonsaiDeviceError``. A named kernel that
 cannot take some inputs (``fused`` on a CPU tensor) leaves them to the reference, with one warning.
 ``forced(name)`` overrides the choice inside a ``with`` block (tests, benchmarks), strictly: there
@@ -41,8 +41,12 @@ from .tensor import PackedTensor
 log = logging.getLogger(__name__)
 
 ENV = "BONSAI_KERNEL"
+ACT_ENV = "BONSAI_ACT"
+# Activation precisions a kernel may compute with: "16" (the input's own bf16/fp16: exact W1A16,
+# the default) or 8-bit per-token activations on 8-bit tensor cores (W1A8, opt-in, CUDA only).
+ACTS = ("16", "fp8", "int8")
 # Kernel names provided by modules imported only when a CUDA tensor first arrives.
-LAZY_NAMES = {"triton": "cuda", "dequant": "cuda", "gemv": "cuda", "fused": "cuda"}
+LAZY_NAMES = {"triton": "cuda", "w1": "cuda", "dequant": "cuda", "gemv": "cuda", "fused": "cuda"}
 
 
 class ReferenceKernel:
@@ -66,7 +70,7 @@ class ReferenceKernel:
 REFERENCE = ReferenceKernel()
 _REGISTRY: dict[str, object] = {}      # name -> kernel, in priority order for auto
 _IN_AUTO: dict[str, bool] = {}
-_STATE = {"choice": None, "cuda_loaded": False, "warned": set()}
+_STATE = {"choice": None, "act": None, "cuda_loaded": False, "warned": set()}
 _LOCAL = threading.local()
 
 
@@ -103,10 +107,28 @@ def choice() -> str:
     return _STATE["choice"]
 
 
+def act() -> str:
+    """The activation precision from ``BONSAI_ACT`` (``16``, ``fp8`` or ``int8``), read once, then kept.
+
+    Only the CUDA kernels look at it: on a CPU or MPS every product stays in the input's dtype.
+    """
+    if _STATE["act"] is None:
+        value = os.environ.get(ACT_ENV, "16").strip().lower() or "16"
+        value = {"bf16": "16", "fp16": "16", "none": "16"}.get(value, value)
+        if value not in ACTS:
+            raise BonsaiDeviceError(f"{ACT_ENV}={value!r} is not an activation precision; use one of "
+                                    f"{', '.join(ACTS)} (16, the default, is exact; fp8 and int8 quantize "
+                                    "activations per token on CUDA)")
+        _STATE["act"] = value
+    return _STATE["act"]
+
+
 def reload() -> str:
-    """Read ``BONSAI_KERNEL`` again (tests; a process that changed its environment on purpose)."""
+    """Read ``BONSAI_KERNEL`` and ``BONSAI_ACT`` again (tests; a process that changed its environment on purpose)."""
     _STATE["choice"] = None
+    _STATE["act"] = None
     _STATE["warned"].clear()
+    act()
     return choice()
 
 

@@ -17,6 +17,8 @@ from torch import nn
 from .q1_0 import GROUP_SIZE
 from .q4_affine import GROUP_SIZE as Q4_GROUP
 
+QTYPES = ("Q1_0", "Q4_AFFINE")
+
 # SD-style UNets (diffusers UNet2DConditionModel names).
 SD_UNET_KEEP = (
     "*attn2.*",             # cross-attention: where the prompt enters; 1-bit here loses the prompt
@@ -88,7 +90,12 @@ class PrecisionPolicy:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PrecisionPolicy":
+        """The inverse of ``to_dict``; an unknown weight type or module type is refused (ValueError)."""
         types = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
+        unknown = [t for t in d.get("quantize_types", []) if t not in types]
+        if unknown or str(d.get("qtype", "Q1_0")) not in QTYPES:
+            raise ValueError(f"policy {d.get('name', 'custom')!r}: qtype {d.get('qtype', 'Q1_0')!r} / module types "
+                             f"{unknown or 'ok'}; known qtypes are {', '.join(QTYPES)}, module types {', '.join(types)}")
         return cls(name=d.get("name", "custom"), keep=tuple(d.get("keep", ())),
                    min_in_features=int(d.get("min_in_features", GROUP_SIZE)),
                    quantize_types=tuple(types[t] for t in d.get("quantize_types", ["Linear", "Conv2d"])),

@@ -229,22 +229,51 @@ def linear_auto(x, qs, d, in_features, bias):
 
 
 class TritonKernel:
-    """A CUDA kernel of the contract in ``kernels.py``; convs dequantize in one Triton pass, then cuDNN."""
+    """A CUDA kernel of the contract in ``kernels.py``; convs dequantize in one Triton pass, then cuDNN.
 
-    def __init__(self, name: str, linear_fn):
+    ``BONSAI_ACT=fp8|int8`` (``kernels.act``) sends every linear of a kernel that takes 8-bit
+    activations (``w1a8=True``) through the W1A8 kernel instead; convs stay 16-bit.
+    """
+
+    def __init__(self, name: str, linear_fn, w1a8: bool = False):
         self.name = name
         self._linear = linear_fn
+        self._w1a8 = w1a8
 
     def supports(self, x: torch.Tensor, w) -> bool:
         return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and w.qs.is_cuda
 
     def linear(self, x, w, bias):
+        from . import kernels
+
+        act = kernels.act() if self._w1a8 else "16"
+        if act != "16":
+            from . import triton_w1
+
+            return triton_w1.linear(x, w.qs, w.d, w.cols, bias, act=_checked_act(act, x.device))
         return self._linear(x, w.qs, w.d, w.cols, bias)
 
     def conv2d(self, x, w, bias, stride, padding, dilation):
         dense = dequantize_triton(w.qs, w.d, w.cols, x.dtype).view(w._shape)
         return torch.nn.functional.conv2d(x, dense, None if bias is None else bias.to(x.dtype),
                                           stride, padding, dilation)
+
+
+def _checked_act(act: str, device) -> str:
+    if act == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+        from ..errors import BonsaiDeviceError
+
+        major, minor = torch.cuda.get_device_capability(device)
+        raise BonsaiDeviceError(f"BONSAI_ACT=fp8 needs fp8 tensor cores (compute capability 8.9+); "
+                                f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use BONSAI_ACT=int8 "
+                                "or leave BONSAI_ACT unset for exact 16-bit activations")
+    return act
+
+
+def linear_w1(x, qs, d, in_features, bias):
+    from . import triton_w1
+
+    return triton_w1.linear(x, qs, d, in_features, bias)
 
 
 def register() -> None:
@@ -260,7 +289,8 @@ def register() -> None:
 
     if not available():
         return
-    kernels.register(TritonKernel("triton", linear_auto), auto=True)
+    kernels.register(TritonKernel("w1", linear_w1, w1a8=True), auto=False)
+    kernels.register(TritonKernel("triton", linear_auto, w1a8=True), auto=True)
     kernels.register(TritonKernel("dequant", linear_dequant), auto=False)
     kernels.register(TritonKernel("gemv", linear_gemv), auto=False)
     kernels.register(TritonKernel("fused", linear_fused), auto=False)
