@@ -111,3 +111,44 @@ def test_quantize_rows_scales_and_codes():
     q, s = triton_w1.quantize_rows(x, "fp8")
     assert s.tolist() == pytest.approx([2.0 / 448, 1.0])
     assert q[0].float().tolist() == [112.0, -448.0, 56.0, 0.0] and q[1].float().tolist() == [0.0] * 4
+
+
+# Q4_AFFINE (the 4-bit text encoders): Qwen3-4B's linears (hidden 2560, q 4096, k/v 1024, MLP 9728)
+# and CLIP-L / bigG's; the reference dequantizes into the input's dtype (scale * q + bias in float32,
+# one rounding), then multiplies in float32
+Q4_SHAPES = [(4096, 2560), (1024, 2560), (2560, 4096), (9728, 2560), (2560, 9728),
+             (768, 768), (3072, 768), (1280, 5120), (70, 128)]
+
+
+@pytest.mark.parametrize("n,k", Q4_SHAPES)
+@pytest.mark.parametrize("m", [1, 7, 77, 512])
+@pytest.mark.parametrize("sdtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_w4a16_matches_the_reference(n, k, m, sdtype):
+    from bonsai_core.quant import q4_affine, triton_q4
+
+    torch.manual_seed(3)
+    qs, scale, offset = (t.cuda() for t in q4_affine.quantize(torch.randn(n, k) * 0.02, 64, sdtype))
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ q4_affine.dequantize(qs, scale, offset, torch.bfloat16).float().T + bias.float()
+    got = triton_q4.linear(x, qs, scale, offset, bias)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    _close(got, ref, 8e-3)
+    assert torch.equal(got, triton_q4.linear(x, qs, scale, offset, bias))
+
+
+def test_the_w4_kernel_runs_a_q4_layer_through_the_contract():
+    from bonsai_core.quant import kernels
+    from bonsai_core.quant.layers import BonsaiLinear
+    from bonsai_core.quant.tensor import Q4Tensor
+
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(256, 96).cuda().bfloat16()
+    layer = BonsaiLinear.from_linear(lin, qtype="Q4_AFFINE")
+    assert isinstance(layer.weight, Q4Tensor)
+    x = torch.randn(5, 256, device="cuda", dtype=torch.bfloat16)
+    with kernels.forced("w4"):
+        got = layer(x)
+    with kernels.forced("reference"):
+        ref = layer(x.float())
+    _close(got, ref, 1e-2)

@@ -17,8 +17,8 @@ installs never import Triton.
 
 Which kernel runs is chosen once per process from ``BONSAI_KERNEL``:
 ``auto`` (default: the first registered kernel that takes part in auto and supports the inputs,
-else the reference), ``reference``, or a kernel's name (``triton``, ``w1``, ``dequant``, ``gemv``,
-``fused`` on CUDA). A name
+else the reference), ``reference``, or a kernel's name (``triton``, ``w1``, ``w4`` (Q4_AFFINE),
+``dequant``, ``gemv``, ``fused`` on CUDA). A name
 that no kernel has is refused on every device with a ``BonsaiDeviceError``. A named kernel that
 cannot take some inputs (``fused`` on a CPU tensor) leaves them to the reference, with one warning.
 ``forced(name)`` overrides the choice inside a ``with`` block (tests, benchmarks), strictly: there
@@ -46,7 +46,7 @@ ACT_ENV = "BONSAI_ACT"
 # the default) or 8-bit per-token activations on 8-bit tensor cores (W1A8, opt-in, CUDA only).
 ACTS = ("16", "fp8", "int8")
 # Kernel names provided by modules imported only when a CUDA tensor first arrives.
-LAZY_NAMES = {"triton": "cuda", "w1": "cuda", "dequant": "cuda", "gemv": "cuda", "fused": "cuda"}
+LAZY_NAMES = {"triton": "cuda", "w1": "cuda", "w4": "cuda", "dequant": "cuda", "gemv": "cuda", "fused": "cuda"}
 
 
 class ReferenceKernel:

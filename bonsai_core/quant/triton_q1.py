@@ -270,6 +270,26 @@ def _checked_act(act: str, device) -> str:
     return act
 
 
+class TritonQ4Kernel:
+    """The fused W4A16 kernel (``triton_q4.py``) for Q4_AFFINE weights on CUDA; no convs (they are
+    never Q4_AFFINE: the policy keeps 4 bits for linears)."""
+
+    name = "w4"
+    qtypes = ("Q4_AFFINE",)
+    conv2d = None
+
+    def supports(self, x: torch.Tensor, w) -> bool:
+        return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and w.qs.is_cuda
+
+    def linear(self, x, w, bias):
+        from . import triton_q4
+
+        return triton_q4.linear(x, w.qs, w.scale, w.bias, None if bias is None else bias.to(x.dtype))
+
+
+Q4_AUTO = False  # the fused W4A16 kernel joins the auto choice once measured faster than the reference
+
+
 def linear_w1(x, qs, d, in_features, bias):
     from . import triton_w1
 
@@ -289,6 +309,7 @@ def register() -> None:
 
     if not available():
         return
+    kernels.register(TritonQ4Kernel(), auto=Q4_AUTO)
     kernels.register(TritonKernel("w1", linear_w1, w1a8=True), auto=False)
     kernels.register(TritonKernel("triton", linear_auto, w1a8=True), auto=True)
     kernels.register(TritonKernel("dequant", linear_dequant), auto=False)
