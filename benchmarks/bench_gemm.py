@@ -89,6 +89,12 @@ def commit() -> str:
     return _git_commit() or os.environ.get("BENCH_GIT_COMMIT", "unknown")
 
 
+def save(path, rows) -> None:
+    if path:
+        Path(path).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                          "commit": commit(), "command": sys.argv, "rows": rows}, indent=1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", default="1,16,256,1536,4096,8192")
@@ -160,6 +166,7 @@ def main() -> int:
                 row[f"{p}_eager_ms"] = time_eager(fn, reps)
                 row[f"{p}_graph_ms"] = time_graph(fn, reps)
             rows.append(row)
+            save(args.json, rows)  # after every row: a run stopped at its time limit keeps what it measured
             ratios = "  ".join(f"{p} x{row['dense_eager_ms'] / row[f'{p}_eager_ms']:.2f}/x{row['dense_graph_ms'] / row[f'{p}_graph_ms']:.2f}"
                                for p in paths if p != "dense" and f"{p}_eager_ms" in row)
             print(f"{fam:<10} {name:<15} [{n}x{k}] M={m:<5} dense {row['dense_eager_ms'] * 1e3:8.1f}/"
@@ -168,9 +175,7 @@ def main() -> int:
             x = ref = None
         wd = qs = d = wq = None
         torch.cuda.empty_cache()
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                               "commit": commit(), "command": sys.argv, "rows": rows}, indent=1))
+    save(args.json, rows)
     return 0
 
 

@@ -191,6 +191,7 @@ def main(argv=None) -> int:
                     except Exception as exc:  # a kernel that cannot run here must not cost the table
                         rec["error"] = f"{type(exc).__name__}: {exc}"[:300]
                     results.append(rec)
+                    write_json(args.json, {"machine": info, "command": sys.argv, "results": results})
                     extra = "".join(f", {k} {v:.4g}" for k, v in rec.items() if k.startswith(("step_rel", "loop_lat")))
                     if "error" in rec:
                         print(f"{name} {size} {kernel} act={act}: {rec['error']}", flush=True)
