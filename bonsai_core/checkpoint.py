@@ -572,16 +572,15 @@ def read_tensors(path: str | os.PathLike) -> ComponentFile:
                     raise _fail(path, f"tensor {name!r} is labelled {qtype} of shape {list(shape)}, so it should be "
                                       f"uint8 {list(want)}, but holds {t.dtype} {list(t.shape)}")
                 if qtype == "Q1_0":
-                    packed, checked = Q1Tensor.from_blocks(t, shape), ("scale",)
+                    packed = Q1Tensor.from_blocks(t, shape)
                 else:
-                    packed, checked = Q4Tensor.from_blocks(t, shape, *_q4_layout(info)), ("scale", "bias")
+                    packed = Q4Tensor.from_blocks(t, shape, *_q4_layout(info))
                 del t
-                for what in checked:
-                    v = packed.d if qtype == "Q1_0" else getattr(packed, what)
-                    if not torch.isfinite(v).all():
-                        bad = (~torch.isfinite(v)).nonzero()[0].tolist()
-                        raise _fail(path, f"tensor {name!r} has a NaN/inf {what} at row {bad[0]}, group {bad[1]}; "
-                                          "the file is corrupt: convert the model again")
+                bad = packed.first_nonfinite()
+                if bad is not None:
+                    what = "scale" if bad[0] in ("d", "scale") else bad[0]
+                    raise _fail(path, f"tensor {name!r} has a NaN/inf {what} at row {bad[1]}, group {bad[2]}; "
+                                      "the file is corrupt: convert the model again")
                 tensors[name] = packed
             else:
                 if _DTYPE_NAMES.get(t.dtype) != qtype or tuple(t.shape) != shape:

@@ -75,11 +75,10 @@ def _check_scales(model: nn.Module, src_dir: Path, component: str) -> None:
     would hold an infinite scale, which the loader refuses. Saturating would silently change the
     layer's output; the source model is what needs fixing."""
     for name, t in model.state_dict().items():
-        if isinstance(t, (Q1Tensor, Q4Tensor)):
-            bad = ~torch.isfinite(t.d) if isinstance(t, Q1Tensor) else ~(torch.isfinite(t.scale) & torch.isfinite(t.bias))
-            if bad.any():
-                row, group = bad.nonzero()[0].tolist()
-                raise BonsaiCheckpointError(
+        bad = t.first_nonfinite() if isinstance(t, (Q1Tensor, Q4Tensor)) else None
+        if bad is not None:
+            _part, row, group = bad
+            raise BonsaiCheckpointError(
                     f"{src_dir}: {component} weight {name!r}, row {row}, group {group}: the group's scale (Q1_0: its "
                     "mean |w|; Q4_AFFINE: its range / 15, or its minimum) is beyond fp16's range (65504), so its "
                     f"{t.qtype} scale would be infinite; nothing was written. "

@@ -97,6 +97,18 @@ class PackedTensor(torch.Tensor):
     def nbytes(self) -> int:  # what it holds, not numel x element_size
         return sum(t.numel() * t.element_size() for t in self.parts)
 
+    SCALES: tuple = ()  # the float parts (``[rows, groups]``) that must be finite
+
+    def first_nonfinite(self) -> tuple[str, int, int] | None:
+        """``(part, row, group)`` of the first NaN/inf scale (or Q4_AFFINE bias), or None: what a file
+        reader and the converter both refuse."""
+        for part in self.SCALES:
+            bad = ~torch.isfinite(getattr(self, part))
+            if bad.any():
+                row, group = bad.nonzero()[0].tolist()
+                return part, row, group
+        return None
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -219,6 +231,7 @@ class Q1Tensor(PackedTensor):
     """A Q1_0 weight: packed sign bits + fp16 group scales behind the weight's own shape and dtype."""
 
     INNER = ("qs", "d")
+    SCALES = ("d",)
     QTYPE = "Q1_0"
     qs: torch.Tensor
     d: torch.Tensor
@@ -288,6 +301,7 @@ class Q4Tensor(PackedTensor):
     weight's own 2-D shape and compute dtype. Scales and biases keep the dtypes they came with."""
 
     INNER = ("qs", "scale", "bias")
+    SCALES = ("scale", "bias")
     QTYPE = q4_affine.QTYPE
     qs: torch.Tensor
     scale: torch.Tensor
