@@ -106,17 +106,16 @@ def _from_component(cf: checkpoint.ComponentFile) -> NativeStateDict:
 
 
 def _read_gguf(path: Path) -> NativeStateDict:
-    from .importers.flux2_names import diffusers_name_to_bfl, diffusers_to_bfl, strip_bfl_prefix
+    from .importers.flux2_names import diffusers_to_bfl, split_by_naming, strip_bfl_prefix
     from .importers.gguf_q1 import read_gguf_raw
 
     raw, notes = read_gguf_raw(path)
-    tensors = {strip_bfl_prefix(k): t for k, t in raw.items()}
-    diff = {k: t for k, t in tensors.items() if diffusers_name_to_bfl(k) is not None}
+    tensors, diff = split_by_naming({strip_bfl_prefix(k): t for k, t in raw.items()})
     if diff:  # a file written with diffusers names: join them the BFL way
         bfl, unknown = diffusers_to_bfl(diff)
         if unknown:
             raise BonsaiCheckpointError(f"{path}: tensor {unknown[0]!r} is not a FLUX.2 transformer tensor")
-        tensors = {**{k: t for k, t in tensors.items() if k not in diff}, **bfl}
+        tensors = {**tensors, **bfl}
         notes.append(f"{len(diff)} diffusers-named tensors mapped to BFL names")
     needed = ("img_in.weight", "double_blocks.0.img_attn.qkv.weight", "double_stream_modulation_img.lin.weight")
     missing = [k for k in needed if k not in tensors]

@@ -126,6 +126,28 @@ def test_read_native_gives_a_q1_gguf_in_bfl_names_with_fused_qkv(tmp_path):
     assert native.packed_nbytes * 14 < sum(t.numel() * 2 for t in native.tensors.values() if isinstance(t, Q1Tensor))
 
 
+def test_read_native_drops_comfyui_s_name_prefix_from_a_gguf(tmp_path, monkeypatch):
+    """Community GGUFs saved from ComfyUI carry 'model.diffusion_model.' before every name."""
+    from bonsai_core.importers import gguf_q1
+    from bonsai_core.importers.flux2_names import is_packed_linear
+    from bonsai_core.native import read_native
+    from bonsai_core.quant.tensor import Q1Tensor
+    from tests.flux2_fixtures import TINY_CONFIG, build_model
+
+    diff = {k: (Q1Tensor.from_float(v) if is_packed_linear(k) else v.to(torch.bfloat16))
+            for k, v in build_model(TINY_CONFIG).state_dict().items()}
+    path = gguf_q1.write_gguf(tmp_path / "klein.gguf", diff)
+    plain = read_native(path).tensors.keys()
+    real = gguf_q1.read_gguf_raw
+
+    def prefixed(p):
+        raw, notes = real(p)
+        return {"model.diffusion_model." + k: t for k, t in raw.items()}, notes
+
+    monkeypatch.setattr(gguf_q1, "read_gguf_raw", prefixed)
+    assert read_native(path).tensors.keys() == plain
+
+
 def test_read_native_refuses_a_dense_file_naming_the_core_loader(tmp_path):
     from safetensors.torch import save_file
 

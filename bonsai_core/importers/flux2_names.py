@@ -144,6 +144,12 @@ def bfl_name_to_diffusers(name: str) -> list[str] | None:
     return None
 
 
+def split_by_naming(tensors: dict) -> tuple[dict, dict]:
+    """``(bfl_named, diffusers_named)``: a GGUF may carry either naming (or, wrongly, both)."""
+    diff = {n: t for n, t in tensors.items() if diffusers_name_to_bfl(n) is not None}
+    return {n: t for n, t in tensors.items() if n not in diff}, diff
+
+
 def diffusers_name_to_bfl(name: str) -> tuple[str, int] | None:
     """The BFL name holding a diffusers tensor, and which third of a fused qkv it is (-1 if none).
 

@@ -30,7 +30,7 @@ from ..quant import q4_affine
 from ..quant.tensor import Q1Tensor, Q4Tensor
 from . import ImportedTransformer, Tensorish, refuse, validate_or_infer
 from .flux2_names import (
-    bfl_to_diffusers, diffusers_name_to_bfl, diffusers_to_bfl, strip_bfl_prefix,
+    bfl_to_diffusers, diffusers_to_bfl, split_by_naming, strip_bfl_prefix,
 )
 
 GGML_F32, GGML_F16, GGML_Q8_0, GGML_BF16 = 0, 1, 8, 30
@@ -219,8 +219,7 @@ def read_gguf(path, allow_dequantize: bool = False) -> ImportedTransformer:
     raw, notes = read_gguf_raw(path)
 
     # BFL names -> diffusers names; a file already in diffusers names passes through
-    bfl_part = {n: t for n, t in raw.items() if diffusers_name_to_bfl(n) is None}
-    diff_part = {n: t for n, t in raw.items() if diffusers_name_to_bfl(n) is not None}
+    bfl_part, diff_part = split_by_naming(raw)
     try:
         tensors, unknown = bfl_to_diffusers(bfl_part)
     except ValueError as e:
