@@ -45,13 +45,18 @@ def model_names() -> list[str]:
     return ([SHIPPED_MODEL] if SHIPPED_MODEL and SHIPPED_MODEL not in names else []) + names
 
 
-def model_path(name: str) -> str:
-    """A listed name -> its folder or file under models/bonsai/ (or the name itself: a Hub id)."""
-    for root in model_folders():
+def find_in(roots, name: str) -> str | None:
+    """The first ``root/name`` that exists, or None."""
+    for root in roots:
         path = os.path.join(root, name)
         if os.path.exists(path):
             return path
-    return name
+    return None
+
+
+def model_path(name: str) -> str:
+    """A listed name -> its folder or file under models/bonsai/ (or the name itself: a Hub id)."""
+    return find_in(model_folders(), name) or name
 
 
 def lora_names() -> list[str]:

@@ -29,10 +29,9 @@ def model_names() -> list[str]:
 
 
 def model_path(name: str) -> str:
-    for root in _roots():
-        path = os.path.join(root, name)
-        if os.path.exists(path):
-            return path
+    path = host.find_in(_roots(), name)
+    if path is not None:
+        return path
     raise BonsaiRequestError(f"model {name!r} is not in {', '.join(_roots())}; put it in models/diffusion_models/")
 
 
