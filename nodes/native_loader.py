@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 from ..bonsai_core.errors import BonsaiRequestError
 from ..bonsai_core.hub import find_models
