@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from ..bonsai_core.errors import BonsaiRequestError
 from ..bonsai_core.hub import find_models
 from ..bonsai_core.native import read_native

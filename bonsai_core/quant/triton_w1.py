@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_q1 import triton, tl, available  # noqa: F401  (one Triton import for the pack)
+from .triton_q1 import tl, triton  # one Triton import for the pack
 
 SPLIT_MAX_M = 64
 EXPAND = 0
