@@ -3,11 +3,11 @@
 # Run from the repository root on the lent GPU machine, with the wheels of diffusers and gguf carried
 # in .whl/ (benchmarks/README.md says how). Everything that must come back is written under $OUT.
 #
-#   bash benchmarks/gpu_run.sh kernels   # CUDA tests of the kernels, the GEMM table, W1A8 image PSNR
-#   bash benchmarks/gpu_run.sh steps     # whole-model steps in the same mode, the memory estimate
+#   bash benchmarks/gpu_run.sh kernels   # kernel tests, klein-4B GEMM table, klein-4B steps in the same mode
+#   bash benchmarks/gpu_run.sh more      # SD GEMM table and steps, W1A8 image PSNR, CUDA tests, memory estimate
 #   bash benchmarks/gpu_run.sh te4bit    # the 4-bit text encoder's memory and time
 set -uo pipefail
-stage=${1:?stage: kernels | steps | te4bit}
+stage=${1:?stage: kernels | more | te4bit}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -20,18 +20,23 @@ export PYTHONUNBUFFERED=1 BENCH_GIT_COMMIT=${BENCH_GIT_COMMIT:-unknown}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/$stage-gpu.txt"
 t0=$SECONDS
 case $stage in
-  kernels)
-    timeout 170 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_w1.py tests/test_triton_kernels.py \
-      tests/test_cuda_engine.py 2>&1 | tail -25 | tee "$OUT/tests.log"
-    timeout 270 python3 benchmarks/bench_gemm.py --ms 1,16,256,1536,4096 \
-      --paths dense,dequant,w1a16,w1a16x1,fp8,fp8_gemm,int8_gemm,scaled_mm,int_mm \
-      --json "$OUT/gemm_w1.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_w1.log"
-    timeout 90 python3 benchmarks/bench_w1a8_images.py --json "$OUT/w1a8_images.json" 2>&1 | tail -8 | tee "$OUT/w1a8_images.log"
+  kernels)  # the first call: what decides the kernels (tests, klein GEMM table, klein steps)
+    timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_w1.py 2>&1 | tail -25 | tee "$OUT/tests.log"
+    timeout 180 python3 benchmarks/bench_gemm.py --families klein-4B --ms 1,16,256,1536,4096 \
+      --paths dense,dequant,w1a16,w1a16x1,fp8,fp8_gemm,int8_gemm,scaled_mm \
+      --json "$OUT/gemm_klein.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_klein.log"
+    timeout 200 python3 benchmarks/bench_step_modes.py --models klein-4b --kernels triton,w1 --acts 16,fp8 \
+      --json "$OUT/step_klein.json" 2>&1 | grep -v -i -e warn -e "JSON result" | tee "$OUT/step_klein.log"
     ;;
-  steps)
-    timeout 400 python3 benchmarks/bench_step_modes.py --models klein-4b,sd15,sdxl --kernels triton,w1 \
-      --acts 16,fp8,int8 --json "$OUT/step_modes.json" 2>&1 | grep -v -i warn | tee "$OUT/step_modes.log"
-    timeout 150 python3 benchmarks/bench_memory_estimate.py --device cuda --models sd15,klein-4b,sdxl \
+  more)  # the second: SD shapes, SD steps, images, the other CUDA tests, the memory estimate
+    timeout 90 python3 benchmarks/bench_gemm.py --families SD1.5/SDXL --ms 1,16,256,4096,8192 \
+      --paths dense,dequant,w1a16,fp8_gemm,scaled_mm --json "$OUT/gemm_sd.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_sd.log"
+    timeout 200 python3 benchmarks/bench_step_modes.py --models sd15,sdxl --kernels triton,w1 --acts 16,fp8 \
+      --json "$OUT/step_sd.json" 2>&1 | grep -v -i -e warn -e "JSON result" | tee "$OUT/step_sd.log"
+    timeout 60 python3 benchmarks/bench_w1a8_images.py --json "$OUT/w1a8_images.json" 2>&1 | tail -8 | tee "$OUT/w1a8_images.log"
+    timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_kernels.py tests/test_cuda_engine.py 2>&1 \
+      | tail -15 | tee "$OUT/tests_more.log"
+    timeout 120 python3 benchmarks/bench_memory_estimate.py --device cuda --models sd15,klein-4b,sdxl \
       --out "$OUT/memory_estimate.json" 2>&1 | tail -30 | tee "$OUT/memory_estimate.log"
     ;;
   te4bit)
