@@ -11,17 +11,12 @@ benchmarks/comfy_dynamic_vram_check.py runs it on a GPU.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.comfy_stub import load_pack
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.comfy_stub import load_pack, run_check
 
 
 @pytest.fixture(scope="module")
@@ -67,20 +62,9 @@ def test_the_layout_matches_only_comfy_kitchen_tensors_of_its_own_name(pack):
     assert pack.nodes.comfy_native.is_q1(QuantizedTensor("BonsaiQ1_0Layout"))
 
 
-def _check(comfy: str) -> dict:
-    env = dict(os.environ, COMFYUI_PATH=comfy, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    env.pop("BONSAI_KITCHEN", None)
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    out = subprocess.run([python, str(ROOT / "tests" / "comfy_kitchen_check.py")], env=env, capture_output=True,
-                         text=True, timeout=600, cwd=str(ROOT.parent))
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert lines, out.stdout[-2000:] + out.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULTS "):])
-
-
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to run in ComfyUI")
 def test_kitchen_form_is_sized_staged_and_sampled_by_comfyui_as_packed_weights():
-    r = _check(os.environ["COMFYUI_PATH"])
+    r = run_check("comfy_kitchen_check.py")
     assert r["dynamic_vram_on"] is False and r["auto_form_on_cpu"] is False  # CPU: dynamic VRAM off, classic form
     if r["comfy_kitchen"] is None:  # ComfyUI without comfy_kitchen (0.3.64): refused by name
         assert "comfy_kitchen" in r["kitchen_problem"]
