@@ -13,17 +13,30 @@ lets core's architecture detection build the model with our layers. What we add 
   in low-VRAM mode it arrives as ComfyUI's ``LowVramPatch``, which we read the same way), so a
   strength change is a new list, not a reload, and no sign+scale weight is ever re-quantized;
 * sizes: a ``Q1Tensor``'s ``nbytes`` is its packed bytes, which ComfyUI 0.33's ``module_size``
-  reads; 0.3.64 multiplies ``numel`` by the element size, so the patcher's size is set here.
+  reads; 0.3.64 multiplies ``numel`` by the element size, so the patcher's size is set here;
+* dynamic VRAM (0.33, CUDA): the weights go to ComfyUI as comfy_kitchen tensors of the pack's Q1_0
+  layout (``kitchen_layout.py``, "the kitchen form"), which its dynamic patcher sizes, pins and stages
+  by their packed bytes; the layers compute from the staged bytes, and the patcher keeps LoRA patches
+  away from ComfyUI's merge-and-requantize (``kitchen_form`` says when; ``BONSAI_KITCHEN``).
 
 Internals used (each checked in ``require()``): ``comfy.ops.manual_cast`` (its ``Linear`` /
 ``Conv2d``, ``run_every_op`` where present), ``comfy.sd.load_diffusion_model_state_dict`` (and its
 ``disable_dynamic`` where present), ``comfy.model_patcher.ModelPatcher.{patch_weight_to_device,
 unpatch_model}``, the patch tuple ``(strength, adapter, strength_model, offset, function)``,
-``LowVramPatch``'s ``key`` / ``patches``, ``comfy.weight_adapter.LoRAAdapter.weights``.
-Tested with ComfyUI 0.3.64 (a125cd84) and 0.33.0 (783545f6).
+``LowVramPatch``'s ``key`` / ``patches``, ``comfy.weight_adapter.LoRAAdapter.weights``; for the kitchen
+form also (checked in ``_dynamic_vram_problem``) ``comfy.quant_ops.QuantizedTensor`` being comfy_kitchen's,
+``comfy.ops.cast_bias_weight(..., offloadable=True)`` / ``uncast_bias_weight``, ``ModelPatcherDynamic``
+(its ``weight_lowvram_function`` and ``patch_weight_to_device(force_cast=True)``), the layer attribute
+``_v`` (a layer dynamic VRAM stages), ``comfy.memory_management.interpret_gathered_like`` /
+``vram_aligned_size``. Tested with ComfyUI 0.3.64 (a125cd84) and 0.33.0 (783545f6); the kitchen form
+with comfy_kitchen 0.2.31 on the CPU (its CUDA path: benchmarks/comfy_dynamic_vram_check.py).
 """
 
 from __future__ import annotations
+
+import inspect
+import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -32,14 +45,17 @@ from ..bonsai_core.errors import BonsaiError, BonsaiRequestError
 from ..bonsai_core.quant import kernels
 from ..bonsai_core.quant.layers import module_nbytes
 from ..bonsai_core.quant.tensor import Q1Tensor
+from . import kitchen_layout
 
 TESTED_VERSIONS = ("0.3.64", "0.33.0")
 
 
 def is_q1(t) -> bool:
     """A packed weight, also one made by another import of ``bonsai_core`` (a pip-installed copy beside
-    the pack's own, or a benchmark's): the class is matched by name, the layout by its members."""
-    return isinstance(t, Q1Tensor) or (type(t).__name__ == "Q1Tensor" and hasattr(t, "qs") and hasattr(t, "d"))
+    the pack's own, or a benchmark's): the class is matched by name, the layout by its members; or
+    the same weight as a comfy_kitchen tensor of the pack's Q1_0 layout (dynamic VRAM)."""
+    return isinstance(t, Q1Tensor) or (type(t).__name__ == "Q1Tensor" and hasattr(t, "qs") and hasattr(t, "d")) \
+        or kitchen_layout.is_q1(t)
 
 
 def comfy_version() -> str:
@@ -73,6 +89,68 @@ def require() -> None:
             f"ComfyUI {comfy_version()} changed internals the Bonsai native model uses ({', '.join(missing)}); "
             f"this pack was tested with ComfyUI {' and '.join(TESTED_VERSIONS)}: update ComfyUI-Bonsai, or use "
             "the Bonsai Loader + Bonsai Sampler nodes meanwhile")
+
+
+KITCHEN_ENV = "BONSAI_KITCHEN"
+KITCHEN_CHOICES = ("auto", "on", "off")
+
+
+def _dynamic_vram_problem() -> str | None:
+    """Why this ComfyUI cannot take comfy_kitchen weights on its dynamic VRAM path (None: it can).
+    The internals the path uses: ``comfy.quant_ops.QuantizedTensor`` (comfy_kitchen's own class, which
+    ``comfy.memory_management`` sizes and stages), ``comfy.ops.cast_bias_weight(..., offloadable=)`` /
+    ``uncast_bias_weight`` (the staging the layers call), ``ModelPatcherDynamic``, and
+    ``load_diffusion_model_state_dict``'s ``disable_dynamic``."""
+    try:
+        import comfy.memory_management as cmm
+        import comfy.model_patcher
+        import comfy.ops
+        import comfy.quant_ops
+        import comfy.sd
+        from comfy_kitchen.tensor import QuantizedTensor
+    except Exception as e:  # noqa: BLE001 - 0.3.64 has no comfy.memory_management / comfy_kitchen
+        return f"ComfyUI {comfy_version()} has no comfy_kitchen weight path ({type(e).__name__}: {e})"
+    missing = [n for owner, n in ((cmm, "interpret_gathered_like"), (cmm, "vram_aligned_size"),
+                                  (comfy.ops, "cast_bias_weight"), (comfy.ops, "uncast_bias_weight"),
+                                  (comfy.model_patcher, "ModelPatcherDynamic")) if not hasattr(owner, n)]
+    if getattr(comfy.quant_ops, "QuantizedTensor", None) is not QuantizedTensor:
+        missing.append("comfy.quant_ops.QuantizedTensor (not comfy_kitchen's)")
+    if not missing and "offloadable" not in inspect.signature(comfy.ops.cast_bias_weight).parameters:
+        missing.append("comfy.ops.cast_bias_weight(offloadable=)")
+    if "disable_dynamic" not in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
+        missing.append("comfy.sd.load_diffusion_model_state_dict(disable_dynamic=)")
+    if missing:
+        return f"ComfyUI {comfy_version()} lacks {', '.join(missing)}"
+    return None
+
+
+def kitchen_form() -> bool:
+    """Whether the loader hands the 1-bit weights to ComfyUI as comfy_kitchen tensors of the pack's
+    Q1_0 layout (``kitchen_layout.py``) and lets ComfyUI's dynamic VRAM manage them, or keeps them as
+    ``Q1Tensor`` on the classic ModelPatcher (``disable_dynamic``). ``BONSAI_KITCHEN``: ``auto``
+    (default: the kitchen form when ComfyUI runs with dynamic VRAM), ``on`` (always; an error where it
+    cannot be), ``off`` (always classic)."""
+    raw = os.environ.get(KITCHEN_ENV, "auto").strip().lower() or "auto"
+    if raw not in KITCHEN_CHOICES:
+        raise BonsaiError(f"{KITCHEN_ENV}={raw!r}: expected one of {', '.join(KITCHEN_CHOICES)}")
+    if raw == "off":
+        return False
+    try:
+        import comfy.memory_management as cmm
+
+        dynamic = bool(getattr(cmm, "aimdo_enabled", False))
+    except ImportError:  # ComfyUI before dynamic VRAM (0.3.64)
+        dynamic = False
+    if raw == "auto" and not dynamic:
+        return False
+    why = _dynamic_vram_problem() or kitchen_layout.problem()
+    if why is None:
+        return True
+    if raw == "on":
+        raise BonsaiError(f"{KITCHEN_ENV}=on, but {why}; unset it to load on the classic path")
+    logging.warning("Bonsai: ComfyUI's dynamic VRAM is on, but %s: the Bonsai model loads on the classic "
+                    "ModelPatcher (disable_dynamic), which moves whole layers", why)
+    return False
 
 
 # ------------------------------------------------------------------------------------------------
@@ -149,9 +227,14 @@ def _linear_delta(x, d, u):
 
 
 def _weight_patches(m) -> list:
-    """The LoRA patches for this layer's packed weight: what the patcher handed over, plus those
-    that reach it as ComfyUI's ``LowVramPatch`` (low-VRAM and dynamic-VRAM loading)."""
+    """The LoRA patches for this layer's packed weight: what the patcher handed over, or those
+    that reach it as ComfyUI's ``LowVramPatch`` (in ``weight_function`` when the classic patcher
+    loads in low-VRAM mode; the dynamic patcher's, which it sets as ``weight_lowvram_function``,
+    the pack's patcher moves to ``bonsai_lowvram`` so that ComfyUI never merges it)."""
     lowvram = []
+    dynamic = m.__dict__.get("bonsai_lowvram")
+    if dynamic is not None:
+        lowvram += list(dynamic.patches.get(dynamic.key, ()))
     for f in getattr(m, "weight_function", ()):
         if hasattr(f, "patches") and hasattr(f, "key"):
             lowvram += list(f.patches.get(f.key, ()))
@@ -178,10 +261,25 @@ def _q1_forward(m, x, op: str):
     every = getattr(comfy.ops, "run_every_op", None)
     if every is not None:
         every()  # ComfyUI's per-layer interrupt check (0.33)
-    w = m.weight
+    patches = _weight_patches(m)  # first: it refuses a weight function before anything is staged
+    w, staged = m.weight, None
+    if kitchen_layout.is_q1(w) and hasattr(m, "_v") and x.device.type != "cpu" and w.device != x.device:
+        # dynamic VRAM: ComfyUI stages the packed bytes (its vbar, pinned copies, offload streams) and
+        # gives back a kitchen tensor on x's device; asked for the weight's own dtype it dequantizes
+        # nothing, and the pack's patcher took the LoRA patches away from it (no merge)
+        w, bias, staged = comfy.ops.cast_bias_weight(m, x, dtype=w.dtype, bias_dtype=x.dtype, offloadable=True)
+        try:
+            return _q1_compute(m, x, op, kitchen_layout.view(w), bias, patches)
+        finally:
+            comfy.ops.uncast_bias_weight(m, w, bias, staged)
     if w.device != x.device:  # offloaded (low VRAM): the packed bytes move, 1/14 of fp16's
         w = w.to(x.device, non_blocking=True)
-    bias = _bias(m, x)
+    if kitchen_layout.is_q1(w):
+        w = kitchen_layout.view(w)
+    return _q1_compute(m, x, op, w, _bias(m, x), patches)
+
+
+def _q1_compute(m, x, op: str, w: Q1Tensor, bias, patches):
     if op == "linear":
         y = kernels.linear(x, w, bias)
         delta, channel_dim = _linear_delta, -1
@@ -196,7 +294,6 @@ def _q1_forward(m, x, op: str):
             return F.conv2d(h, u.reshape(*u.shape, 1, 1))
 
         channel_dim = 1
-    patches = _weight_patches(m)
     if patches:
         cache = m.__dict__.setdefault("_bonsai_lora_cache", {})
         y = add_lora(y, x, lora_terms(patches, tuple(w.shape), x.device, x.dtype, cache), delta, channel_dim)
@@ -205,17 +302,20 @@ def _q1_forward(m, x, op: str):
 
 def _assign(m, state_dict, prefix, missing_keys, unexpected_keys):
     """Take the file's tensors as they are: a Q1_0 weight stays packed (computing in the layer's
-    dtype), a dense one is cast to it. Nothing is allocated at the layer's dense size."""
+    dtype; as a comfy_kitchen tensor when the ops are the kitchen ones), a dense one is cast to it.
+    Nothing is allocated at the layer's dense size."""
     dtype = m.bonsai_dtype
     for name in ("weight", "bias"):
         key = prefix + name
         if key in state_dict:
             t = state_dict[key]
-            if is_q1(t):
+            if is_q1(t) and not kitchen_layout.is_q1(t):
                 t = t.to(dtype=dtype or t.dtype)
+                if m.KITCHEN:
+                    t = kitchen_layout.to_kitchen(t)
             elif dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
-            setattr(m, name, torch.nn.Parameter(t, requires_grad=False))
+            setattr(m, name, t if kitchen_layout.is_q1(t) else torch.nn.Parameter(t, requires_grad=False))
         elif getattr(m, name) is not None:
             missing_keys.append(key)
     for k in state_dict:
@@ -234,10 +334,11 @@ def _skip_meta(m, fn, recurse, apply):
 _OPS = {}
 
 
-def bonsai_ops():
-    """``custom_operations`` for ComfyUI: ``manual_cast`` with Linear / Conv2d that keep Q1_0 weights packed."""
-    if "ops" in _OPS:
-        return _OPS["ops"]
+def bonsai_ops(kitchen: bool = False):
+    """``custom_operations`` for ComfyUI: ``manual_cast`` with Linear / Conv2d that keep Q1_0 weights
+    packed, as ``Q1Tensor`` or (``kitchen``) as comfy_kitchen tensors of the pack's layout."""
+    if kitchen in _OPS:
+        return _OPS[kitchen]
     import comfy.ops
 
     base = comfy.ops.manual_cast
@@ -246,12 +347,21 @@ def bonsai_ops():
         """What both layers do with a Q1_0 weight (the base layer, next in the MRO, does the rest):
         built on the meta device, filled by assignment, computed by the kernel contract."""
         KIND = ""
+        KITCHEN = kitchen
 
         def reset_parameters(self):
             return None
 
         def _apply(self, fn, recurse=True):
-            return _skip_meta(self, fn, recurse, super()._apply)
+            out = _skip_meta(self, fn, recurse, super()._apply)
+            if kitchen_layout.is_q1(self.weight):
+                self.weight = self.weight  # re-wrapped where needed (__setattr__)
+            return out
+
+        def __setattr__(self, name, value):
+            if name == "weight" and kitchen_layout.is_q1(value):
+                value = kitchen_layout.as_param(value)
+            super().__setattr__(name, value)
 
         def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                                   unexpected_keys, error_msgs):
@@ -277,7 +387,8 @@ def bonsai_ops():
                 torch.nn.Conv2d.__init__(self, *args, device="meta", dtype=dtype, **kwargs)
                 self.bonsai_dtype = dtype
 
-    _OPS["ops"] = BonsaiOps
+    BonsaiOps.__name__ = "BonsaiKitchenOps" if kitchen else "BonsaiOps"
+    _OPS[kitchen] = BonsaiOps
     return BonsaiOps
 
 
@@ -303,13 +414,35 @@ def _patcher_class(base):
             if leaf == "weight" and is_q1(getattr(m, "weight", None)):
                 m.bonsai_patches = list(self.patches.get(key, ()))  # this patcher's list; [] clears
                 m.__dict__.pop("_bonsai_lora_cache", None)
+                if kwargs.get("force_cast") and device_to is not None and kitchen_layout.is_q1(m.weight) \
+                        and not kwargs.get("return_weight"):
+                    # dynamic VRAM loads a small layer whole: ComfyUI moves the kitchen tensor (it stays
+                    # packed), shown no patches so that it merges none (the layer adds them beside)
+                    saved = self.patches.pop(key, None)
+                    try:
+                        super().patch_weight_to_device(key, device_to, force_cast=True)
+                    finally:
+                        if saved is not None:
+                            self.patches[key] = saved
+                    return None
                 return m.weight if kwargs.get("return_weight") else None
             return super().patch_weight_to_device(key, device_to, *args, **kwargs)
+
+        def load(self, *args, **kwargs):
+            out = super().load(*args, **kwargs)
+            # dynamic VRAM hands a patched weight's LoRA as ``weight_lowvram_function``, which its
+            # staging merges into a dequantized copy and requantizes (comfy/ops.py post_cast): a 1-bit
+            # weight would lose it. The packed layers keep it as ``bonsai_lowvram`` and add it beside.
+            for m in self.model.modules():
+                if "weight_lowvram_function" in m.__dict__ and is_q1(getattr(m, "weight", None)):
+                    m.bonsai_lowvram = m.__dict__.pop("weight_lowvram_function")
+            return out
 
         def unpatch_model(self, *args, **kwargs):
             for m in self.model.modules():
                 if getattr(m, "bonsai_patches", None):
                     m.bonsai_patches = []
+                m.__dict__.pop("bonsai_lowvram", None)
                 # also a low-VRAM layer's, whose patches came as LowVramPatch (no bonsai_patches to clear):
                 # its down/up copies on the device would outlive the LoRA otherwise
                 m.__dict__.pop("_bonsai_lora_cache", None)
@@ -333,16 +466,18 @@ def load_native_model(sd: dict, source: str):
     require()
     import comfy.sd
 
-    import inspect
-
+    kitchen = kitchen_form()
     kwargs = {}
-    if "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
-        # ComfyUI 0.33's dynamic VRAM (comfy_aimdo, on CUDA) stages plain and comfy_kitchen tensors in
-        # its own buffers; a Q1_0 weight is neither, so the model takes the classic ModelPatcher path
-        # (whole layers moved, low-VRAM patches), the one tested here. It holds 1/14 of bf16's bytes.
+    if not kitchen and "disable_dynamic" in inspect.signature(comfy.sd.load_diffusion_model_state_dict).parameters:
+        # ComfyUI 0.33's dynamic VRAM (comfy_aimdo, on CUDA) sizes and stages plain tensors and
+        # comfy_kitchen tensors; a Q1Tensor is neither, so without the kitchen form the model takes
+        # the classic ModelPatcher path (whole layers moved, low-VRAM patches).
         kwargs["disable_dynamic"] = True
-    patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"custom_operations": bonsai_ops()},
-                                                       **kwargs)
+    opts = {"custom_operations": bonsai_ops(kitchen)}
+    # comfy_kitchen tensors made outside inference mode cannot be detached inside it (as ComfyUI's
+    # size accounting does while sampling); ComfyUI's nodes run in it, a script may not
+    with torch.inference_mode(torch.is_inference_mode_enabled() or kitchen):
+        patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=opts, **kwargs)
     if patcher is None:
         raise BonsaiError(f"{source}: ComfyUI {comfy_version()} did not recognise this model's architecture "
                           "(FLUX.2 [klein] needs ComfyUI 0.33 or newer; SD1.5/SDXL any recent one)")

@@ -69,21 +69,29 @@ def rel(a, b) -> float:
 
 
 # ------------------------------------------------------------------------------------------- klein
-def klein_case(work: Path, pack):
-    from bonsai_core.importers.flux2_names import diffusers_to_bfl, is_packed_linear
+def tiny_klein_gguf(work: Path) -> Path:
+    """A tiny FLUX.2 [klein] transformer (widths a multiple of 128, which core's detection needs), its
+    linears Q1_0, written as ``diffusion_models/tiny-klein-q1.gguf`` under ``work``."""
+    from bonsai_core.importers.flux2_names import is_packed_linear
     from bonsai_core.importers.gguf_q1 import write_gguf
-    from bonsai_core.native import read_native
     from bonsai_core.quant.tensor import Q1Tensor
 
     fixtures = _ours("flux2_fixtures")
-    build_model = fixtures.build_model
     cfg = dict(fixtures.TINY_CONFIG, attention_head_dim=128, num_attention_heads=2, num_layers=1, num_single_layers=1,
                joint_attention_dim=256, axes_dims_rope=[32, 32, 32, 32])
-    diff = build_model(cfg).state_dict()
+    diff = fixtures.build_model(cfg).state_dict()
     diff = {k: (Q1Tensor.from_float(v.float()) if is_packed_linear(k) else v.to(torch.bfloat16)) for k, v in diff.items()}
     path = work / "diffusion_models" / "tiny-klein-q1.gguf"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_gguf(path, diff)
+    return path
+
+
+def klein_case(work: Path, pack):
+    from bonsai_core.native import read_native
+    from bonsai_core.quant.tensor import Q1Tensor
+
+    path = tiny_klein_gguf(work)
     t0 = time.perf_counter()
     native = read_native(path)
     RESULTS["klein_gguf_read_s"] = round(time.perf_counter() - t0, 3)
@@ -171,13 +179,13 @@ def klein_case(work: Path, pack):
 
 
 # ------------------------------------------------------------------------------------------- SD1.5
-def sd_case(work: Path, pack):
-    import comfy.utils
+def tiny_sd_native() -> tuple[dict, dict, dict]:
+    """A tiny SD1.5-shaped UNet (320 channels, which core's detection needs), quantized:
+    ``(diffusers state dict, diffusers -> ldm names, the ldm-named native dict)``."""
     from diffusers import UNet2DConditionModel
 
     from bonsai_core.native import sd_unet_ldm_names
     from bonsai_core.quant.layers import quantize_model
-    from bonsai_core.quant.tensor import Q1Tensor
 
     unet = UNet2DConditionModel(block_out_channels=(320, 320), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
@@ -185,7 +193,17 @@ def sd_case(work: Path, pack):
     quantize_model(unet)
     dsd = unet.state_dict()
     names = sd_unet_ldm_names(list(dsd))
-    native = {names[k]: v for k, v in dsd.items()}
+    return dsd, names, {names[k]: v for k, v in dsd.items()}
+
+
+def sd_case(work: Path, pack):
+    import comfy.utils
+    from diffusers import UNet2DConditionModel
+
+    from bonsai_core.native import sd_unet_ldm_names
+    from bonsai_core.quant.tensor import Q1Tensor
+
+    dsd, names, native = tiny_sd_native()
     RESULTS["sd_q1_tensors"] = sum(isinstance(t, Q1Tensor) for t in native.values())
     comfy_nodes_native = pack.nodes.comfy_native
     with torch.inference_mode():

@@ -101,6 +101,23 @@ def stub_missing_torchaudio() -> None:
     sys.modules["torchaudio"].transforms = sys.modules["torchaudio.transforms"]
 
 
+def run_check(script: str) -> dict:
+    """Run ``tests/<script>`` inside the real ComfyUI at ``COMFYUI_PATH`` (its Python: ``COMFYUI_PYTHON``),
+    on the CPU, and return the JSON of its last ``RESULTS `` line (the test fails with its output if none)."""
+    import json
+    import os
+    import subprocess
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    env.pop("BONSAI_KITCHEN", None)  # the scripts choose the weight form themselves
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    out = subprocess.run([python, str(ROOT / "tests" / script)], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=str(ROOT.parent))
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULTS ")]
+    assert lines, out.stdout[-2000:] + out.stderr[-4000:]
+    return json.loads(lines[-1][len("RESULTS "):])
+
+
 def load_pack(name: str = "ComfyUI_Bonsai_stubbed"):
     """Import the pack folder the way ComfyUI does: a package under its folder's name."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])

@@ -9,19 +9,13 @@ computed by hand, and the Q1_0 GGUF through the node.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.comfy_stub import load_pack
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.comfy_stub import load_pack, run_check
 
 
 class LoRAAdapter:  # the shape of ComfyUI's comfy.weight_adapter.LoRAAdapter: .weights = (up, down, alpha, mid, dora, reshape)
@@ -159,19 +153,9 @@ def test_read_native_refuses_a_dense_file_naming_the_core_loader(tmp_path):
         read_native(tmp_path / "dense.safetensors")
 
 
-def _check(comfy: str) -> dict:
-    env = dict(os.environ, COMFYUI_PATH=comfy, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    out = subprocess.run([python, str(ROOT / "tests" / "comfy_native_check.py")], env=env, capture_output=True,
-                         text=True, timeout=600, cwd=str(ROOT.parent))
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULTS ")]
-    assert lines, out.stdout[-2000:] + out.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULTS "):])
-
-
 @pytest.mark.skipif(not os.environ.get("COMFYUI_PATH"), reason="set COMFYUI_PATH (and COMFYUI_PYTHON) to run in ComfyUI")
 def test_native_model_samples_as_comfyuis_own_loader_of_the_dequantized_weights():
-    r = _check(os.environ["COMFYUI_PATH"])
+    r = run_check("comfy_native_check.py")
     # SD1.5 (every version): our ldm names are ComfyUI's, and sampling matches to fp32 rounding
     assert r["sd_q1_tensors"] > 0 and r["sd_names_compared"] > 100 and r["sd_names_differ"] == []
     # SDXL (names only, meta device): core detects it from our ldm names and its own table agrees

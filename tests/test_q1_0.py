@@ -93,3 +93,28 @@ def test_transposed_single_group_scales_are_stored_row_major():
     p = Q1Tensor(torch.zeros(6, 16, dtype=torch.uint8), scales, (6, 128))
     assert p.d.stride() == (1, 1) and torch.equal(p.d, scales)
     assert torch.equal(Q1Tensor.from_blocks(p.to_blocks(), p.shape).d, scales)
+
+
+def test_flat_buffer_is_every_rows_bits_then_every_scale_read_back_as_views():
+    # two rows of one block each, hand-made as GGUF blocks: d = 1.0 (00 3C) and d = 2.0 (00 40)
+    blocks = torch.zeros(2, 18, dtype=torch.uint8)
+    blocks[0, :3] = torch.tensor([0x00, 0x3C, 0x05])
+    blocks[1, :3] = torch.tensor([0x00, 0x40, 0xFF])
+    p = Q1Tensor.from_blocks(blocks, (2, 128))
+    flat = p.to_flat()
+    assert flat.dtype == torch.uint8 and flat.numel() == p.nbytes == 36
+    assert torch.equal(flat[:32], torch.cat([blocks[0, 2:], blocks[1, 2:]]))       # bits of row 0, row 1
+    assert flat[32:].tolist() == [0x00, 0x3C, 0x00, 0x40]                          # then both scales
+    back = Q1Tensor.from_flat(flat, (2, 128), torch.float32)
+    assert back.qs.data_ptr() == flat.data_ptr() and back.d.data_ptr() == flat.data_ptr() + 32  # no copy
+    assert torch.equal(back.dequantize(), p.dequantize(torch.float32))
+    with pytest.raises(ValueError, match="uint8 \\[36\\]"):
+        Q1Tensor.from_flat(flat[:-2], (2, 128))
+
+
+def test_flat_buffer_round_trips_a_conv_weight_with_a_partial_group():
+    p = Q1Tensor.from_float(torch.randn(5, 3, 3, 3))  # rows of 27 weights: one padded group each
+    back = Q1Tensor.from_flat(p.to_flat(), p.shape)
+    assert back.shape == p.shape and torch.equal(back.dequantize(), p.dequantize())
+    odd = torch.cat([torch.zeros(1, dtype=torch.uint8), p.to_flat()])[1:]  # no fp16 view at an odd offset
+    assert torch.equal(Q1Tensor.from_flat(odd, p.shape).dequantize(), p.dequantize())

@@ -136,6 +136,27 @@ def to_blocks(qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.cat([d_bytes, qs.reshape(rows, nb, QS_BYTES)], dim=-1).reshape(rows, nb * BLOCK_BYTES)
 
 
+def to_flat(qs: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Both halves in one uint8 buffer, 1-D: every row's sign bits (``qs`` row-major), then every
+    scale (``d`` row-major, fp16 little-endian). For hosts that stage a weight as one run of bytes
+    (ComfyUI's dynamic VRAM copies one ``_qdata`` per weight): its size is the packed size, and
+    ``from_flat`` gives both halves back as views, each contiguous, the scales 16-byte aligned."""
+    return torch.cat([row_major(qs).reshape(-1), row_major(d).reshape(-1).view(torch.uint8)])
+
+
+def from_flat(flat: torch.Tensor, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(qs, d)`` of a ``to_flat`` buffer of a ``[rows, cols]`` weight: views, nothing copied (a
+    buffer at an odd byte offset, which no fp16 view can read, is copied once)."""
+    nb = n_blocks(cols)
+    n_qs, n_d = rows * nb * QS_BYTES, rows * nb * 2
+    if flat.dtype != torch.uint8 or flat.dim() != 1 or flat.numel() != n_qs + n_d:
+        raise ValueError(f"a flat Q1_0 buffer of a [{rows}, {cols}] weight is uint8 [{n_qs + n_d}], got "
+                         f"{flat.dtype} {list(flat.shape)}")
+    if flat.storage_offset() % 2:
+        flat = flat.clone()
+    return flat[:n_qs].view(rows, nb * QS_BYTES), flat[n_qs:].view(torch.float16).view(rows, nb)
+
+
 def from_blocks(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Split GGUF's 18-byte blocks ``[rows, n_blocks*18]`` (uint8) into ``(qs, d)``."""
     rows, nbytes = blocks.shape

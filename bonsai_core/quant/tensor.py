@@ -287,6 +287,18 @@ class Q1Tensor(PackedTensor):
         qs, d = q1_0.from_blocks(blocks)
         return cls(qs, d, shape, dtype)
 
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, shape, dtype: torch.dtype | None = None) -> "Q1Tensor":
+        """A view of a ``to_flat`` buffer (``q1_0.to_flat``: bits, then scales, one uint8 run): its
+        bits and scales are that buffer's memory, nothing is copied."""
+        shape = torch.Size(int(s) for s in shape)
+        qs, d = q1_0.from_flat(flat, shape[0], shape[1:].numel())
+        return cls(qs, d, shape, dtype)
+
+    def to_flat(self) -> torch.Tensor:
+        """Bits and scales in one uint8 buffer (a copy): what ``from_flat`` reads."""
+        return q1_0.to_flat(self.qs, self.d)
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight in its own shape, in ``dtype`` (default: the tensor's compute dtype)."""
         return q1_0.dequantize(self.qs, self.d, self._cols, dtype or self._dtype).reshape(self._shape)
