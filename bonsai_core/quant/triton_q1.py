@@ -130,18 +130,6 @@ if triton is not None:
             acc += part * scale[None, :]
         tl.store(p_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
 
-    @triton.jit
-    def _splitk_reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLITS, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
-        # y = sum over splits of p (in order) + bias, cast to y's dtype: one pass.
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < MN
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for s in range(0, SPLITS):
-            acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
 
 def dequantize_triton(qs: torch.Tensor, d: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:
     rows, nb = d.shape
@@ -210,8 +198,10 @@ def linear_gemv(x, qs, d, in_features, bias):
                               BLOCK_M=16, BLOCK_N=block_n, GROUPS=groups, num_warps=4)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     b = bias if bias is not None else y  # dummy pointer when there is no bias
-    _splitk_reduce_kernel[(triton.cdiv(m * n, 1024),)](partial, b, y, m * n, n, splits,
-                                                       HAS_BIAS=bias is not None, BLOCK=1024)
+    from .triton_w1 import _reduce_kernel  # sums the splits in a fixed order, adds the bias
+
+    _reduce_kernel[(triton.cdiv(m * n, 1024),)](partial, partial, b, y, m * n, n, splits,
+                                                ROW_SCALE=False, HAS_BIAS=bias is not None, BLOCK=1024)
     return y.reshape(*shape[:-1], n)
 
 

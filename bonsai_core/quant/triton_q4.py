@@ -18,7 +18,7 @@ from .triton_q1 import triton, tl
 from .triton_w1 import SPLIT_MAX_M, _configs_large, _m_bucket, _rows, _splits
 
 if triton is not None:
-    from .triton_w1 import _reduce_kernel
+    from .triton_w1 import _reduce_kernel, _store, _tile
 
     @triton.jit
     def _w4_kernel(x_ptr, qs_ptr, s_ptr, c_ptr, b_ptr, y_ptr, M, N, K, NG, GROUPS_PER_SPLIT, M_BUCKET,
@@ -26,23 +26,11 @@ if triton is not None:
                    HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr, GROUP: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
         # s: scales, c: the per-group biases (offsets), b: the layer's bias
-        pid = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-        pid_n = (pid % (GROUP_M * num_n)) // size_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm, rn, g0, g1 = _tile(M, N, NG, GROUPS_PER_SPLIT, BLOCK_M, BLOCK_N, GROUP_M)
         j = tl.arange(0, GROUP)
         mmask = rm < M
         nmask = rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        g0 = pid_k * GROUPS_PER_SPLIT
-        g1 = tl.minimum(g0 + GROUPS_PER_SPLIT, NG)
         for g in range(g0, g1):
             cols = g * GROUP + j
             x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :],
@@ -54,14 +42,7 @@ if triton is not None:
             off = tl.load(c_ptr + rn * stride_c + g, mask=nmask, other=0.0).to(tl.float32)
             w = (q * sc[:, None] + off[:, None]).to(x.dtype)
             acc = tl.dot(x, tl.trans(w), acc)
-        out = rm[:, None] * stride_ym + rn[None, :]
-        omask = mmask[:, None] & nmask[None, :]
-        if SPLIT:
-            tl.store(y_ptr + pid_k * stride_ys + out, acc, mask=omask)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+        _store(acc, y_ptr, y_ptr, b_ptr, rm, rn, M, N, stride_ym, stride_ys, False, HAS_BIAS, SPLIT)
 
     _w4_large = triton.autotune(configs=_configs_large(), key=["M_BUCKET", "N", "K", "GROUP"])(_w4_kernel)
 

@@ -66,6 +66,36 @@ if triton is not None:
             return tl.reshape(tl.broadcast_to(byte[:, :, None], (BLOCK_N, 16, 8)), (BLOCK_N, 128))
 
     @triton.jit
+    def _tile(M, N, NG, GROUPS_PER_SPLIT, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """This program's rows and columns of y (tiles taken GROUP_M row-blocks at a time, so
+        neighbours share weight tiles in L2) and its range of K groups ``[g0, g1)`` (split ``program_id(1)``)."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+        size_m = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+        pid_n = (pid % (GROUP_M * num_n)) // size_m
+        g0 = tl.program_id(1) * GROUPS_PER_SPLIT
+        return (pid_m * BLOCK_M + tl.arange(0, BLOCK_M), pid_n * BLOCK_N + tl.arange(0, BLOCK_N),
+                g0, tl.minimum(g0 + GROUPS_PER_SPLIT, NG))
+
+    @triton.jit
+    def _store(acc, y_ptr, xs_ptr, b_ptr, rm, rn, M, N, stride_ym, stride_ys,
+               ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr):
+        """A split writes its float32 partial to slice ``program_id(1)``; otherwise row scale, bias, cast."""
+        out = rm[:, None] * stride_ym + rn[None, :]
+        omask = (rm < M)[:, None] & (rn < N)[None, :]
+        if SPLIT:
+            tl.store(y_ptr + tl.program_id(1) * stride_ys + out, acc, mask=omask)
+        else:
+            if ROW_SCALE:
+                acc *= tl.load(xs_ptr + rm, mask=rm < M, other=0.0)[:, None]
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+
+    @triton.jit
     def _w1_kernel(x_ptr, xs_ptr, qs_ptr, d_ptr, b_ptr, y_ptr,
                    M, N, K, NB, GROUPS_PER_SPLIT, M_BUCKET,
                    stride_xm, stride_qs, stride_d, stride_ym, stride_ys,
@@ -74,23 +104,11 @@ if triton is not None:
         # ACT 0: x in bf16/fp16 (W1A16). ACT 1: x in fp8 e4m3, ACT 2: x in int8, each with a
         # float32 scale per row in xs. SPLIT: write float32 partials to slice pid_k of y (no bias,
         # no row scale: the reduce kernel applies them).
-        pid = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * num_n)
-        first_m = group * GROUP_M
-        size_m = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
-        pid_n = (pid % (GROUP_M * num_n)) // size_m
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm, rn, g0, g1 = _tile(M, N, NB, GROUPS_PER_SPLIT, BLOCK_M, BLOCK_N, GROUP_M)
         j = tl.arange(0, 128)
         mmask = rm < M
         nmask = rn < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        g0 = pid_k * GROUPS_PER_SPLIT
-        g1 = tl.minimum(g0 + GROUPS_PER_SPLIT, NB)
         for g in range(g0, g1):
             cols = g * 128 + j
             x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :],
@@ -109,16 +127,7 @@ if triton is not None:
             else:
                 w = (((byte >> (j & 7)[None, :]) & 1) * 2 - 1).to(tl.int8)
                 acc += tl.dot(x, tl.trans(w)).to(tl.float32) * scale.to(tl.float32)[None, :]
-        out = rm[:, None] * stride_ym + rn[None, :]
-        omask = mmask[:, None] & nmask[None, :]
-        if SPLIT:
-            tl.store(y_ptr + pid_k * stride_ys + out, acc, mask=omask)
-        else:
-            if ACT != 0:
-                acc *= tl.load(xs_ptr + rm, mask=mmask, other=0.0)[:, None]
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + out, acc.to(y_ptr.dtype.element_ty), mask=omask)
+        _store(acc, y_ptr, xs_ptr, b_ptr, rm, rn, M, N, stride_ym, stride_ys, ACT != 0, HAS_BIAS, SPLIT)
 
     _w1_large = triton.autotune(configs=_configs_large(), key=["M_BUCKET", "N", "K", "ACT", "EXPAND_MODE"])(_w1_kernel)
 
