@@ -197,11 +197,9 @@ def linear_gemv(x, qs, d, in_features, bias):
     _gemv_splitk_kernel[grid](x2, qs, d, partial, m, n, in_features, nb, x2.stride(0), qs.stride(0), d.stride(0),
                               BLOCK_M=16, BLOCK_N=block_n, GROUPS=groups, num_warps=4)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    b = bias if bias is not None else y  # dummy pointer when there is no bias
-    from .triton_w1 import _reduce_kernel  # sums the splits in a fixed order, adds the bias
+    from .triton_w1 import reduce_splits  # sums the splits in a fixed order, adds the bias
 
-    _reduce_kernel[(triton.cdiv(m * n, 1024),)](partial, partial, b, y, m * n, n, splits,
-                                                ROW_SCALE=False, HAS_BIAS=bias is not None, BLOCK=1024)
+    reduce_splits(partial, None, bias, y)
     return y.reshape(*shape[:-1], n)
 
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 
 from .triton_q1 import triton, tl
-from .triton_w1 import SPLIT_MAX_M, _configs_large, _m_bucket, _rows, _splits
+from .triton_w1 import SPLIT_MAX_M, _configs_large, _m_bucket, _rows, reduce_splits, split_plan
 
 if triton is not None:
-    from .triton_w1 import _reduce_kernel, _store, _tile
+    from .triton_w1 import _store, _tile
 
     @triton.jit
     def _w4_kernel(x_ptr, qs_ptr, s_ptr, c_ptr, b_ptr, y_ptr, M, N, K, NG, GROUPS_PER_SPLIT, M_BUCKET,
@@ -57,17 +57,11 @@ def linear(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor, offset: torch
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     bias_arg = bias if bias is not None else y
     if m <= SPLIT_MAX_M:
-        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-        block_n = 64
-        splits, per = _splits(m, n, ng, block_n, x.device)
-        part = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), splits)
+        grid, part, per, meta = split_plan(m, n, ng, x.device)
         _w4_kernel[grid](x2, qs, scale, offset, bias_arg, part, m, n, k, ng, per, 0,
                          x2.stride(0), qs.stride(0), scale.stride(0), offset.stride(0), n, m * n,
-                         HAS_BIAS=False, SPLIT=True, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=1,
-                         num_warps=4, num_stages=3)
-        _reduce_kernel[(triton.cdiv(m * n, 1024),)](part, part, bias_arg, y, m * n, n, splits,
-                                                    ROW_SCALE=False, HAS_BIAS=bias is not None, BLOCK=1024)
+                         HAS_BIAS=False, SPLIT=True, GROUP=group, **meta)
+        reduce_splits(part, None, bias, y)
     else:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)

@@ -196,6 +196,26 @@ def quantize_rows(x2: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tenso
     return q, s
 
 
+def split_plan(m: int, n: int, groups: int, device):
+    """Launch plan of a split-K product: ``(grid, float32 partials [splits, m, n], groups per split,
+    block sizes and launch options)``."""
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    block_n = 64
+    splits, per = _splits(m, n, groups, block_n, device)
+    part = torch.empty(splits, m, n, dtype=torch.float32, device=device)
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), splits)
+    return grid, part, per, dict(BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=1, num_warps=4, num_stages=3)
+
+
+def reduce_splits(part: torch.Tensor, row_scale, bias, y: torch.Tensor) -> None:
+    """``y = sum over splits of part`` (in order), times ``row_scale`` per row, plus ``bias``: one kernel."""
+    splits, m, n = part.shape
+    _reduce_kernel[(triton.cdiv(m * n, 1024),)](part, part if row_scale is None else row_scale,
+                                                y if bias is None else bias, y, m * n, n, splits,
+                                                ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
+                                                BLOCK=1024)
+
+
 def _m_bucket(m: int) -> int:
     return 1 << max(m - 1, 1).bit_length()
 
@@ -231,17 +251,11 @@ def matmul(xin: torch.Tensor, xs: torch.Tensor | None, qs: torch.Tensor, d: torc
     y = torch.empty(m, n, dtype=out_dtype, device=xin.device)
     bias_arg = bias if bias is not None else y
     if m <= SPLIT_MAX_M:
-        block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-        block_n = 64
-        splits, per = _splits(m, n, nb, block_n, xin.device)
-        part = torch.empty(splits, m, n, dtype=torch.float32, device=xin.device)
-        grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), splits)
+        grid, part, per, meta = split_plan(m, n, nb, xin.device)
         _w1_kernel[grid](xin, xs_arg, qs, d, bias_arg, part, m, n, in_features, nb, per, 0,
                          xin.stride(0), qs.stride(0), d.stride(0), n, m * n,
-                         ACT=code, HAS_BIAS=False, SPLIT=True, EXPAND_MODE=expand,
-                         BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=1, num_warps=4, num_stages=3)
-        _reduce_kernel[(triton.cdiv(m * n, 1024),)](part, xs_arg, bias_arg, y, m * n, n, splits,
-                                                    ROW_SCALE=code != 0, HAS_BIAS=bias is not None, BLOCK=1024)
+                         ACT=code, HAS_BIAS=False, SPLIT=True, EXPAND_MODE=expand, **meta)
+        reduce_splits(part, xs if code else None, bias, y)
     else:
         def grid(meta):
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), 1)
