@@ -21,11 +21,11 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/$st
 t0=$SECONDS
 case $stage in
   kernels)  # the first call: what decides the kernels (tests, klein GEMM table, klein steps)
-    timeout 120 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_w1.py 2>&1 | tail -25 | tee "$OUT/tests.log"
-    timeout 180 python3 benchmarks/bench_gemm.py --families klein-4B --ms 1,16,256,1536,4096 \
+    timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_w1.py 2>&1 | tail -25 | tee "$OUT/tests.log"
+    timeout 150 python3 benchmarks/bench_gemm.py --families klein-4B --ms 1,16,256,1536,4096 \
       --paths dense,dequant,w1a16,w1a16x1,fp8,fp8_gemm,int8_gemm,scaled_mm \
       --json "$OUT/gemm_klein.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_klein.log"
-    timeout 200 python3 benchmarks/bench_step_modes.py --models klein-4b --kernels triton,w1 --acts 16,fp8 \
+    timeout 150 python3 benchmarks/bench_step_modes.py --models klein-4b --kernels triton,w1 --acts 16,fp8 \
       --json "$OUT/step_klein.json" 2>&1 | grep -v -i -e warn -e "JSON result" | tee "$OUT/step_klein.log"
     ;;
   more)  # the second: SD shapes, SD steps, images, the other CUDA tests, the memory estimate
