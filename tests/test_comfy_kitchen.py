@@ -37,6 +37,19 @@ def test_without_dynamic_vram_auto_and_off_keep_the_classic_form(pack, monkeypat
         assert pack.nodes.comfy_native.kitchen_form() is False
 
 
+def test_by_default_the_classic_form_even_with_dynamic_vram_on(pack, monkeypatch):
+    """The kitchen form is opt-in until it has run under CUDA dynamic VRAM."""
+    import types
+
+    if "comfy" in sys.modules and hasattr(sys.modules["comfy"], "__path__"):
+        pytest.skip("a real ComfyUI is imported in this process")
+    monkeypatch.delenv("BONSAI_KITCHEN", raising=False)
+    fake = types.ModuleType("comfy.memory_management")
+    fake.aimdo_enabled = True
+    monkeypatch.setitem(sys.modules, "comfy.memory_management", fake)
+    assert pack.nodes.comfy_native.kitchen_form() is False
+
+
 def test_asking_for_the_kitchen_form_where_comfyui_has_none_says_why(pack, monkeypatch):
     if "comfy" in sys.modules and hasattr(sys.modules["comfy"], "__path__"):
         pytest.skip("a real ComfyUI is imported in this process")
