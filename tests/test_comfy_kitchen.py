@@ -45,7 +45,12 @@ def test_by_default_the_classic_form_even_with_dynamic_vram_on(pack, monkeypatch
     fake = types.ModuleType("comfy.memory_management")
     fake.aimdo_enabled = True
     monkeypatch.setitem(sys.modules, "comfy.memory_management", fake)
-    assert pack.nodes.comfy_native.kitchen_form() is False
+    native = pack.nodes.comfy_native
+    monkeypatch.setattr(native, "_dynamic_vram_problem", lambda: None)  # as if every internal were there
+    monkeypatch.setattr(native.kitchen_layout, "problem", lambda: None)
+    assert native.kitchen_form() is False
+    monkeypatch.setenv("BONSAI_KITCHEN", "auto")
+    assert native.kitchen_form() is True
 
 
 def test_asking_for_the_kitchen_form_where_comfyui_has_none_says_why(pack, monkeypatch):
