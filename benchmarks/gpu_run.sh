@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_run.sh more      # SD GEMM table and steps, W1A8 image PSNR, CUDA tests, memory estimate
 #   bash benchmarks/gpu_run.sh te4bit    # the 4-bit text encoder's memory and time
 set -uo pipefail
-stage=${1:?stage: kernels | more | te4bit}
+stage=${1:?stage: kernels | quick | more | te4bit}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -27,6 +27,11 @@ case $stage in
       --json "$OUT/gemm_klein.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_klein.log"
     timeout 150 python3 benchmarks/bench_step_modes.py --models klein-4b --kernels triton,w1 --acts 16,fp8 \
       --json "$OUT/step_klein.json" 2>&1 | grep -v -i -e warn -e "JSON result" | tee "$OUT/step_klein.log"
+    ;;
+  quick)  # a short lease: the kernel tests and the headline GEMM rows only
+    timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_w1.py 2>&1 | tail -25 | tee "$OUT/tests.log"
+    timeout 120 python3 benchmarks/bench_gemm.py --families klein-4B --ms 1,16,256,1536,4096 \
+      --paths dense,w1a16,fp8_gemm,scaled_mm --json "$OUT/gemm_quick.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_quick.log"
     ;;
   more)  # the second: SD shapes, SD steps, images, the other CUDA tests, the memory estimate
     timeout 90 python3 benchmarks/bench_gemm.py --families SD1.5/SDXL --ms 1,16,256,4096,8192 \
