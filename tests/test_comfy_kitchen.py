@@ -44,6 +44,9 @@ def test_by_default_the_classic_form_even_with_dynamic_vram_on(pack, monkeypatch
     monkeypatch.delenv("BONSAI_KITCHEN", raising=False)
     fake = types.ModuleType("comfy.memory_management")
     fake.aimdo_enabled = True
+    comfy = sys.modules.get("comfy") or types.ModuleType("comfy")
+    monkeypatch.setitem(sys.modules, "comfy", comfy)
+    monkeypatch.setattr(comfy, "memory_management", fake, raising=False)
     monkeypatch.setitem(sys.modules, "comfy.memory_management", fake)
     native = pack.nodes.comfy_native
     monkeypatch.setattr(native, "_dynamic_vram_problem", lambda: None)  # as if every internal were there
