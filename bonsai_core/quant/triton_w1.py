@@ -25,7 +25,8 @@ writes float32 partials that one more kernel sums in a fixed order (deterministi
 Two ways to expand the bytes are kept, ``EXPAND=0`` (each element loads its byte: the loads are
 L1 hits, no layout change) and ``EXPAND=1`` (load the ``[BLOCK_N, 16]`` bytes once, broadcast
 and reshape to ``[BLOCK_N, 128]``); the benchmark (benchmarks/bench_gemm.py) measures both and
-``EXPAND`` below holds the faster one on an H100/H200.
+``EXPAND`` below holds the faster one measured. Both are far slower than cuBLAS on every klein-4B
+shape (BENCHMARKS.md): these kernels are correct and opt-in, not yet fast.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ import torch
 from .triton_q1 import tl, triton  # one Triton import for the pack
 
 SPLIT_MAX_M = 64
-EXPAND = 0
+# EXPAND 1 measured faster on an H100 (benchmarks/results/h100/w1_kernels/expand_quick.log, klein
+# attn 3072x3072: 0.58x / 0.30x cuBLAS graphed at M = 1 / 256, against 0.15x / 0.05x for EXPAND 0)
+EXPAND = 1
 ACTS = {"fp8": 1, "int8": 2}
 FP8_MAX = 448.0
 INT8_MAX = 127.0
@@ -112,7 +115,7 @@ if triton is not None:
         for g in range(g0, g1):
             cols = g * 128 + j
             x = tl.load(x_ptr + rm[:, None] * stride_xm + cols[None, :],
-                        mask=mmask[:, None] & (cols < K)[None, :], other=0)
+                        mask=mmask[:, None] & (cols < K)[None, :], other=0.0)  # int 0 cannot cast to fp8
             byte = _byte_tile(qs_ptr, rn, nmask, g, stride_qs, j, EXPAND_MODE, BLOCK_N)
             scale = tl.load(d_ptr + rn * stride_d + g, mask=nmask, other=0.0)
             if ACT == 0:
