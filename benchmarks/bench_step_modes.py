@@ -14,7 +14,8 @@ measures images of the shipped model).
 
     python3 benchmarks/bench_step_modes.py --models klein-4b,sd15,sdxl --kernels triton,w1 \
         --acts 16,fp8,int8 --json benchmarks/results/h200/step_modes.json
-    python3 benchmarks/bench_step_modes.py --quick     # tiny shapes: proves the script (CUDA)
+    python3 benchmarks/bench_step_modes.py --quick     # tiny shapes: proves the script (CUDA, or
+                                                       # the CPU: eager only, 16-bit activations)
 """
 
 from __future__ import annotations
@@ -58,9 +59,12 @@ def build(name: str, device, quick: bool):
     from diffusers import UNet2DConditionModel
 
     from bench_memory_estimate import SDXL_UNET, _random
-    from tests.sd_fixtures import SD15_UNET_CONFIG, TINY_UNET_CONFIG
+    from tests.sd_fixtures import SD15_UNET_CONFIG, TINY_SDXL_UNET_CONFIG, TINY_UNET_CONFIG
 
-    cfg = TINY_UNET_CONFIG if quick else (SD15_UNET_CONFIG if name == "sd15" else SDXL_UNET)
+    if name == "sd15":
+        cfg = TINY_UNET_CONFIG if quick else SD15_UNET_CONFIG
+    else:
+        cfg = TINY_SDXL_UNET_CONFIG if quick else SDXL_UNET
     dtype = torch.float16
     with torch.device("meta"):
         unet = UNet2DConditionModel(**cfg)
@@ -75,7 +79,8 @@ def build(name: str, device, quick: bool):
                    "timestep": torch.tensor(500.0, device=device),
                    "encoder_hidden_states": torch.randn(2, 77, ctx, generator=g).to(device, dtype)}
         if xl:
-            tensors["text_embeds"] = torch.randn(2, 1280, generator=g).to(device, dtype)
+            pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+            tensors["text_embeds"] = torch.randn(2, pooled, generator=g).to(device, dtype)
             tensors["time_ids"] = torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device, dtype=dtype)
 
         def fn(sample, timestep, encoder_hidden_states, text_embeds=None, time_ids=None):
@@ -135,10 +140,13 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("needs a CUDA device")
+    if not torch.cuda.is_available() and not args.quick:
+        print("needs a CUDA device (--quick runs tiny shapes on the CPU)")
         return 1
-    device = torch.device("cuda")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    graphs = (False, True) if device.type == "cuda" else (False,)
+    if device.type == "cpu":
+        args.kernels, args.acts = "auto", "16"
     from bonsai_core.quant.layers import quantize_model
     from bonsai_core.quant.policy import default_policy
 
@@ -155,11 +163,12 @@ def main(argv=None) -> int:
         rows = {}
         for size in sizes:
             fn, tensors, _ = make_call(size)
-            for graph in (False, True):
+            for graph in graphs:
                 s, _ = timed(fn, tensors, device, graph, args)
                 rows[(size, "dense", "16", graph)] = s
-            print(f"{name} {size}: dense eager {rows[(size, 'dense', '16', False)] * 1e3:.2f} ms, "
-                  f"graph {rows[(size, 'dense', '16', True)] * 1e3:.2f} ms", flush=True)
+            print(f"{name} {size}: dense " + ", ".join(f"{'graph' if g else 'eager'} "
+                                                       f"{rows[(size, 'dense', '16', g)] * 1e3:.2f} ms" for g in graphs),
+                  flush=True)
         t0 = time.perf_counter()
         quantize_model(model, default_policy(family))
         print(f"{name}: quantized in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -174,7 +183,7 @@ def main(argv=None) -> int:
                     set_choice(kernel, act)
                     rec = {"model": name, "size": size, "kernel": kernel, "act": act, "dtype": str(dtype)}
                     try:
-                        for graph in (False, True):
+                        for graph in graphs:
                             s, out = timed(fn, tensors, device, graph, args)
                             mode = "graph" if graph else "eager"
                             rec[f"{mode}_ms"] = s * 1e3
@@ -198,9 +207,9 @@ def main(argv=None) -> int:
                     if "error" in rec:
                         print(f"{name} {size} {kernel} act={act}: {rec['error']}", flush=True)
                     else:
-                        print(f"{name} {size} {kernel} act={act}: eager {rec['eager_ms']:.2f} ms "
-                              f"(x{rec['eager_ratio']:.3f} dense eager), graph {rec['graph_ms']:.2f} ms "
-                              f"(x{rec['graph_ratio']:.3f} dense graph){extra}", flush=True)
+                        print(f"{name} {size} {kernel} act={act}: " + ", ".join(
+                            f"{m} {rec[m + '_ms']:.2f} ms (x{rec[m + '_ratio']:.3f} dense {m})"
+                            for m in ("eager", "graph") if m + "_ms" in rec) + extra, flush=True)
         model = fn = tensors = inp = None
         free_memory(device)
     set_choice("auto", "16")
