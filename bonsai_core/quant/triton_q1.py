@@ -178,7 +178,8 @@ def _split_k(n: int, nb: int, block_n: int, device) -> tuple[int, int]:
     """(splits, groups per split): about four programs per multiprocessor over (N / block_n) x splits."""
     sms = _SM_COUNT.get(device)
     if sms is None:
-        sms = _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+        sms = _SM_COUNT[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                                   if device.type == "cuda" else 4)  # 4: Triton's interpreter, on a CPU
     splits = max(1, min(nb, (4 * sms) // max(1, triton.cdiv(n, block_n))))
     groups = triton.cdiv(nb, splits)
     return triton.cdiv(nb, groups), groups

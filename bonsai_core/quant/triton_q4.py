@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .triton_q1 import triton, tl
-from .triton_w1 import SPLIT_MAX_M, _configs_large, _m_bucket, _rows, reduce_splits, split_plan
+from .triton_q1 import _m_bucket, _rows, tl, triton
+from .triton_w1 import SPLIT_MAX_M, _configs_large, reduce_splits, split_plan
 
 if triton is not None:
     from .triton_w1 import _store, _tile

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import torch
 
-from .triton_q1 import tl, triton  # one Triton import for the pack
+from .triton_q1 import _m_bucket, _rows, _split_k, tl, triton  # one Triton import for the pack
 
 SPLIT_MAX_M = 64
 # EXPAND 1 measured faster on an H100 (benchmarks/results/h100/w1_kernels/expand_quick.log, klein
@@ -172,22 +172,6 @@ if triton is not None:
         tl.store(s_ptr + row, s)
 
 
-_SM_COUNT: dict = {}
-
-
-def _sms(device) -> int:
-    n = _SM_COUNT.get(device)
-    if n is None:
-        n = _SM_COUNT[device] = (torch.cuda.get_device_properties(device).multi_processor_count
-                                 if device.type == "cuda" else 4)  # 4: Triton's interpreter, on a CPU
-    return n
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1])
-    return x2 if x2.stride(-1) == 1 else x2.contiguous()
-
-
 def quantize_rows(x2: torch.Tensor, act: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token 8-bit activations: ``(q [M, K] fp8 e4m3 or int8, s [M] float32)``, ``x ~= s * q``."""
     m, k = x2.shape
@@ -204,7 +188,7 @@ def split_plan(m: int, n: int, groups: int, device):
     block sizes and launch options)``."""
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n = 64
-    splits, per = _splits(m, n, groups, block_n, device)
+    splits, per = _split_k(n, groups, block_n, device)
     part = torch.empty(splits, m, n, dtype=torch.float32, device=device)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), splits)
     return grid, part, per, dict(BLOCK_M=block_m, BLOCK_N=block_n, GROUP_M=1, num_warps=4, num_stages=3)
@@ -217,18 +201,6 @@ def reduce_splits(part: torch.Tensor, row_scale, bias, y: torch.Tensor) -> None:
                                                 y if bias is None else bias, y, m * n, n, splits,
                                                 ROW_SCALE=row_scale is not None, HAS_BIAS=bias is not None,
                                                 BLOCK=1024)
-
-
-def _m_bucket(m: int) -> int:
-    return 1 << max(m - 1, 1).bit_length()
-
-
-def _splits(m: int, n: int, nb: int, block_n: int, device) -> tuple[int, int]:
-    """(splits, groups per split) giving about four programs per multiprocessor."""
-    tiles = triton.cdiv(n, block_n)
-    splits = max(1, min(nb, (4 * _sms(device)) // max(1, tiles)))
-    per = triton.cdiv(nb, splits)
-    return triton.cdiv(nb, per), per
 
 
 def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int, bias, act: str | None = None,
