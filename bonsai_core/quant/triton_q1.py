@@ -248,11 +248,19 @@ class TritonKernel:
                                           stride, padding, dilation)
 
 
+_CAPABILITY: dict = {}
+
+
 def _checked_act(act: str, device) -> str:
-    if act == "fp8" and torch.cuda.get_device_capability(device) < (8, 9):
+    """``act``, refused where this GPU has no fp8 tensor cores (its capability read once per device:
+    this runs in every layer's forward)."""
+    cap = _CAPABILITY.get(device)
+    if cap is None:
+        cap = _CAPABILITY[device] = torch.cuda.get_device_capability(device)
+    if act == "fp8" and cap < (8, 9):
         from ..errors import BonsaiDeviceError
 
-        major, minor = torch.cuda.get_device_capability(device)
+        major, minor = cap
         raise BonsaiDeviceError(f"BONSAI_ACT=fp8 needs fp8 tensor cores (compute capability 8.9+); "
                                 f"{torch.cuda.get_device_name(device)} is {major}.{minor}: use BONSAI_ACT=int8 "
                                 "or leave BONSAI_ACT unset for exact 16-bit activations")
