@@ -79,10 +79,10 @@ def _check_scales(model: nn.Module, src_dir: Path, component: str) -> None:
         if bad is not None:
             _part, row, group = bad
             raise BonsaiCheckpointError(
-                    f"{src_dir}: {component} weight {name!r}, row {row}, group {group}: the group's scale (Q1_0: its "
-                    "mean |w|; Q4_AFFINE: its range / 15, or its minimum) is beyond fp16's range (65504), so its "
-                    f"{t.qtype} scale would be infinite; nothing was written. "
-                    "Rescale the layer (or keep it in 16-bit with a policy pattern) and convert again")
+                f"{src_dir}: {component} weight {name!r}, row {row}, group {group}: the group's scale (Q1_0: its "
+                "mean |w|; Q4_AFFINE: its range / 15, or its minimum) is beyond fp16's range (65504), so its "
+                f"{t.qtype} scale would be infinite; nothing was written. "
+                "Rescale the layer (or keep it in 16-bit with a policy pattern) and convert again")
 
 
 def _check_finite(model: nn.Module, where: Path) -> None:
