@@ -4,10 +4,11 @@
 # in .whl/ (benchmarks/README.md says how). Everything that must come back is written under $OUT.
 #
 #   bash benchmarks/gpu_run.sh kernels   # kernel tests, klein-4B GEMM table, klein-4B steps in the same mode
+#   bash benchmarks/gpu_run.sh verify    # every CUDA test, the memory estimate, the W1A8 GEMM rows
 #   bash benchmarks/gpu_run.sh more      # SD GEMM table and steps, W1A8 image PSNR, CUDA tests, memory estimate
 #   bash benchmarks/gpu_run.sh te4bit    # the 4-bit text encoder's memory and time
 set -uo pipefail
-stage=${1:?stage: kernels | quick | more | te4bit}
+stage=${1:?stage: kernels | quick | verify | more | te4bit}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -32,6 +33,15 @@ case $stage in
     timeout 90 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_w1.py 2>&1 | tail -25 | tee "$OUT/tests.log"
     timeout 120 python3 benchmarks/bench_gemm.py --families klein-4B --ms 1,16,256,1536,4096 \
       --paths dense,w1a16,fp8_gemm,scaled_mm --json "$OUT/gemm_quick.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_quick.log"
+    ;;
+  verify)  # every CUDA test (W1A8 fp8/int8 and W4A16 included), the memory estimate (17), the W1A8 GEMM rows
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_w1.py 2>&1 | tail -25 | tee "$OUT/tests.log"
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernels.py tests/test_cuda_engine.py 2>&1 \
+      | tail -15 | tee "$OUT/tests_more.log"
+    timeout 120 python3 benchmarks/bench_memory_estimate.py --device cuda --models sd15,klein-4b,sdxl \
+      --out "$OUT/memory_estimate.json" 2>&1 | tail -30 | tee "$OUT/memory_estimate.log"
+    timeout 120 python3 benchmarks/bench_gemm.py --families klein-4B --ms 1,16,256,1536,4096 \
+      --paths dense,w1a16,fp8,int8,scaled_mm,int_mm --json "$OUT/gemm_w1a8.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_w1a8.log"
     ;;
   more)  # the second: SD shapes, SD steps, images, the other CUDA tests, the memory estimate
     timeout 90 python3 benchmarks/bench_gemm.py --families SD1.5/SDXL --ms 1,16,256,4096,8192 \
