@@ -443,3 +443,36 @@ def test_an_empty_hqq_weight_has_no_4bit_form_and_is_left_to_the_dense_path():
     empty = torch.zeros(0, 64, dtype=torch.uint8)
     assert _hqq_as_q4(empty, torch.zeros(0, 1, dtype=torch.float16), torch.zeros(0, 1, dtype=torch.float16),
                       torch.float16, (0, 64), 64, 1, torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("make", ["q4", "q1"])
+def test_assigning_data_of_a_packed_weight_takes_the_new_parts(make):
+    """``param.data = other`` must leave the packed weight holding ``other``'s parts: before, only the
+    tensor's own header changed and the parts stayed the old ones (on CUDA that put the parts on the
+    host under a tensor that said cuda; here, the old values stay)."""
+    from bonsai_core.quant.tensor import Q1Tensor
+
+    cls = Q4Tensor if make == "q4" else Q1Tensor
+    torch.manual_seed(0)
+    a, b = torch.randn(8, 256), torch.randn(8, 256)
+    p = torch.nn.Parameter(cls.from_float(a), requires_grad=False)
+    p.data = cls.from_float(b)
+    assert torch.equal(p.dequantize(torch.float32), cls.from_float(b).dequantize(torch.float32))
+    with pytest.raises(TypeError, match=cls.QTYPE):
+        p.data = torch.zeros(8, 256)
+    with pytest.raises(TypeError, match=cls.QTYPE):
+        p.data = cls.from_float(torch.randn(4, 256))
+
+
+def test_host_parked_lends_packed_parts_and_pins_them(monkeypatch):
+    """HostParked keeps the host copy of a packed weight (its parts pinned where pinning works) and
+    lends parts that lie on the lending device."""
+    from bonsai_core.families.flux2_klein import HostParked
+
+    m = torch.nn.Linear(256, 8, bias=False)
+    m.weight = torch.nn.Parameter(Q4Tensor.from_float(torch.randn(8, 256)), requires_grad=False)
+    parked = HostParked(m)
+    parked.lend(torch.device("meta"))
+    assert all(t.device.type == "meta" for t in m.weight.parts)
+    parked.park()
+    assert all(t.device.type == "cpu" for t in m.weight.parts)

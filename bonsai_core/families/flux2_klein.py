@@ -95,26 +95,45 @@ class HostParked:
 
     Lending is one fast copy per tensor (pinned memory streams at full PCIe speed); parking costs
     nothing, because the host copy was never dropped: no copy back, no fresh host allocation.
-    Where pinning is refused (locked-memory limits), the plain host tensors are used.
+    Where pinning is refused (locked-memory limits), the plain host tensors are used. The module's
+    own parameter and buffer slots are swapped (tied weights stay tied): a packed weight's parts
+    travel with it, which ``param.data = ...`` across devices cannot promise.
     """
 
     def __init__(self, module: nn.Module):
-        self.tensors = list(module.parameters()) + list(module.buffers())
-        self.host = []
-        for t in self.tensors:
-            try:
-                t.data = t.data.pin_memory()
-            except RuntimeError:
-                pass
-            self.host.append(t.data)
+        self.slots: list[tuple[dict, str, int]] = []  # (the module's _parameters or _buffers, name, tensor)
+        self.host: list[torch.Tensor] = []
+        index: dict[int, int] = {}
+        for mod in module.modules():
+            for store in (mod._parameters, mod._buffers):
+                for name, t in store.items():
+                    if t is None:
+                        continue
+                    if id(t) not in index:
+                        index[id(t)] = len(self.host)
+                        self.host.append(self._pinned(t))
+                    self.slots.append((store, name, index[id(t)]))
+        self.park()
+
+    @staticmethod
+    def _pinned(t: torch.Tensor) -> torch.Tensor:
+        try:
+            pinned = t.detach().pin_memory()
+        except RuntimeError:
+            return t
+        return nn.Parameter(pinned, requires_grad=False) if isinstance(t, nn.Parameter) else pinned
 
     def lend(self, device: torch.device) -> None:
-        for t, h in zip(self.tensors, self.host):
-            t.data = h.to(device, non_blocking=True)
+        lent = []
+        for h in self.host:
+            t = h.detach().to(device, non_blocking=True)
+            lent.append(nn.Parameter(t, requires_grad=False) if isinstance(h, nn.Parameter) else t)
+        for store, name, i in self.slots:
+            store[name] = lent[i]
 
     def park(self) -> None:
-        for t, h in zip(self.tensors, self.host):
-            t.data = h
+        for store, name, i in self.slots:
+            store[name] = self.host[i]
 
 
 class Flux2KleinFamily(Family):

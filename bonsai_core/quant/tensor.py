@@ -77,6 +77,22 @@ class PackedTensor(torch.Tensor):
         super().__init__()
 
     @property
+    def data(self) -> torch.Tensor:
+        return torch.Tensor.data.__get__(self)
+
+    @data.setter
+    def data(self, new: torch.Tensor) -> None:
+        """``param.data = other`` takes ``other``'s parts: Tensor's own setter swaps only the header
+        (device, shape) and would leave the packed parts where they were."""
+        if type(new) is not type(self) or new.shape != self.shape:
+            raise TypeError(f"a {self.QTYPE} weight {list(self.shape)} can only take the data of a {self.QTYPE} "
+                            f"weight of the same shape, got {type(new).__name__} {list(new.shape)}")
+        torch.Tensor.data.__set__(self, new)
+        for name in self.INNER:
+            setattr(self, name, getattr(new, name))
+        self._dtype = new._dtype
+
+    @property
     def parts(self) -> list[torch.Tensor]:
         return [getattr(self, n) for n in self.INNER]
 
