@@ -8,6 +8,7 @@ M = 1, 16, 256, 1536, 4096, 8192. Paths:
   dequant  one Triton dequantize pass into a dense weight, then cuBLAS
   gemv     the split-K GEMV on tensor cores (M <= 16 only)
   fused    the first tiled kernel reading packed bits (klein shapes only: its autotuning is slow)
+  mma      cuda_w1's CUDA C++ W1A16 on tensor cores (mma.sync; split-K with an in-kernel reduction)
   w1a16    triton_w1's fused W1A16 (split-K below M = 65, tiled above; EXPAND 0), w1a16x1 with EXPAND 1
   fp8      triton_w1's W1A8 with e4m3 activations, activation quantization included; int8 likewise
   fp8_gemm the same kernel on activations quantized beforehand (int8_gemm likewise): like with like
@@ -33,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bonsai_core.quant import q1_0, triton_q1, triton_w1  # noqa: E402
+from bonsai_core.quant import cuda_w1, q1_0, triton_q1, triton_w1  # noqa: E402
 from bonsai_core.quant.kernels import REFERENCE  # noqa: E402
 from bonsai_core.quant.tensor import Q1Tensor  # noqa: E402
 
@@ -141,6 +142,7 @@ def main() -> int:
                      "dequant": lambda: triton_q1.linear_dequant(x, qs, d, k, None),
                      "w1a16": lambda: triton_w1.linear(x, qs, d, k, None, None, 0),
                      "w1a16x1": lambda: triton_w1.linear(x, qs, d, k, None, None, 1),
+                     "mma": lambda: cuda_w1.linear(x, qs, d, k, None),
                      "fp8": lambda: triton_w1.linear(x, qs, d, k, None, "fp8"),
                      "int8": lambda: triton_w1.linear(x, qs, d, k, None, "int8"),
                      "fp8_gemm": lambda: triton_w1.matmul(xq8, xs8, qs, d, k, None, dtype),

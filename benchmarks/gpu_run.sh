@@ -5,10 +5,11 @@
 #
 #   bash benchmarks/gpu_run.sh kernels   # kernel tests, klein-4B GEMM table, klein-4B steps in the same mode
 #   bash benchmarks/gpu_run.sh verify    # every CUDA test, the memory estimate, the W1A8 GEMM rows
+#   bash benchmarks/gpu_run.sh mma       # the CUDA C++ W1A16 kernel: build, tests, GEMM rows, klein steps
 #   bash benchmarks/gpu_run.sh more      # SD GEMM table and steps, W1A8 image PSNR, CUDA tests, memory estimate
 #   bash benchmarks/gpu_run.sh te4bit    # the 4-bit text encoder's memory and time
 set -uo pipefail
-stage=${1:?stage: kernels | quick | verify | more | te4bit}
+stage=${1:?stage: kernels | quick | verify | mma | more | te4bit}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -42,6 +43,16 @@ case $stage in
       --out "$OUT/memory_estimate.json" 2>&1 | tail -30 | tee "$OUT/memory_estimate.log"
     timeout 120 python3 benchmarks/bench_gemm.py --families klein-4B --ms 1,16,256,1536,4096 \
       --paths dense,w1a16,fp8,int8,scaled_mm,int_mm --json "$OUT/gemm_w1a8.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_w1a8.log"
+    ;;
+  mma)  # the CUDA C++ W1A16 kernel: build, tests, GEMM rows on every family, klein-4B steps
+    nvcc --version | tail -2 | tee "$OUT/mma-nvcc.txt"
+    export BONSAI_CACHE_DIR=${BONSAI_CACHE_DIR:-$PWD/models/cache}
+    ( time python3 -c "import torch; from bonsai_core.quant import cuda_w1; print(cuda_w1.why_not(torch.device('cuda')) or 'built')" ) 2>&1 | tee "$OUT/mma-build.log"
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_w1.py 2>&1 | tail -30 | tee "$OUT/mma-tests.log"
+    timeout 150 python3 benchmarks/bench_gemm.py --families klein-4B,SD1.5/SDXL --ms 1,16,256,1536,4096 \
+      --paths dense,mma,auto --json "$OUT/gemm_mma.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_mma.log"
+    timeout 150 python3 benchmarks/bench_step_modes.py --models klein-4b --kernels triton,mma --acts 16 \
+      --json "$OUT/step_mma.json" 2>&1 | grep -v -i -e warn -e "JSON result" | tee "$OUT/step_mma.log"
     ;;
   more)  # the second: SD shapes, SD steps, images, the other CUDA tests, the memory estimate
     timeout 90 python3 benchmarks/bench_gemm.py --families SD1.5/SDXL --ms 1,16,256,4096,8192 \

@@ -46,7 +46,8 @@ ACT_ENV = "BONSAI_ACT"
 # the default) or 8-bit per-token activations on 8-bit tensor cores (W1A8, opt-in, CUDA only).
 ACTS = ("16", "fp8", "int8")
 # Kernel names provided by modules imported only when a CUDA tensor first arrives.
-LAZY_NAMES = {"triton": "cuda", "w1": "cuda", "w4": "cuda", "dequant": "cuda", "gemv": "cuda", "fused": "cuda"}
+LAZY_NAMES = {"triton": "cuda", "mma": "cuda", "w1": "cuda", "w4": "cuda", "dequant": "cuda", "gemv": "cuda",
+              "fused": "cuda"}
 
 
 class ReferenceKernel:
@@ -181,6 +182,7 @@ def select(x: torch.Tensor, w: PackedTensor, op: str = "linear"):
         return REFERENCE  # a kernel without convs: the contract says the reference computes them
     why = (f"kernel {name!r} is not available here" if kernel is None else
            f"kernel {name!r} does not take {w.qtype} weights" if not takes(kernel, w) else
+           getattr(kernel, "why_not", lambda x, w: None)(x, w) or
            f"kernel {name!r} does not take {x.device.type} {x.dtype} inputs")
     if strict:
         raise BonsaiDeviceError(f"{why}; use another kernel or move the inputs")

@@ -308,6 +308,9 @@ def register() -> None:
         return
     kernels.register(TritonQ4Kernel(), auto=Q4_AUTO)
     kernels.register(TritonKernel("w1", linear_w1, w1a8=True), auto=False)
+    from .cuda_w1 import CudaW1Kernel
+
+    kernels.register(CudaW1Kernel(), auto=False)
     kernels.register(TritonKernel("triton", linear_auto, w1a8=True), auto=True)
     kernels.register(TritonKernel("dequant", linear_dequant), auto=False)
     kernels.register(TritonKernel("gemv", linear_gemv), auto=False)

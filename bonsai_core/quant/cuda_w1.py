@@ -1,0 +1,191 @@
+"""W1A16 on tensor cores in CUDA C++ (``cuda/w1_mma.cu``): the kernel ``mma`` of the contract.
+
+The source is compiled at first use with the CUDA compiler of this machine (``nvcc``: ``BONSAI_NVCC``,
+else ``$CUDA_HOME/bin/nvcc``, else the one on ``PATH``) for the card in use, into
+``$BONSAI_CACHE_DIR`` (default ``~/.cache/bonsai``) under a name that holds the source's hash and
+the card's architecture; later runs load that file. It is a plain shared library called through
+ctypes (no PyTorch headers, so it builds in seconds). Nothing prebuilt is downloaded.
+
+Where it cannot be built (no ``nvcc``, a card older than sm80, a failed build) the kernel is
+unavailable: the auto choice never depends on it, and naming it (``BONSAI_KERNEL=mma``) says why.
+Convolutions and 8-bit activations (``BONSAI_ACT``) go the Triton kernels' way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .triton_q1 import TritonKernel
+
+log = logging.getLogger("bonsai")
+
+SOURCE = Path(__file__).with_name("cuda") / "w1_mma.cu"
+NVCC_ENV = "BONSAI_NVCC"
+CACHE_ENV = "BONSAI_CACHE_DIR"
+BUILD_TIMEOUT_S = 600
+MIN_CAPABILITY = (8, 0)  # mma.sync with bf16 operands
+TARGET_CTAS_PER_SM = 2   # split K until a launch has about this many blocks per multiprocessor
+MIN_GROUPS_PER_SPLIT = 2
+MAX_SPLITS = 16
+COUNTERS = 1 << 16       # per-tile arrival counters of the split-K reduction, per device
+
+_LOCK = threading.Lock()
+_LIBS: dict[tuple[int, int], ctypes.CDLL | str] = {}  # capability -> library, or why it is unavailable
+_DEVICE: dict[int, tuple] = {}                        # device index -> (capability, SM count, counters)
+
+
+def find_nvcc() -> str | None:
+    named = os.environ.get(NVCC_ENV)
+    if named:
+        return named
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").is_file() else None)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "bonsai")
+
+
+def library_path(capability: tuple[int, int]) -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    return cache_dir() / f"w1_mma-{digest}-sm{capability[0]}{capability[1]}.so"
+
+
+def build(capability: tuple[int, int], nvcc: str | None = None) -> Path:
+    """Compile the kernel for ``capability`` (if not already in the cache); the library's path.
+    The file appears whole or not at all (built under a temporary name, then renamed)."""
+    out = library_path(capability)
+    if out.is_file():
+        return out
+    nvcc = nvcc or find_nvcc()
+    if nvcc is None:
+        raise RuntimeError(f"no CUDA compiler: install the CUDA toolkit (nvcc) or point {NVCC_ENV} at one")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    arch = f"{capability[0]}{capability[1]}"
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
+           f"-gencode=arch=compute_{arch},code=sm_{arch}", str(SOURCE), "-o", tmp]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{' '.join(cmd)} ran past {BUILD_TIMEOUT_S} s") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def _load(capability: tuple[int, int]) -> ctypes.CDLL | str:
+    with _LOCK:
+        lib = _LIBS.get(capability)
+        if lib is not None:
+            return lib
+        if capability < MIN_CAPABILITY:
+            lib = f"the card's compute capability {capability[0]}.{capability[1]} is below 8.0 (no bf16 mma)"
+        else:
+            try:
+                path = build(capability)
+                lib = ctypes.CDLL(str(path))
+                p, i = ctypes.c_void_p, ctypes.c_int
+                lib.bonsai_w1a16.argtypes = [p, p, p, p, p, p, p] + [i] * 10 + [p]
+                lib.bonsai_w1a16.restype = i
+                lib.bonsai_cuda_error_string.argtypes = [i]
+                lib.bonsai_cuda_error_string.restype = ctypes.c_char_p
+                lib.bonsai_w1_block_n.restype = i
+                log.info("bonsai: CUDA W1A16 kernel loaded from %s", path)
+            except (RuntimeError, OSError) as e:
+                lib = f"the CUDA W1A16 kernel could not be built: {e}"
+                log.warning("bonsai: %s", lib)
+        _LIBS[capability] = lib
+        return lib
+
+
+def _device(device: torch.device) -> tuple:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    info = _DEVICE.get(index)
+    if info is None:
+        props = torch.cuda.get_device_properties(index)
+        counters = torch.zeros(COUNTERS, dtype=torch.int32, device=torch.device("cuda", index))
+        info = _DEVICE[index] = ((props.major, props.minor), props.multi_processor_count, counters)
+    return info
+
+
+def why_not(device: torch.device) -> str | None:
+    """None when the kernel runs on ``device``, else why not."""
+    lib = _load(_device(device)[0])
+    return lib if isinstance(lib, str) else None
+
+
+def plan(m: int, n: int, groups: int, sms: int, block_n: int = 128) -> tuple[int, int, int]:
+    """``(mt, splits, groups per split)``: m16 tiles per warp, and how K is split so that a launch
+    has about ``TARGET_CTAS_PER_SM`` blocks per multiprocessor."""
+    mt = 1 if m <= 16 else (2 if m <= 32 else 4)
+    tiles = -(-n // block_n) * -(-m // (16 * mt))
+    splits = min(MAX_SPLITS, max(1, groups // MIN_GROUPS_PER_SPLIT), max(1, -(-TARGET_CTAS_PER_SM * sms // tiles)))
+    if tiles > COUNTERS:
+        splits = 1
+    per = -(-groups // splits)
+    return mt, -(-groups // per), per
+
+
+def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int, bias) -> torch.Tensor:
+    """``x @ W.T + bias`` for a Q1_0 weight (``qs`` [N, NG*16], ``d`` [N, NG]) and 16-bit ``x``."""
+    cap, sms, counters = _device(x.device)
+    lib = _load(cap)
+    if isinstance(lib, str):
+        from ..errors import BonsaiDeviceError
+
+        raise BonsaiDeviceError(lib)
+    shape = x.shape
+    x2 = x.reshape(-1, in_features)
+    if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
+        x2 = x2.contiguous()
+    m, n, groups = x2.shape[0], d.shape[0], d.shape[1]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.reshape(*shape[:-1], n)
+    mt, splits, per = plan(m, n, groups, sms, lib.bonsai_w1_block_n())
+    part = torch.empty(splits if splits > 1 else 0, m, n, dtype=torch.float32, device=x.device)
+    if bias is not None:
+        bias = bias.to(x.dtype).contiguous()
+    qs, d = qs.contiguous(), d.contiguous()
+    code = lib.bonsai_w1a16(x2.data_ptr(), qs.data_ptr(), d.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                            y.data_ptr(), part.data_ptr(), counters.data_ptr(), m, n, in_features, groups,
+                            x2.stride(0), y.stride(0), splits, per, mt, int(x.dtype == torch.bfloat16),
+                            torch.cuda.current_stream(x.device).cuda_stream)
+    if code:
+        raise RuntimeError(f"CUDA W1A16 kernel launch failed: {lib.bonsai_cuda_error_string(code).decode()} "
+                           f"(M={m}, N={n}, K={in_features})")
+    return y.reshape(*shape[:-1], n)
+
+
+class CudaW1Kernel(TritonKernel):
+    """``mma``: the CUDA C++ W1A16 kernel for linears; convs and ``BONSAI_ACT`` as the Triton kernel."""
+
+    def __init__(self):
+        super().__init__("mma", linear, w1a8=True)
+
+    def supports(self, x: torch.Tensor, w) -> bool:
+        return super().supports(x, w) and w.cols % 8 == 0 and why_not(x.device) is None
+
+    def why_not(self, x: torch.Tensor, w) -> str | None:
+        if x.is_cuda and w.cols % 8:
+            return f"kernel 'mma' needs rows of a multiple of 8 weights, this layer has {w.cols}"
+        return why_not(x.device) if x.is_cuda else None
