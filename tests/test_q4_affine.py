@@ -476,3 +476,22 @@ def test_host_parked_lends_packed_parts_and_pins_them(monkeypatch):
     assert all(t.device.type == "meta" for t in m.weight.parts)
     parked.park()
     assert all(t.device.type == "cpu" for t in m.weight.parts)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs a CUDA device")
+def test_pinning_a_packed_weight_keeps_it_packed_and_lending_puts_its_parts_on_the_gpu():
+    """On CUDA, Tensor.pin_memory on a packed weight once came back as a plain dense tensor (the
+    whole weight expanded into pinned memory): the lent text encoder ran dense BonsaiLinear weights."""
+    from bonsai_core.families.flux2_klein import HostParked
+
+    w = Q4Tensor.from_float(torch.randn(64, 256))
+    pinned = w.pin_memory()
+    assert type(pinned) is Q4Tensor and all(t.is_pinned() for t in pinned.parts)
+    m = torch.nn.Linear(256, 64, bias=False)
+    m.weight = torch.nn.Parameter(w, requires_grad=False)
+    parked = HostParked(m)
+    assert type(m.weight) is Q4Tensor and all(t.is_pinned() for t in m.weight.parts)
+    parked.lend(torch.device("cuda"))
+    assert type(m.weight) is Q4Tensor and all(t.is_cuda for t in m.weight.parts)
+    parked.park()
+    assert all(t.device.type == "cpu" for t in m.weight.parts)

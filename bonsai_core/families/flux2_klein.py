@@ -118,7 +118,7 @@ class HostParked:
     @staticmethod
     def _pinned(t: torch.Tensor) -> torch.Tensor:
         try:
-            pinned = t.detach().pin_memory()
+            pinned = t.detach().pin_memory()  # a packed weight pins its parts (PackedTensor.pin_memory)
         except RuntimeError:
             return t
         return nn.Parameter(pinned, requires_grad=False) if isinstance(t, nn.Parameter) else pinned

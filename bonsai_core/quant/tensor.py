@@ -92,6 +92,11 @@ class PackedTensor(torch.Tensor):
             setattr(self, name, getattr(new, name))
         self._dtype = new._dtype
 
+    def pin_memory(self, device=None) -> "PackedTensor":
+        """The same weight with its parts in pinned host memory. Tensor's own pin_memory allocates a
+        plain pinned tensor of the logical shape and copies into it: the weight would come back dense."""
+        return self._same([t.pin_memory() for t in self.parts])
+
     @property
     def parts(self) -> list[torch.Tensor]:
         return [getattr(self, n) for n in self.INNER]
