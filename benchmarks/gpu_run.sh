@@ -51,7 +51,7 @@ case $stage in
     timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda_w1.py 2>&1 | tail -30 | tee "$OUT/mma-tests.log"
     timeout 150 python3 benchmarks/bench_gemm.py --families klein-4B,SD1.5/SDXL --ms 1,16,256,1536,4096 \
       --paths dense,mma,auto --json "$OUT/gemm_mma.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_mma.log"
-    timeout 150 python3 benchmarks/bench_step_modes.py --models klein-4b --kernels triton,mma --acts 16 \
+    timeout 150 python3 benchmarks/bench_step_modes.py --models klein-4b,sd15 --kernels triton,mma --acts 16 \
       --json "$OUT/step_mma.json" 2>&1 | grep -v -i -e warn -e "JSON result" | tee "$OUT/step_mma.log"
     ;;
   more)  # the second: SD shapes, SD steps, images, the other CUDA tests, the memory estimate
@@ -66,6 +66,8 @@ case $stage in
       --out "$OUT/memory_estimate.json" 2>&1 | tail -30 | tee "$OUT/memory_estimate.log"
     ;;
   te4bit)
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_q4_affine.py -k "pinning or lend or park" 2>&1 \
+      | tail -3 | tee "$OUT/te4bit-tests.log"
     timeout 500 python3 benchmarks/bench_te4bit.py --device cuda --json "$OUT/te4bit.json" 2>&1 | tail -60 \
       | tee "$OUT/te4bit.log"
     ;;

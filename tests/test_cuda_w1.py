@@ -17,6 +17,8 @@ import torch
 
 from bonsai_core.quant import cuda_w1, q1_0
 
+_REAL_LINEAR = cuda_w1.linear
+
 CUDA = torch.cuda.is_available()
 needs_gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA device (and nvcc to build the kernel)")
 
@@ -99,6 +101,12 @@ def test_mma_negative_scales_and_a_graph_replay():
                                  generator=torch.Generator("cuda").manual_seed(seed)))
         graph.replay()
         assert torch.equal(out, cuda_w1.linear(static, qs, d, k, None))
+        # an eager call that needs more split-K room than any before: the workspace grows, and the
+        # graph's replay (which writes into the older buffer) must still be right
+        qs2, d2 = _weights(27648, 3072, seed)
+        cuda_w1.linear(torch.randn(64, 3072, device="cuda", dtype=torch.bfloat16), qs2, d2, 3072, None)
+    graph.replay()
+    assert torch.equal(out, cuda_w1.linear(static, qs, d, k, None))
 
 
 @needs_gpu
@@ -108,13 +116,17 @@ def test_mma_through_the_contract(monkeypatch):
 
     lin = torch.nn.Linear(640, 320).cuda().to(torch.bfloat16)
     layer = BonsaiLinear.from_linear(lin)
-    x = torch.randn(4, 77, 640, device="cuda", dtype=torch.bfloat16)
-    with kernels.forced("reference"):
-        want = layer(x)
-    with kernels.forced("mma"):
-        assert kernels.active(x.reshape(-1, 640), layer.weight) == "mma"
-        got = layer(x)
-    assert (got.float() - want.float()).abs().max().item() <= 8e-3 * want.float().abs().max().item()
+    calls = []
+    monkeypatch.setattr(cuda_w1, "linear", lambda *a: calls.append(a[0].shape) or _REAL_LINEAR(*a))
+    for tokens in (7, 77):  # 2 x 7 = 14 rows go to the CUDA kernel, 4 x 77 = 308 to dequantize + cuBLAS
+        x = torch.randn(2 if tokens == 7 else 4, tokens, 640, device="cuda", dtype=torch.bfloat16)
+        with kernels.forced("reference"):
+            want = layer(x)
+        with kernels.forced("mma"):
+            assert kernels.active(x.reshape(-1, 640), layer.weight) == "mma"
+            got = layer(x)
+        assert (got.float() - want.float()).abs().max().item() <= 8e-3 * want.float().abs().max().item()
+    assert calls == [torch.Size([2, 7, 640])]
 
 
 def test_the_plan_splits_k_only_while_blocks_are_few():

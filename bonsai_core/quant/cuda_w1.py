@@ -34,7 +34,8 @@ NVCC_ENV = "BONSAI_NVCC"
 CACHE_ENV = "BONSAI_CACHE_DIR"
 BUILD_TIMEOUT_S = 600
 MIN_CAPABILITY = (8, 0)  # mma.sync with bf16 operands
-TARGET_CTAS_PER_SM = 2   # split K until a launch has about this many blocks per multiprocessor
+TARGET_CTAS_PER_SM = 6   # split K until a launch has about this many blocks per multiprocessor
+MMA_MAX_M = 64           # above this many tokens the kernel 'mma' hands a layer to dequantize + cuBLAS
 MIN_GROUPS_PER_SPLIT = 2
 MAX_SPLITS = 16
 COUNTERS = 1 << 16       # per-tile arrival counters of the split-K reduction, per device
@@ -145,6 +146,9 @@ def plan(m: int, n: int, groups: int, sms: int, block_n: int = 128) -> tuple[int
     return mt, -(-groups // per), per
 
 
+_PLANS: dict[tuple, tuple] = {}
+
+
 def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int, bias) -> torch.Tensor:
     """``x @ W.T + bias`` for a Q1_0 weight (``qs`` [N, NG*16], ``d`` [N, NG]) and 16-bit ``x``."""
     cap, sms, counters = _device(x.device)
@@ -161,26 +165,63 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int,
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*shape[:-1], n)
-    mt, splits, per = plan(m, n, groups, sms, lib.bonsai_w1_block_n())
-    part = torch.empty(splits if splits > 1 else 0, m, n, dtype=torch.float32, device=x.device)
-    if bias is not None:
+    key = (m, n, groups, sms)
+    p = _PLANS.get(key)
+    if p is None:
+        p = _PLANS[key] = plan(m, n, groups, sms, lib.bonsai_w1_block_n())
+    mt, splits, per = p
+    part = _workspace(x.device, splits * m * n) if splits > 1 else counters
+    if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
-    qs, d = qs.contiguous(), d.contiguous()
+    if not qs.is_contiguous():
+        qs, d = qs.contiguous(), d.contiguous()
     code = lib.bonsai_w1a16(x2.data_ptr(), qs.data_ptr(), d.data_ptr(), 0 if bias is None else bias.data_ptr(),
                             y.data_ptr(), part.data_ptr(), counters.data_ptr(), m, n, in_features, groups,
-                            x2.stride(0), y.stride(0), splits, per, mt, int(x.dtype == torch.bfloat16),
-                            torch.cuda.current_stream(x.device).cuda_stream)
+                            x2.stride(0), n, splits, per, mt, int(x.dtype == torch.bfloat16),
+                            torch._C._cuda_getCurrentRawStream(x.device.index if x.device.index is not None
+                                                               else torch.cuda.current_device()))
     if code:
         raise RuntimeError(f"CUDA W1A16 kernel launch failed: {lib.bonsai_cuda_error_string(code).decode()} "
                            f"(M={m}, N={n}, K={in_features})")
     return y.reshape(*shape[:-1], n)
 
 
+_WORKSPACE: dict = {}
+_RETIRED: list = []
+
+
+def _workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """float32 room for ``numel`` split-K partials. One buffer per device, reused by every layer
+    (launches on one stream run one after another, and a launch consumes its partials before it
+    ends); it grows outside CUDA-graph capture only (a capture allocates from its own pool), and
+    a buffer it outgrew is kept, because a graph captured earlier writes into it on every replay.
+    The largest plan (64 tokens, klein-4B's widest layer) takes about 30 MB."""
+    buf = _WORKSPACE.get(device)
+    if buf is not None and buf.numel() >= numel:
+        return buf
+    if torch.cuda.is_current_stream_capturing():
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    if buf is not None:
+        _RETIRED.append(buf)  # a captured graph may still write into it: never freed
+    buf = _WORKSPACE[device] = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
+    return buf
+
+
+def linear_hybrid(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int, bias) -> torch.Tensor:
+    """The kernel ``mma``: this CUDA kernel up to ``MMA_MAX_M`` tokens, dequantize + cuBLAS above."""
+    if x.numel() // in_features <= MMA_MAX_M:
+        return linear(x, qs, d, in_features, bias)
+    from .triton_q1 import linear_auto
+
+    return linear_auto(x, qs, d, in_features, bias)
+
+
 class CudaW1Kernel(TritonKernel):
-    """``mma``: the CUDA C++ W1A16 kernel for linears; convs and ``BONSAI_ACT`` as the Triton kernel."""
+    """``mma``: the CUDA C++ W1A16 kernel for linears of up to ``MMA_MAX_M`` tokens, dequantize + cuBLAS
+    above; convs and ``BONSAI_ACT`` as the Triton kernel."""
 
     def __init__(self):
-        super().__init__("mma", linear, w1a8=True)
+        super().__init__("mma", linear_hybrid, w1a8=True)
 
     def supports(self, x: torch.Tensor, w) -> bool:
         return super().supports(x, w) and w.cols % 8 == 0 and why_not(x.device) is None

@@ -141,28 +141,46 @@ __global__ void __launch_bounds__(WARPS * 32) w1a16_kernel(
       xrow[i][h] = x + (size_t)(xok[i][h] ? m : 0) * ldx + 32 * t4;
     }
 
-  for (int grp = g0; grp < g1; ++grp) {
-    uint32_t bits[NT], base[NT];
+  // The next group's bits and scales are loaded while this group's mmas run (memory latency is
+  // what a 1-bit GEMV waits on: the weights themselves are few bytes).
+  uint32_t bits[NT], base[NT], next_bits[NT];
+  __half next_d[NT];
+  if (g0 < g1) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      bits[j] = __ldg(qrow[j] + grp * 4);
-      base[j] = neg_pair<BF16>(drow[j][grp]);
+      next_bits[j] = __ldg(qrow[j] + g0 * 4);
+      next_d[j] = drow[j][g0];
+    }
+  }
+  for (int grp = g0; grp < g1; ++grp) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      bits[j] = next_bits[j];
+      base[j] = neg_pair<BF16>(next_d[j]);
+    }
+    if (grp + 1 < g1) {
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        next_bits[j] = __ldg(qrow[j] + (grp + 1) * 4);
+        next_d[j] = drow[j][grp + 1];
+      }
     }
     const int kg = grp * 128 + 32 * t4;
+    uint4 xa[4][MT][2];  // all four steps' activations first: their loads overlap
 #pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      const int k = kg + 8 * s;
-      uint4 xa[MT][2];
+    for (int s = 0; s < 4; ++s)
 #pragma unroll
       for (int i = 0; i < MT; ++i)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          if (xok[i][h] && k < K) {
-            xa[i][h] = __ldg(reinterpret_cast<const uint4*>(xrow[i][h] + grp * 128 + 8 * s));
+          if (xok[i][h] && kg + 8 * s < K) {
+            xa[s][i][h] = __ldg(reinterpret_cast<const uint4*>(xrow[i][h] + grp * 128 + 8 * s));
           } else {
-            xa[i][h] = make_uint4(0u, 0u, 0u, 0u);
+            xa[s][i][h] = make_uint4(0u, 0u, 0u, 0u);
           }
         }
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
         const uint32_t byte = bits[j] >> (8 * s);
@@ -170,8 +188,8 @@ __global__ void __launch_bounds__(WARPS * 32) w1a16_kernel(
         const uint32_t b2 = base[j] ^ flips(byte >> 4), b3 = base[j] ^ flips(byte >> 6);
 #pragma unroll
         for (int i = 0; i < MT; ++i) {
-          mma16816<BF16>(acc[i][j], xa[i][0].x, xa[i][1].x, xa[i][0].y, xa[i][1].y, b0, b1);
-          mma16816<BF16>(acc[i][j], xa[i][0].z, xa[i][1].z, xa[i][0].w, xa[i][1].w, b2, b3);
+          mma16816<BF16>(acc[i][j], xa[s][i][0].x, xa[s][i][1].x, xa[s][i][0].y, xa[s][i][1].y, b0, b1);
+          mma16816<BF16>(acc[i][j], xa[s][i][0].z, xa[s][i][1].z, xa[s][i][0].w, xa[s][i][1].w, b2, b3);
         }
       }
     }
