@@ -103,8 +103,9 @@ def machine_info(device: torch.device, dtype: torch.dtype | None = None) -> dict
         "device": str(device),
         "dtype": None if dtype is None else str(dtype).replace("torch.", ""),
         "gpu": None,
-        # no .git where the tree was copied (a lent GPU machine): BENCH_GIT_COMMIT can say which commit it was
-        "git_commit": _git_commit() or os.environ.get("BENCH_GIT_COMMIT"),
+        # BENCH_GIT_COMMIT first: a lent GPU machine's copy of the tree has no .git, or a stale one
+        # (runs on 2026-12-07 read 3e421a0-dirty from it while running later commits)
+        "git_commit": os.environ.get("BENCH_GIT_COMMIT") or _git_commit(),
         "bonsai_kernel_env": os.environ.get("BONSAI_KERNEL", "auto"),
         "load_average_at_start": load_average(),
     }
