@@ -53,6 +53,8 @@ case $stage in
       --paths dense,mma,auto --json "$OUT/gemm_mma.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_mma.log"
     timeout 150 python3 benchmarks/bench_step_modes.py --models klein-4b,sd15 --kernels triton,mma --acts 16 \
       --json "$OUT/step_mma.json" 2>&1 | grep -v -i -e warn -e "JSON result" | tee "$OUT/step_mma.log"
+    timeout 90 python3 benchmarks/probe_blockwise_fp8.py --json "$OUT/probe_fp8.json" 2>&1 | grep -v -i warn \
+      | tail -20 | tee "$OUT/probe_fp8.log"
     ;;
   more)  # the second: SD shapes, SD steps, images, the other CUDA tests, the memory estimate
     timeout 90 python3 benchmarks/bench_gemm.py --families SD1.5/SDXL --ms 1,16,256,4096,8192 \
