@@ -130,13 +130,14 @@ def test_mma_through_the_contract(monkeypatch):
 
 
 def test_the_plan_splits_k_only_while_blocks_are_few():
-    mt, splits, per = cuda_w1.plan(1, 3072, 24, sms=132)
-    assert mt == 1 and splits > 1 and per >= cuda_w1.MIN_GROUPS_PER_SPLIT and (splits - 1) * per < 24 <= splits * per
-    assert cuda_w1.plan(4096, 3072, 24, sms=132) == (4, 1, 24)  # 1536 blocks already: no split
-    assert cuda_w1.plan(40, 3072, 24, sms=132)[0] == 4 and cuda_w1.plan(20, 64, 1, sms=132)[:2] == (2, 1)
-    for m, n, groups in [(1, 3072, 96), (16, 320, 3), (7, 64, 1), (1, 27648, 24)]:
-        mt, splits, per = cuda_w1.plan(m, n, groups, sms=132)
-        assert 1 <= splits <= cuda_w1.MAX_SPLITS and (splits - 1) * per < groups <= splits * per
+    mt, nt, splits, per = cuda_w1.plan(1, 3072, 24, sms=132)
+    assert mt == 1 and nt == 1 and splits > 1 and (splits - 1) * per < 24 <= splits * per
+    assert cuda_w1.plan(4096, 3072, 24, sms=132) == (4, 4, 1, 24)  # 1536 blocks already: no split
+    assert cuda_w1.plan(1, 27648, 24, sms=132)[:2] == (1, 4)       # 216 wide blocks fill the card
+    assert cuda_w1.plan(40, 3072, 24, sms=132)[0] == 4 and cuda_w1.plan(20, 64, 1, sms=132)[:3] == (2, 1, 1)
+    for m, n, groups in [(1, 3072, 96), (16, 320, 3), (7, 64, 1), (1, 27648, 24), (64, 640, 5)]:
+        mt, nt, splits, per = cuda_w1.plan(m, n, groups, sms=132)
+        assert nt in (1, 4) and 1 <= splits <= cuda_w1.MAX_SPLITS and (splits - 1) * per < groups <= splits * per
 
 
 def _fake_nvcc(tmp_path, body):

@@ -36,7 +36,7 @@ BUILD_TIMEOUT_S = 600
 MIN_CAPABILITY = (8, 0)  # mma.sync with bf16 operands
 TARGET_CTAS_PER_SM = 6   # split K until a launch has about this many blocks per multiprocessor
 MMA_MAX_M = 64           # above this many tokens the kernel 'mma' hands a layer to dequantize + cuBLAS
-MIN_GROUPS_PER_SPLIT = 2
+MIN_GROUPS_PER_SPLIT = 1
 MAX_SPLITS = 16
 COUNTERS = 1 << 16       # per-tile arrival counters of the split-K reduction, per device
 
@@ -105,11 +105,10 @@ def _load(capability: tuple[int, int]) -> ctypes.CDLL | str:
                 path = build(capability)
                 lib = ctypes.CDLL(str(path))
                 p, i = ctypes.c_void_p, ctypes.c_int
-                lib.bonsai_w1a16.argtypes = [p, p, p, p, p, p, p] + [i] * 10 + [p]
+                lib.bonsai_w1a16.argtypes = [p, p, p, p, p, p, p] + [i] * 11 + [p]
                 lib.bonsai_w1a16.restype = i
                 lib.bonsai_cuda_error_string.argtypes = [i]
                 lib.bonsai_cuda_error_string.restype = ctypes.c_char_p
-                lib.bonsai_w1_block_n.restype = i
                 log.info("bonsai: CUDA W1A16 kernel loaded from %s", path)
             except (RuntimeError, OSError) as e:
                 lib = f"the CUDA W1A16 kernel could not be built: {e}"
@@ -134,16 +133,19 @@ def why_not(device: torch.device) -> str | None:
     return lib if isinstance(lib, str) else None
 
 
-def plan(m: int, n: int, groups: int, sms: int, block_n: int = 128) -> tuple[int, int, int]:
-    """``(mt, splits, groups per split)``: m16 tiles per warp, and how K is split so that a launch
-    has about ``TARGET_CTAS_PER_SM`` blocks per multiprocessor."""
+def plan(m: int, n: int, groups: int, sms: int) -> tuple[int, int, int, int]:
+    """``(mt, nt, splits, groups per split)``: m16 tiles per warp, n8 tiles per warp (a block is 4
+    warps: 32 ``nt`` columns), and how K is split so that a launch has about ``TARGET_CTAS_PER_SM``
+    blocks per multiprocessor. Narrow layers take narrow blocks (``nt`` 1) before K is split."""
     mt = 1 if m <= 16 else (2 if m <= 32 else 4)
-    tiles = -(-n // block_n) * -(-m // (16 * mt))
+    m_tiles = -(-m // (16 * mt))
+    nt = 4 if -(-n // 128) * m_tiles >= sms else 1
+    tiles = -(-n // (32 * nt)) * m_tiles
     splits = min(MAX_SPLITS, max(1, groups // MIN_GROUPS_PER_SPLIT), max(1, -(-TARGET_CTAS_PER_SM * sms // tiles)))
     if tiles > COUNTERS:
         splits = 1
     per = -(-groups // splits)
-    return mt, -(-groups // per), per
+    return mt, nt, -(-groups // per), per
 
 
 _PLANS: dict[tuple, tuple] = {}
@@ -168,8 +170,8 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int,
     key = (m, n, groups, sms)
     p = _PLANS.get(key)
     if p is None:
-        p = _PLANS[key] = plan(m, n, groups, sms, lib.bonsai_w1_block_n())
-    mt, splits, per = p
+        p = _PLANS[key] = plan(m, n, groups, sms)
+    mt, nt, splits, per = p
     part = _workspace(x.device, splits * m * n) if splits > 1 else counters
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
@@ -177,7 +179,7 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int,
         qs, d = qs.contiguous(), d.contiguous()
     code = lib.bonsai_w1a16(x2.data_ptr(), qs.data_ptr(), d.data_ptr(), 0 if bias is None else bias.data_ptr(),
                             y.data_ptr(), part.data_ptr(), counters.data_ptr(), m, n, in_features, groups,
-                            x2.stride(0), n, splits, per, mt, int(x.dtype == torch.bfloat16),
+                            x2.stride(0), n, splits, per, mt, nt, int(x.dtype == torch.bfloat16),
                             torch._C._cuda_getCurrentRawStream(x.device.index if x.device.index is not None
                                                                else torch.cuda.current_device()))
     if code:

@@ -28,9 +28,7 @@
 
 namespace {
 
-constexpr int WARPS = 4;
-constexpr int NT = 4;                       // n8 tiles per warp: a warp covers 32 output columns
-constexpr int BLOCK_N = WARPS * NT * 8;     // 128 output columns per block
+constexpr int WARPS = 4;  // a block: 4 warps side by side along N, each NT n8 tiles (32 NT columns)
 
 template <bool BF16>
 __device__ __forceinline__ void mma16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
@@ -98,7 +96,7 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
-template <typename T, int MT>
+template <typename T, int MT, int NT>
 __global__ void __launch_bounds__(WARPS * 32) w1a16_kernel(
     const T* __restrict__ x, const uint32_t* __restrict__ qs, const __half* __restrict__ d,
     const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ part, int* __restrict__ counters,
@@ -106,6 +104,7 @@ __global__ void __launch_bounds__(WARPS * 32) w1a16_kernel(
   constexpr bool BF16 = std::is_same<T, __nv_bfloat16>::value;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t4 = lane & 3;
+  constexpr int BLOCK_N = WARPS * NT * 8;
   const int n_block = blockIdx.x * BLOCK_N + warp * (NT * 8);
   const int m_block = blockIdx.z * (16 * MT);
   const int splits = gridDim.y;
@@ -253,45 +252,50 @@ __global__ void __launch_bounds__(WARPS * 32) w1a16_kernel(
       }
 }
 
-template <typename T, int MT>
+template <typename T, int MT, int NT>
 cudaError_t launch(const void* x, const void* qs, const void* d, const void* bias, void* y, float* part,
                    int* counters, int M, int N, int K, int NG, int ldx, int ldy, int splits, int groups_per_split,
                    cudaStream_t stream) {
+  constexpr int BLOCK_N = WARPS * NT * 8;
   dim3 grid((N + BLOCK_N - 1) / BLOCK_N, splits, (M + 16 * MT - 1) / (16 * MT));
-  w1a16_kernel<T, MT><<<grid, WARPS * 32, 0, stream>>>(
+  w1a16_kernel<T, MT, NT><<<grid, WARPS * 32, 0, stream>>>(
       static_cast<const T*>(x), static_cast<const uint32_t*>(qs), static_cast<const __half*>(d),
       static_cast<const T*>(bias), static_cast<T*>(y), part, counters, M, N, K, NG, ldx, ldy, groups_per_split);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_mt(int mt, const void* x, const void* qs, const void* d, const void* bias, void* y, float* part,
-                      int* counters, int M, int N, int K, int NG, int ldx, int ldy, int splits, int gps,
-                      cudaStream_t stream) {
-  switch (mt) {
-    case 1: return launch<T, 1>(x, qs, d, bias, y, part, counters, M, N, K, NG, ldx, ldy, splits, gps, stream);
-    case 2: return launch<T, 2>(x, qs, d, bias, y, part, counters, M, N, K, NG, ldx, ldy, splits, gps, stream);
-    case 4: return launch<T, 4>(x, qs, d, bias, y, part, counters, M, N, K, NG, ldx, ldy, splits, gps, stream);
-    default: return cudaErrorInvalidValue;
-  }
+cudaError_t launch_tiles(int mt, int nt, const void* x, const void* qs, const void* d, const void* bias, void* y,
+                         float* part, int* counters, int M, int N, int K, int NG, int ldx, int ldy, int splits,
+                         int gps, cudaStream_t stream) {
+#define BONSAI_W1_CASE(MT_, NT_)                                                                         \
+  if (mt == MT_ && nt == NT_)                                                                            \
+    return launch<T, MT_, NT_>(x, qs, d, bias, y, part, counters, M, N, K, NG, ldx, ldy, splits, gps, stream);
+  BONSAI_W1_CASE(1, 1)
+  BONSAI_W1_CASE(1, 4)
+  BONSAI_W1_CASE(2, 1)
+  BONSAI_W1_CASE(2, 4)
+  BONSAI_W1_CASE(4, 1)
+  BONSAI_W1_CASE(4, 4)
+#undef BONSAI_W1_CASE
+  return cudaErrorInvalidValue;
 }
 
 }  // namespace
 
 extern "C" {
 
-int bonsai_w1_block_n() { return BLOCK_N; }
-
-// Returns a cudaError_t (0 = launched). bf16 != 0: x, y, bias are bfloat16, else float16.
+// Returns a cudaError_t (0 = launched). bf16 != 0: x, y, bias are bfloat16, else float16. mt: m16
+// tiles per warp (1, 2, 4); nt: n8 tiles per warp (1, 4), so a block covers 32 nt output columns.
 int bonsai_w1a16(const void* x, const void* qs, const void* d, const void* bias, void* y, float* part,
                  int* counters, int M, int N, int K, int NG, int ldx, int ldy, int splits, int groups_per_split,
-                 int mt, int bf16, void* stream) {
+                 int mt, int nt, int bf16, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (bf16)
-    return launch_mt<__nv_bfloat16>(mt, x, qs, d, bias, y, part, counters, M, N, K, NG, ldx, ldy, splits,
-                                     groups_per_split, s);
-  return launch_mt<__half>(mt, x, qs, d, bias, y, part, counters, M, N, K, NG, ldx, ldy, splits, groups_per_split,
-                           s);
+    return launch_tiles<__nv_bfloat16>(mt, nt, x, qs, d, bias, y, part, counters, M, N, K, NG, ldx, ldy, splits,
+                                       groups_per_split, s);
+  return launch_tiles<__half>(mt, nt, x, qs, d, bias, y, part, counters, M, N, K, NG, ldx, ldy, splits,
+                              groups_per_split, s);
 }
 
 const char* bonsai_cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
