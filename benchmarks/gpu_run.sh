@@ -9,7 +9,7 @@
 #   bash benchmarks/gpu_run.sh more      # SD GEMM table and steps, W1A8 image PSNR, CUDA tests, memory estimate
 #   bash benchmarks/gpu_run.sh te4bit    # the 4-bit text encoder's memory and time
 set -uo pipefail
-stage=${1:?stage: kernels | quick | verify | mma | more | te4bit}
+stage=${1:?stage: kernels | quick | verify | mma | te4bit-mma | more | te4bit}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -55,6 +55,18 @@ case $stage in
       --json "$OUT/step_mma.json" 2>&1 | grep -v -i -e warn -e "JSON result" | tee "$OUT/step_mma.log"
     timeout 90 python3 benchmarks/probe_blockwise_fp8.py --json "$OUT/probe_fp8.json" 2>&1 | grep -v -i warn \
       | tail -20 | tee "$OUT/probe_fp8.log"
+    ;;
+  te4bit-mma)  # a short lease: the 4-bit text encoder's numbers, then the mma kernel's tests and small-M rows
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_q4_affine.py -k "pinning or lend or park" 2>&1 \
+      | tail -3 | tee "$OUT/te4bit-tests.log"
+    timeout 250 python3 benchmarks/bench_te4bit.py --device cuda --repeats 2 --json "$OUT/te4bit.json" 2>&1 \
+      | grep -v -e "Loading weights" -e "Writing model shards" | tee "$OUT/te4bit.log"
+    export BONSAI_CACHE_DIR=${BONSAI_CACHE_DIR:-$PWD/models/cache}
+    timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_w1.py 2>&1 | tail -8 | tee "$OUT/mma-tests.log"
+    timeout 60 python3 benchmarks/bench_gemm.py --families klein-4B,SD1.5/SDXL --ms 1,16 \
+      --paths dense,mma --json "$OUT/gemm_mma.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_mma.log"
+    timeout 60 python3 benchmarks/probe_blockwise_fp8.py --ms 1536,4096 --json "$OUT/probe_fp8.json" 2>&1 \
+      | grep -v -i warn | tail -12 | tee "$OUT/probe_fp8.log"
     ;;
   more)  # the second: SD shapes, SD steps, images, the other CUDA tests, the memory estimate
     timeout 90 python3 benchmarks/bench_gemm.py --families SD1.5/SDXL --ms 1,16,256,4096,8192 \
