@@ -68,33 +68,29 @@ __device__ __forceinline__ uint32_t flips(uint32_t t) {
 }
 
 template <typename T>
-__device__ __forceinline__ uint32_t pack_out(float a, float b);
-
-template <>
-__device__ __forceinline__ uint32_t pack_out<__nv_bfloat16>(float a, float b) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&v);
+__device__ __forceinline__ uint32_t pack_out(float a, float b) {
+  uint32_t out;
+  if constexpr (std::is_same<T, __half>::value) {
+    __half2 v = __floats2half2_rn(a, b);
+    out = *reinterpret_cast<uint32_t*>(&v);
+  } else {
+    __nv_bfloat162 v = __floats2bfloat162_rn(a, b);
+    out = *reinterpret_cast<uint32_t*>(&v);
+  }
+  return out;
 }
 
-template <>
-__device__ __forceinline__ uint32_t pack_out<__half>(float a, float b) {
-  __half2 v = __floats2half2_rn(a, b);
-  return *reinterpret_cast<uint32_t*>(&v);
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v) {
+  if constexpr (std::is_same<T, __half>::value) {
+    return __float2half_rn(v);
+  } else {
+    return __float2bfloat16_rn(v);
+  }
 }
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 
 template <typename T, int MT, int NT>
 __global__ void __launch_bounds__(WARPS * 32) w1a16_kernel(
@@ -195,8 +191,7 @@ __global__ void __launch_bounds__(WARPS * 32) w1a16_kernel(
   }
 
   // acc[i][j]: rows m_block + 16 i + g (+ 8 for e = 2, 3), columns n_block + 8 j + 2 t4 (+ 1 for odd e).
-  if (splits > 1) {
-    float* mine = part + (size_t)blockIdx.y * M * N;
+  auto each_output = [&](auto&& f) {  // f(acc element, m, n) for each element inside [M, N]
 #pragma unroll
     for (int i = 0; i < MT; ++i)
 #pragma unroll
@@ -204,8 +199,12 @@ __global__ void __launch_bounds__(WARPS * 32) w1a16_kernel(
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int m = m_block + i * 16 + g + (e >> 1) * 8, n = n_block + j * 8 + 2 * t4 + (e & 1);
-          if (m < M && n < N) __stcg(mine + (size_t)m * N + n, acc[i][j][e]);
+          if (m < M && n < N) f(acc[i][j][e], m, n);
         }
+  };
+  if (splits > 1) {
+    float* mine = part + (size_t)blockIdx.y * M * N;
+    each_output([&](float& v, int m, int n) { __stcg(mine + (size_t)m * N + n, v); });
     __threadfence();
     __syncthreads();
     __shared__ int last;
@@ -214,18 +213,11 @@ __global__ void __launch_bounds__(WARPS * 32) w1a16_kernel(
     __syncthreads();
     if (!last) return;
     __threadfence();
-#pragma unroll
-    for (int i = 0; i < MT; ++i)
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int m = m_block + i * 16 + g + (e >> 1) * 8, n = n_block + j * 8 + 2 * t4 + (e & 1);
-          float sum = 0.f;
-          if (m < M && n < N)
-            for (int sp = 0; sp < splits; ++sp) sum += __ldcg(part + ((size_t)sp * M + m) * N + n);
-          acc[i][j][e] = sum;
-        }
+    each_output([&](float& v, int m, int n) {
+      float sum = 0.f;
+      for (int sp = 0; sp < splits; ++sp) sum += __ldcg(part + ((size_t)sp * M + m) * N + n);
+      v = sum;
+    });
     if (threadIdx.x == 0) counters[tile] = 0;  // ready for the next launch
   }
 
@@ -239,8 +231,8 @@ __global__ void __launch_bounds__(WARPS * 32) w1a16_kernel(
         if (m >= M || n >= N) continue;
         float a = acc[i][j][2 * h], b = acc[i][j][2 * h + 1];
         if (bias != nullptr) {
-          a += to_float<T>(bias[n]);
-          if (n + 1 < N) b += to_float<T>(bias[n + 1]);
+          a += to_float(bias[n]);
+          if (n + 1 < N) b += to_float(bias[n + 1]);
         }
         T* out = y + (size_t)m * ldy + n;
         if (n + 1 < N && ((reinterpret_cast<uintptr_t>(out) & 3) == 0)) {
