@@ -82,6 +82,20 @@ def test_mma_both_dtypes_odd_sizes_views_and_repeatable(dtype, m, n, k, bias):
 
 
 @needs_gpu
+def test_mma_takes_misaligned_and_strided_parts():
+    """A contiguous input that starts off a 16-byte boundary (the kernel loads 16 bytes at a time), and
+    scales that are a strided view: both are copied into shape first, never read wrongly."""
+    n, k, m = 640, 1280, 5
+    qs, d = _weights(n, k, 3)
+    x = torch.randn(m * k + 1, device="cuda", dtype=torch.bfloat16)[1:].view(m, k)
+    assert x.is_contiguous() and x.data_ptr() % 16
+    d_view = torch.empty(n, 2 * d.shape[1], device="cuda", dtype=torch.float16)[:, ::2]
+    d_view.copy_(d)
+    assert not d_view.is_contiguous()
+    _close(cuda_w1.linear(x, qs, d_view, k, None), _reference(x, qs, d, k, None, torch.bfloat16), torch.bfloat16)
+
+
+@needs_gpu
 def test_mma_negative_scales_and_a_graph_replay():
     """Scales of either sign (imported files may hold them) and a CUDA graph: captured once,
     replayed on new inputs, equal to the eager call."""
@@ -135,9 +149,11 @@ def test_the_plan_splits_k_only_while_blocks_are_few():
     assert cuda_w1.plan(4096, 3072, 24, sms=132) == (4, 4, 1, 24)  # 1536 blocks already: no split
     assert cuda_w1.plan(1, 27648, 24, sms=132)[:2] == (1, 4)       # 216 wide blocks fill the card
     assert cuda_w1.plan(40, 3072, 24, sms=132)[0] == 4 and cuda_w1.plan(20, 64, 1, sms=132)[:3] == (2, 1, 1)
-    for m, n, groups in [(1, 3072, 96), (16, 320, 3), (7, 64, 1), (1, 27648, 24), (64, 640, 5)]:
+    for m, n, groups in [(1, 3072, 96), (16, 320, 3), (7, 64, 1), (1, 27648, 24), (64, 640, 5), (64, 3072, 24)]:
         mt, nt, splits, per = cuda_w1.plan(m, n, groups, sms=132)
         assert nt in (1, 4) and 1 <= splits <= cuda_w1.MAX_SPLITS and (splits - 1) * per < groups <= splits * per
+        # fp32 partials written and read: at most twice the packed bits, unless there is no split at all
+        assert splits == 1 or splits * m * n * 8 <= 2 * n * groups * 128 // 8
 
 
 def _fake_nvcc(tmp_path, body):

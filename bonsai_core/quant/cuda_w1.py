@@ -42,7 +42,8 @@ COUNTERS = 1 << 16       # per-tile arrival counters of the split-K reduction, p
 
 _LOCK = threading.Lock()
 _LIBS: dict[tuple[int, int], ctypes.CDLL | str] = {}  # capability -> library, or why it is unavailable
-_DEVICE: dict[int, tuple] = {}                        # device index -> (capability, SM count, counters)
+_DEVICE: dict[int, tuple] = {}                        # device index -> (capability, SM count)
+_STREAM_STATE: dict[tuple, torch.Tensor] = {}         # (device, stream) -> split-K counters
 
 
 def find_nvcc() -> str | None:
@@ -60,8 +61,12 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "bonsai")
 
 
+FLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo"]
+
+
 def library_path(capability: tuple[int, int]) -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    """The cached library's path: the source's and the flags' hash, and the architecture, in its name."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()).hexdigest()[:16]
     return cache_dir() / f"w1_mma-{digest}-sm{capability[0]}{capability[1]}.so"
 
 
@@ -78,8 +83,7 @@ def build(capability: tuple[int, int], nvcc: str | None = None) -> Path:
     arch = f"{capability[0]}{capability[1]}"
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
-    cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
-           f"-gencode=arch=compute_{arch},code=sm_{arch}", str(SOURCE), "-o", tmp]
+    cmd = [nvcc, *FLAGS, f"-gencode=arch=compute_{arch},code=sm_{arch}", str(SOURCE), "-o", tmp]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
@@ -117,14 +121,28 @@ def _load(capability: tuple[int, int]) -> ctypes.CDLL | str:
         return lib
 
 
-def _device(device: torch.device) -> tuple:
+def _device(device: torch.device) -> tuple[tuple[int, int], int]:
+    """``(capability, SM count)`` of a CUDA device, read once."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     info = _DEVICE.get(index)
     if info is None:
         props = torch.cuda.get_device_properties(index)
-        counters = torch.zeros(COUNTERS, dtype=torch.int32, device=torch.device("cuda", index))
-        info = _DEVICE[index] = ((props.major, props.minor), props.multi_processor_count, counters)
+        info = _DEVICE[index] = ((props.major, props.minor), props.multi_processor_count)
     return info
+
+
+def _counters(device: torch.device, stream: int) -> torch.Tensor:
+    """The split-K arrival counters of one (device, stream): zeros that every launch leaves at zero.
+    Launches on one stream run one after another; two streams never share counters or partials."""
+    key = (device, stream)
+    c = _STREAM_STATE.get(key)
+    if c is None:
+        if torch.cuda.is_current_stream_capturing():
+            # made inside a capture, the zeroing would be recorded, not run
+            raise RuntimeError("the CUDA W1A16 kernel's first call on a stream must run before a CUDA-graph "
+                               "capture on it (warm up eagerly, as the engine's graphed step does)")
+        c = _STREAM_STATE[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return c
 
 
 def why_not(device: torch.device) -> str | None:
@@ -136,12 +154,15 @@ def why_not(device: torch.device) -> str | None:
 def plan(m: int, n: int, groups: int, sms: int) -> tuple[int, int, int, int]:
     """``(mt, nt, splits, groups per split)``: m16 tiles per warp, n8 tiles per warp (a block is 4
     warps: 32 ``nt`` columns), and how K is split so that a launch has about ``TARGET_CTAS_PER_SM``
-    blocks per multiprocessor. Narrow layers take narrow blocks (``nt`` 1) before K is split."""
+    blocks per multiprocessor, while the fp32 partials cost less than twice the weight's bits. Narrow
+    layers take narrow blocks (``nt`` 1) before K is split."""
     mt = 1 if m <= 16 else (2 if m <= 32 else 4)
     m_tiles = -(-m // (16 * mt))
     nt = 4 if -(-n // 128) * m_tiles >= sms else 1
     tiles = -(-n // (32 * nt)) * m_tiles
-    splits = min(MAX_SPLITS, max(1, groups // MIN_GROUPS_PER_SPLIT), max(1, -(-TARGET_CTAS_PER_SM * sms // tiles)))
+    splits = min(MAX_SPLITS, max(1, groups // MIN_GROUPS_PER_SPLIT), max(1, -(-TARGET_CTAS_PER_SM * sms // tiles)),
+                 max(1, groups * 128 // (32 * m)))  # partials written and read (8 m bytes a column a split)
+    #                                                 stay within twice the packed weight (k / 8 a column)
     if tiles > COUNTERS:
         splits = 1
     per = -(-groups // splits)
@@ -152,18 +173,28 @@ _PLANS: dict[tuple, tuple] = {}
 
 
 def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int, bias) -> torch.Tensor:
-    """``x @ W.T + bias`` for a Q1_0 weight (``qs`` [N, NG*16], ``d`` [N, NG]) and 16-bit ``x``."""
-    cap, sms, counters = _device(x.device)
+    """``x @ W.T + bias`` for a Q1_0 weight (``qs`` uint8 [N, NG*16], ``d`` fp16 [N, NG]) and 16-bit ``x``."""
+    cap, sms = _device(x.device)
     lib = _load(cap)
     if isinstance(lib, str):
         from ..errors import BonsaiDeviceError
 
         raise BonsaiDeviceError(lib)
+    n, groups = d.shape
+    if qs.dtype != torch.uint8 or d.dtype != torch.float16 or tuple(qs.shape) != (n, groups * 16) or \
+            groups * 128 < in_features or in_features % 8:
+        raise ValueError(f"the CUDA W1A16 kernel takes uint8 bits [N, NG*16] and fp16 scales [N, NG] of rows of a "
+                         f"multiple of 8 weights; got {qs.dtype} {list(qs.shape)}, {d.dtype} {list(d.shape)}, "
+                         f"{in_features} inputs")
+    if not qs.is_contiguous() or qs.data_ptr() % 4:
+        qs = qs.clone(memory_format=torch.contiguous_format)
+    if not d.is_contiguous():
+        d = d.contiguous()
     shape = x.shape
     x2 = x.reshape(-1, in_features)
-    if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:
-        x2 = x2.contiguous()
-    m, n, groups = x2.shape[0], d.shape[0], d.shape[1]
+    if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte loads of whole rows
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*shape[:-1], n)
@@ -172,16 +203,16 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int,
     if p is None:
         p = _PLANS[key] = plan(m, n, groups, sms)
     mt, nt, splits, per = p
-    part = _workspace(x.device, splits * m * n) if splits > 1 else counters
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
-    if not qs.is_contiguous():
-        qs, d = qs.contiguous(), d.contiguous()
-    code = lib.bonsai_w1a16(x2.data_ptr(), qs.data_ptr(), d.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                            y.data_ptr(), part.data_ptr(), counters.data_ptr(), m, n, in_features, groups,
-                            x2.stride(0), n, splits, per, mt, nt, int(x.dtype == torch.bfloat16),
-                            torch._C._cuda_getCurrentRawStream(x.device.index if x.device.index is not None
-                                                               else torch.cuda.current_device()))
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    with torch.cuda.device(index):  # the launch goes to the current device: make it x's
+        stream = torch._C._cuda_getCurrentRawStream(index)
+        counters = _counters(x.device, stream)
+        part = _workspace(x.device, stream, splits * m * n) if splits > 1 else counters
+        code = lib.bonsai_w1a16(x2.data_ptr(), qs.data_ptr(), d.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                                y.data_ptr(), part.data_ptr(), counters.data_ptr(), m, n, in_features, groups,
+                                x2.stride(0), n, splits, per, mt, nt, int(x.dtype == torch.bfloat16), stream)
     if code:
         raise RuntimeError(f"CUDA W1A16 kernel launch failed: {lib.bonsai_cuda_error_string(code).decode()} "
                            f"(M={m}, N={n}, K={in_features})")
@@ -192,20 +223,21 @@ _WORKSPACE: dict = {}
 _RETIRED: list = []
 
 
-def _workspace(device: torch.device, numel: int) -> torch.Tensor:
-    """float32 room for ``numel`` split-K partials. One buffer per device, reused by every layer
-    (launches on one stream run one after another, and a launch consumes its partials before it
-    ends); it grows outside CUDA-graph capture only (a capture allocates from its own pool), and
+def _workspace(device: torch.device, stream: int, numel: int) -> torch.Tensor:
+    """float32 room for ``numel`` split-K partials, one buffer per (device, stream), reused by every
+    layer (launches on one stream run one after another, and a launch consumes its partials before
+    it ends). It grows outside CUDA-graph capture only (a capture allocates from its own pool), and
     a buffer it outgrew is kept, because a graph captured earlier writes into it on every replay.
-    The largest plan (64 tokens, klein-4B's widest layer) takes about 30 MB."""
-    buf = _WORKSPACE.get(device)
+    The partials stay within twice the packed weight (``plan``): a few MB for klein-4B's layers."""
+    key = (device, stream)
+    buf = _WORKSPACE.get(key)
     if buf is not None and buf.numel() >= numel:
         return buf
     if torch.cuda.is_current_stream_capturing():
         return torch.empty(numel, dtype=torch.float32, device=device)
     if buf is not None:
         _RETIRED.append(buf)  # a captured graph may still write into it: never freed
-    buf = _WORKSPACE[device] = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
+    buf = _WORKSPACE[key] = torch.empty(max(numel, 1 << 20), dtype=torch.float32, device=device)
     return buf
 
 
