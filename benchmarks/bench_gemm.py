@@ -8,6 +8,7 @@ M = 1, 16, 256, 1536, 4096, 8192. Paths:
   dequant  one Triton dequantize pass into a dense weight, then cuBLAS
   gemv     the split-K GEMV on tensor cores (M <= 16 only)
   fused    the first tiled kernel reading packed bits (klein shapes only: its autotuning is slow)
+  fp8blk   fp8_blockwise: activations to e4m3 per (token, 128), signs to e4m3, cuBLAS's (1x128, 1x128) fp8 GEMM
   mma      cuda_w1's CUDA C++ W1A16 on tensor cores (mma.sync; split-K with an in-kernel reduction)
   w1a16    triton_w1's fused W1A16 (split-K below M = 65, tiled above; EXPAND 0), w1a16x1 with EXPAND 1
   fp8      triton_w1's W1A8 with e4m3 activations, activation quantization included; int8 likewise
@@ -34,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bonsai_core.quant import cuda_w1, q1_0, triton_q1, triton_w1  # noqa: E402
+from bonsai_core.quant import cuda_w1, fp8_blockwise, q1_0, triton_q1, triton_w1  # noqa: E402
 from bonsai_core.quant.kernels import REFERENCE  # noqa: E402
 from bonsai_core.quant.tensor import Q1Tensor  # noqa: E402
 
@@ -143,6 +144,7 @@ def main() -> int:
                      "w1a16": lambda: triton_w1.linear(x, qs, d, k, None, None, 0),
                      "w1a16x1": lambda: triton_w1.linear(x, qs, d, k, None, None, 1),
                      "mma": lambda: cuda_w1.linear(x, qs, d, k, None),
+                     "fp8blk": lambda: fp8_blockwise.linear(x, qs, d, k, None),
                      "fp8": lambda: triton_w1.linear(x, qs, d, k, None, "fp8"),
                      "int8": lambda: triton_w1.linear(x, qs, d, k, None, "int8"),
                      "fp8_gemm": lambda: triton_w1.matmul(xq8, xs8, qs, d, k, None, dtype),

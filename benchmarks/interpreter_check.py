@@ -3,7 +3,7 @@
 No GPU needed: ``TRITON_INTERPRET=1`` executes the kernels with NumPy. Needs a Triton wheel beside
 the CPU torch (``pip install triton``; the project's own install does not need one). Covers W1A16
 (split and tiled launches, both byte expansions) and int8 W1A8 in fp16, and W4A16 with F16 / BF16 /
-F32 scales. bf16 and fp8 cannot be checked here (the interpreter's bf16 bitcasts and e4m3 casts are
+F32 scales, and fp8_blockwise's block quantizer (float32 codes). bf16 and fp8 cannot be checked here (the interpreter's bf16 bitcasts and e4m3 casts are
 wrong or missing): the CUDA tests in tests/test_triton_w1.py cover them.
 
     TRITON_INTERPRET=1 python benchmarks/interpreter_check.py
@@ -58,6 +58,22 @@ def main() -> int:
         x, b = torch.randn(m, k).half(), torch.randn(n).half()
         ref = x.float() @ q4_affine.dequantize(qs, s, c, torch.float16).float().T + b.float()
         print(f"W4A16 fp16 M={m} N={n} K={k} scales {sdt}: {rel(triton_q4.linear(x, qs, s, c, b), ref):.2e}")
+    # the block quantizer of fp8_blockwise, with a float32 output (the interpreter has no e4m3):
+    # scales must equal the reference's exactly, codes before the e4m3 rounding to float32 rounding
+    from bonsai_core.quant import fp8_blockwise
+
+    for m, k in [(5, 256), (33, 1000)]:
+        x = torch.randn(m, k).half() * 3
+        x[1] = 0
+        q = torch.empty(m, k)
+        s = torch.empty(m, -(-k // 128))
+        fp8_blockwise._quant_blocks_kernel[(-(-m // 16), s.shape[1])](
+            x, q, s, m, k, s.shape[1], x.stride(0), q.stride(0), s.stride(0), s.stride(1),
+            QMAX=fp8_blockwise.FP8_MAX, BLOCK_M=16, BLOCK_K=128)
+        _, rs = fp8_blockwise.reference_quantize(x, torch.float32)
+        rq = x.float() / rs.repeat_interleave(128, dim=1)[:, :k]
+        print(f"fp8 block quantizer M={m} K={k}: scales {'equal' if torch.equal(s, rs) else 'DIFFER'}, "
+              f"codes {rel(q, rq):.2e}")
     return 0
 
 

@@ -221,7 +221,9 @@ class TritonKernel:
     """A CUDA kernel of the contract in ``kernels.py``; convs dequantize in one Triton pass, then cuDNN.
 
     ``BONSAI_ACT=fp8|int8`` (``kernels.act``) sends every linear of a kernel that takes 8-bit
-    activations (``w1a8=True``) through the W1A8 kernel instead; convs stay 16-bit.
+    activations (``w1a8=True``) through the W1A8 kernel instead; with fp8, layers of more than 64
+    tokens go to cuBLAS's blockwise fp8 GEMM where this torch and card run it (``fp8_blockwise``).
+    Convs stay 16-bit.
     """
 
     def __init__(self, name: str, linear_fn, w1a8: bool = False):
@@ -237,9 +239,13 @@ class TritonKernel:
 
         act = kernels.act() if self._w1a8 else "16"
         if act != "16":
-            from . import triton_w1
+            from . import fp8_blockwise, triton_w1
 
-            return triton_w1.linear(x, w.qs, w.d, w.cols, bias, act=_checked_act(act, x.device))
+            act = _checked_act(act, x.device)
+            if act == "fp8" and fp8_blockwise.takes(x.numel() // w.cols, w.rows, w.cols) and \
+                    fp8_blockwise.available(x.device) is None:
+                return fp8_blockwise.linear(x, w.qs, w.d, w.cols, bias)  # cuBLAS, 1x128 block scales
+            return triton_w1.linear(x, w.qs, w.d, w.cols, bias, act=act)
         return self._linear(x, w.qs, w.d, w.cols, bias)
 
     def conv2d(self, x, w, bias, stride, padding, dilation):
