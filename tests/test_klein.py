@@ -603,3 +603,29 @@ def test_placement_sets_the_measured_text_encoder_beside_a_run_estimated_without
     BonsaiImageEngine.from_pretrained(work["bonsai"], device="cpu")
     (given, without_te, with_te), = seen
     assert given == without_te < with_te
+
+
+@pytest.mark.parametrize("out_layers,dropped", [((2, 4), 2), ((1, 3, 5), 1), ((6,), 0), ((2, -1), 0)])
+def test_unread_text_encoder_layers_are_dropped_and_the_embedding_is_unchanged(out_layers, dropped):
+    """The prompt embedding after dropping the layers past the deepest one it reads (and the final
+    norm) equals diffusers' embedding from the whole text encoder, bit for bit."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from bonsai_core.families.flux2_klein import _pipeline, drop_unread_layers
+    from tests.klein_fixtures import TE_CONFIG, make_tokenizer
+
+    torch.manual_seed(0)
+    te = Qwen3ForCausalLM(Qwen3Config(**{**TE_CONFIG, "num_hidden_layers": 6})).eval()
+    tok = make_tokenizer()
+
+    def embed(model):
+        with torch.no_grad():
+            return _pipeline()._get_qwen3_prompt_embeds(model.model, tok, ["a red cat on a mat"], dtype=torch.float32,
+                                                       device=torch.device("cpu"), max_sequence_length=32,
+                                                       hidden_states_layers=out_layers)
+
+    want = embed(te)
+    assert drop_unread_layers(te, out_layers) == dropped
+    assert len(te.model.layers) == te.config.num_hidden_layers == 6 - dropped
+    assert isinstance(te.model.norm, torch.nn.Identity) == (dropped > 0)
+    assert torch.equal(embed(te), want)

@@ -90,6 +90,32 @@ def text_encoder_out_layers(folder: Path) -> tuple[int, ...]:
     return layers
 
 
+def drop_unread_layers(text_encoder: nn.Module, out_layers) -> int:
+    """Drop the decoder layers past the deepest hidden state the prompt embedding reads; the number
+    dropped. FLUX.2 [klein] reads hidden states 9, 18 and 27 of Qwen3-4B's 36 layers: the last 9 (a
+    quarter of the text encoder's weights and compute) never reach the image. The final norm goes
+    too (replaced by identity): with the layers gone, the last hidden state is the one read, and it
+    must stay the raw layer output the full model gives. Negative layer numbers (counted from the
+    end) keep every layer."""
+    model = getattr(text_encoder, "model", text_encoder)
+    layers = getattr(model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or any(int(v) < 0 for v in out_layers):
+        return 0
+    keep = max(1, max(int(v) for v in out_layers))
+    if keep >= len(layers):
+        return 0
+    dropped = len(layers) - keep
+    model.layers = nn.ModuleList(list(layers)[:keep])
+    if isinstance(getattr(model, "norm", None), nn.Module):
+        model.norm = nn.Identity()
+    config = getattr(text_encoder, "config", None)
+    if config is not None and getattr(config, "num_hidden_layers", None) is not None:
+        config.num_hidden_layers = keep
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = config.layer_types[:keep]
+    return dropped
+
+
 class HostParked:
     """A module whose weights live in pinned host memory and are lent to the GPU for a forward.
 
@@ -171,6 +197,8 @@ class Flux2KleinFamily(Family):
             raise BonsaiCheckpointError(
                 f"{folder}: the prompt embedding reads hidden states {list(self.out_layers)} but the text encoder "
                 f"has {n_layers} layers; set text_encoder_out_layers in {SETTINGS_FILE}")
+        self.te_layers_dropped = drop_unread_layers(self.text_encoder, self.out_layers) \
+            if isinstance(self.text_encoder, nn.Module) else 0
         self.transformer = load_component(folder, "transformer", index["transformer"], dtype, device)
         self.vae = load_component(folder, "vae", index["vae"], dtype, device)
         if not hasattr(self.vae, "bn"):
