@@ -9,7 +9,8 @@ M = 1, 16, 256, 1536, 4096, 8192. Paths:
   gemv     the split-K GEMV on tensor cores (M <= 16 only)
   fused    the first tiled kernel reading packed bits (klein shapes only: its autotuning is slow)
   fp8blk   fp8_blockwise: activations to e4m3 per (token, 128), signs to e4m3, cuBLAS's (1x128, 1x128) fp8 GEMM
-  mma      cuda_w1's CUDA C++ W1A16 on tensor cores (mma.sync; split-K with an in-kernel reduction)
+  mma      cuda_w1's CUDA C++ W1A16 on tensor cores (mma.sync; split-K with an in-kernel reduction),
+           mma_wide the same with each lane taking whole groups (16-byte loads of bits; up to 32 tokens)
   w1a16    triton_w1's fused W1A16 (split-K below M = 65, tiled above; EXPAND 0), w1a16x1 with EXPAND 1
   fp8      triton_w1's W1A8 with e4m3 activations, activation quantization included; int8 likewise
   fp8_gemm the same kernel on activations quantized beforehand (int8_gemm likewise): like with like
@@ -143,7 +144,8 @@ def main() -> int:
                      "dequant": lambda: triton_q1.linear_dequant(x, qs, d, k, None),
                      "w1a16": lambda: triton_w1.linear(x, qs, d, k, None, None, 0),
                      "w1a16x1": lambda: triton_w1.linear(x, qs, d, k, None, None, 1),
-                     "mma": lambda: cuda_w1.linear(x, qs, d, k, None),
+                     "mma": lambda: cuda_w1.linear(x, qs, d, k, None, wide=False),
+                     "mma_wide": lambda: cuda_w1.linear(x, qs, d, k, None, wide=True),
                      "fp8blk": lambda: fp8_blockwise.linear(x, qs, d, k, None),
                      "fp8": lambda: triton_w1.linear(x, qs, d, k, None, "fp8"),
                      "int8": lambda: triton_w1.linear(x, qs, d, k, None, "int8"),

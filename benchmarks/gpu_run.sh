@@ -65,7 +65,7 @@ case $stage in
     timeout 100 python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_w1.py tests/test_fp8_blockwise.py 2>&1 \
       | tail -12 | tee "$OUT/mma-tests.log"
     timeout 60 python3 benchmarks/bench_gemm.py --families klein-4B,SD1.5/SDXL --ms 1,16 \
-      --paths dense,mma --json "$OUT/gemm_mma.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_mma.log"
+      --paths dense,mma,mma_wide --json "$OUT/gemm_mma.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_mma.log"
     timeout 60 python3 benchmarks/bench_gemm.py --families klein-4B --ms 1536,4096 \
       --paths dense,fp8blk,scaled_mm --json "$OUT/gemm_fp8blk.json" 2>&1 | grep -v -i warn | tee "$OUT/gemm_fp8blk.log"
     timeout 60 python3 benchmarks/probe_blockwise_fp8.py --ms 1536,4096 --json "$OUT/probe_fp8.json" 2>&1 \

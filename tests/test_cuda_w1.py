@@ -53,13 +53,15 @@ def _poison():
 
 @needs_gpu
 @pytest.mark.parametrize("n,k", LAYER_SHAPES)
-@pytest.mark.parametrize("m", [1, 7, 16, 17, 40, 64, 100, 256, 1536])
-def test_mma_matches_the_reference_on_every_layer_shape(n, k, m):
+@pytest.mark.parametrize("m,wide", [(1, False), (7, False), (16, False), (17, False), (40, False), (64, False),
+                                    (100, False), (256, False), (1536, False), (1, True), (7, True), (16, True),
+                                    (17, True), (32, True)])
+def test_mma_matches_the_reference_on_every_layer_shape(n, k, m, wide):
     qs, d = _weights(n, k)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     _poison()
-    got = cuda_w1.linear(x, qs, d, k, bias)
+    got = cuda_w1.linear(x, qs, d, k, bias, wide=wide)
     assert got.shape == (m, n) and got.dtype == torch.bfloat16
     _close(got, _reference(x, qs, d, k, bias, torch.bfloat16), torch.bfloat16)
 
@@ -69,15 +71,18 @@ def test_mma_matches_the_reference_on_every_layer_shape(n, k, m):
 @pytest.mark.parametrize("m,n,k", [(1, 256, 384), (5, 300, 1000), (3, 301, 136), (64, 64, 128), (65, 130, 320),
                                    (300, 700, 1280), (33, 18432, 3072)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_mma_both_dtypes_odd_sizes_views_and_repeatable(dtype, m, n, k, bias):
+@pytest.mark.parametrize("wide", [False, True])
+def test_mma_both_dtypes_odd_sizes_views_and_repeatable(dtype, m, n, k, bias, wide):
+    if wide and m > cuda_w1.WIDE_MAX_M:
+        pytest.skip("wide lanes are built up to WIDE_MAX_M tokens (the narrow run covers this size)")
     qs, d = _weights(n, k, 1)
     x = torch.randn(2, m, k + 8, device="cuda", dtype=dtype)[1, :, 8:]  # strided rows, offset start
     b = torch.randn(n, device="cuda", dtype=dtype) if bias else None
     _poison()
-    got = cuda_w1.linear(x.reshape(1, m, k), qs, d, k, b)
+    got = cuda_w1.linear(x.reshape(1, m, k), qs, d, k, b, wide=wide)
     assert got.shape == (1, m, n) and got.dtype == dtype
     _close(got.reshape(m, n), _reference(x, qs, d, k, b, dtype), dtype)
-    again = cuda_w1.linear(x.reshape(1, m, k), qs, d, k, b)
+    again = cuda_w1.linear(x.reshape(1, m, k), qs, d, k, b, wide=wide)
     assert torch.equal(got, again)  # split-K sums in a fixed order: bit-identical
 
 
@@ -154,6 +159,9 @@ def test_the_plan_splits_k_only_while_blocks_are_few():
         assert nt in (1, 4) and 1 <= splits <= cuda_w1.MAX_SPLITS and (splits - 1) * per < groups <= splits * per
         # fp32 partials written and read: at most twice the packed bits, unless there is no split at all
         assert splits == 1 or splits * m * n * 8 <= 2 * n * groups * 128 // 8
+        units = -(-groups // 4)  # wide lanes: K is split in units of four groups
+        mt, nt, splits, per = cuda_w1.plan(m, n, groups, sms=132, wide=True)
+        assert 1 <= splits <= cuda_w1.MAX_SPLITS and (splits - 1) * per < units <= splits * per
 
 
 def _fake_nvcc(tmp_path, body):

@@ -36,6 +36,8 @@ BUILD_TIMEOUT_S = 600
 MIN_CAPABILITY = (8, 0)  # mma.sync with bf16 operands
 TARGET_CTAS_PER_SM = 6   # split K until a launch has about this many blocks per multiprocessor
 MMA_MAX_M = 64           # above this many tokens the kernel 'mma' hands a layer to dequantize + cuBLAS
+WIDE_MAX_M = 32          # lanes that take whole groups (16-byte loads of bits): built up to this many tokens
+WIDE = False             # whether linear() uses them by default (an A/B in bench_gemm: paths mma, mma_wide)
 MIN_GROUPS_PER_SPLIT = 1
 MAX_SPLITS = 16
 COUNTERS = 1 << 16       # per-tile arrival counters of the split-K reduction, per device
@@ -109,7 +111,7 @@ def _load(capability: tuple[int, int]) -> ctypes.CDLL | str:
                 path = build(capability)
                 lib = ctypes.CDLL(str(path))
                 p, i = ctypes.c_void_p, ctypes.c_int
-                lib.bonsai_w1a16.argtypes = [p, p, p, p, p, p, p] + [i] * 11 + [p]
+                lib.bonsai_w1a16.argtypes = [p, p, p, p, p, p, p] + [i] * 12 + [p]
                 lib.bonsai_w1a16.restype = i
                 lib.bonsai_cuda_error_string.argtypes = [i]
                 lib.bonsai_cuda_error_string.restype = ctypes.c_char_p
@@ -151,29 +153,33 @@ def why_not(device: torch.device) -> str | None:
     return lib if isinstance(lib, str) else None
 
 
-def plan(m: int, n: int, groups: int, sms: int) -> tuple[int, int, int, int]:
-    """``(mt, nt, splits, groups per split)``: m16 tiles per warp, n8 tiles per warp (a block is 4
+def plan(m: int, n: int, groups: int, sms: int, wide: bool = False) -> tuple[int, int, int, int]:
+    """``(mt, nt, splits, units per split)``: m16 tiles per warp, n8 tiles per warp (a block is 4
     warps: 32 ``nt`` columns), and how K is split so that a launch has about ``TARGET_CTAS_PER_SM``
     blocks per multiprocessor, while the fp32 partials cost less than twice the weight's bits. Narrow
-    layers take narrow blocks (``nt`` 1) before K is split."""
+    layers take narrow blocks (``nt`` 1) before K is split. K is split in units: a group, or with
+    ``wide`` lanes four groups."""
     mt = 1 if m <= 16 else (2 if m <= 32 else 4)
     m_tiles = -(-m // (16 * mt))
     nt = 4 if -(-n // 128) * m_tiles >= sms else 1
     tiles = -(-n // (32 * nt)) * m_tiles
-    splits = min(MAX_SPLITS, max(1, groups // MIN_GROUPS_PER_SPLIT), max(1, -(-TARGET_CTAS_PER_SM * sms // tiles)),
+    units = -(-groups // 4) if wide else groups
+    splits = min(MAX_SPLITS, max(1, units // MIN_GROUPS_PER_SPLIT), max(1, -(-TARGET_CTAS_PER_SM * sms // tiles)),
                  max(1, groups * 128 // (32 * m)))  # partials written and read (8 m bytes a column a split)
     #                                                 stay within twice the packed weight (k / 8 a column)
     if tiles > COUNTERS:
         splits = 1
-    per = -(-groups // splits)
-    return mt, nt, -(-groups // per), per
+    per = -(-units // splits)
+    return mt, nt, -(-units // per), per
 
 
 _PLANS: dict[tuple, tuple] = {}
 
 
-def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int, bias) -> torch.Tensor:
-    """``x @ W.T + bias`` for a Q1_0 weight (``qs`` uint8 [N, NG*16], ``d`` fp16 [N, NG]) and 16-bit ``x``."""
+def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int, bias,
+           wide: bool | None = None) -> torch.Tensor:
+    """``x @ W.T + bias`` for a Q1_0 weight (``qs`` uint8 [N, NG*16], ``d`` fp16 [N, NG]) and 16-bit ``x``;
+    ``wide``: lanes take whole groups (up to ``WIDE_MAX_M`` tokens; default ``WIDE``)."""
     cap, sms = _device(x.device)
     lib = _load(cap)
     if isinstance(lib, str):
@@ -186,22 +192,23 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int,
         raise ValueError(f"the CUDA W1A16 kernel takes uint8 bits [N, NG*16] and fp16 scales [N, NG] of rows of a "
                          f"multiple of 8 weights; got {qs.dtype} {list(qs.shape)}, {d.dtype} {list(d.shape)}, "
                          f"{in_features} inputs")
-    if not qs.is_contiguous() or qs.data_ptr() % 4:
+    shape = x.shape
+    m = x.numel() // in_features
+    wide = (WIDE if wide is None else wide) and m <= WIDE_MAX_M
+    if not qs.is_contiguous() or qs.data_ptr() % (16 if wide else 4):
         qs = qs.clone(memory_format=torch.contiguous_format)
     if not d.is_contiguous():
         d = d.contiguous()
-    shape = x.shape
     x2 = x.reshape(-1, in_features)
     if x2.stride(1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # 16-byte loads of whole rows
         x2 = x2.clone(memory_format=torch.contiguous_format)
-    m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*shape[:-1], n)
-    key = (m, n, groups, sms)
+    key = (m, n, groups, sms, wide)
     p = _PLANS.get(key)
     if p is None:
-        p = _PLANS[key] = plan(m, n, groups, sms)
+        p = _PLANS[key] = plan(m, n, groups, sms, wide)
     mt, nt, splits, per = p
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
@@ -212,7 +219,8 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int,
         part = _workspace(x.device, stream, splits * m * n) if splits > 1 else counters
         code = lib.bonsai_w1a16(x2.data_ptr(), qs.data_ptr(), d.data_ptr(), 0 if bias is None else bias.data_ptr(),
                                 y.data_ptr(), part.data_ptr(), counters.data_ptr(), m, n, in_features, groups,
-                                x2.stride(0), n, splits, per, mt, nt, int(x.dtype == torch.bfloat16), stream)
+                                x2.stride(0), n, splits, per, mt, nt, int(wide), int(x.dtype == torch.bfloat16),
+                                stream)
     if code:
         raise RuntimeError(f"CUDA W1A16 kernel launch failed: {lib.bonsai_cuda_error_string(code).decode()} "
                            f"(M={m}, N={n}, K={in_features})")

@@ -92,20 +92,25 @@ __device__ __forceinline__ T from_float(float v) {
   }
 }
 
-template <typename T, int MT, int NT>
+template <typename T, int MT, int NT, bool WIDE>
 __global__ void __launch_bounds__(WARPS * 32) w1a16_kernel(
     const T* __restrict__ x, const uint32_t* __restrict__ qs, const __half* __restrict__ d,
     const T* __restrict__ bias, T* __restrict__ y, float* __restrict__ part, int* __restrict__ counters,
-    int M, int N, int K, int NG, int ldx, int ldy, int groups_per_split) {
+    int M, int N, int K, int NG, int ldx, int ldy, int units_per_split) {
+  // A unit is what a quad of lanes covers per iteration: one group (each lane 32 of its weights, one
+  // 32-bit word of bits) or, WIDE, four groups (each lane one whole group, a 16-byte load of bits,
+  // with its own scale: B holds +-d, so lanes of one mma may hold different groups).
   constexpr bool BF16 = std::is_same<T, __nv_bfloat16>::value;
+  constexpr int WORDS = WIDE ? 4 : 1;  // 32-bit words of bits a lane holds per unit and n8 tile
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t4 = lane & 3;
   constexpr int BLOCK_N = WARPS * NT * 8;
   const int n_block = blockIdx.x * BLOCK_N + warp * (NT * 8);
   const int m_block = blockIdx.z * (16 * MT);
   const int splits = gridDim.y;
-  const int g0 = blockIdx.y * groups_per_split;
-  const int g1 = min(NG, g0 + groups_per_split);
+  const int units = WIDE ? (NG + 3) / 4 : NG;
+  const int u0 = blockIdx.y * units_per_split;
+  const int u1 = min(units, u0 + units_per_split);
 
   float acc[MT][NT][4];
 #pragma unroll
@@ -121,7 +126,7 @@ __global__ void __launch_bounds__(WARPS * 32) w1a16_kernel(
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
     const int n = min(n_block + j * 8 + g, N - 1);
-    qrow[j] = qs + (size_t)n * NG * 4 + t4;
+    qrow[j] = qs + (size_t)n * NG * 4;
     drow[j] = d + (size_t)n * NG;
   }
   // This lane's activation rows: g and g + 8 of each m16 tile (rows past M read as zero).
@@ -133,58 +138,75 @@ __global__ void __launch_bounds__(WARPS * 32) w1a16_kernel(
     for (int h = 0; h < 2; ++h) {
       const int m = m_block + i * 16 + g + h * 8;
       xok[i][h] = m < M;
-      xrow[i][h] = x + (size_t)(xok[i][h] ? m : 0) * ldx + 32 * t4;
+      xrow[i][h] = x + (size_t)(xok[i][h] ? m : 0) * ldx;
     }
 
-  // The next group's bits and scales are loaded while this group's mmas run (memory latency is
-  // what a 1-bit GEMV waits on: the weights themselves are few bytes).
-  uint32_t bits[NT], base[NT], next_bits[NT];
-  __half next_d[NT];
-  if (g0 < g1) {
+  // The lane's group in unit u and where its weights start (in weights from the row's start).
+  auto lane_group = [&](int u) { return WIDE ? 4 * u + t4 : u; };
+  auto lane_k = [&](int u) { return WIDE ? (4 * u + t4) * 128 : u * 128 + 32 * t4; };
+  // Bits and scale of unit u (a group past NG, WIDE only, holds zero bits and a zero scale).
+  auto load_unit = [&](int u, uint32_t (&b)[NT][WORDS], __half (&dh)[NT]) {
+    const int grp = lane_group(u);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      next_bits[j] = __ldg(qrow[j] + g0 * 4);
-      next_d[j] = drow[j][g0];
-    }
-  }
-  for (int grp = g0; grp < g1; ++grp) {
-#pragma unroll
-    for (int j = 0; j < NT; ++j) {
-      bits[j] = next_bits[j];
-      base[j] = neg_pair<BF16>(next_d[j]);
-    }
-    if (grp + 1 < g1) {
-#pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        next_bits[j] = __ldg(qrow[j] + (grp + 1) * 4);
-        next_d[j] = drow[j][grp + 1];
+      if constexpr (WIDE) {
+        if (grp < NG) {
+          const uint4 v = __ldg(reinterpret_cast<const uint4*>(qrow[j] + grp * 4));
+          b[j][0] = v.x, b[j][1] = v.y, b[j][2] = v.z, b[j][3] = v.w;
+          dh[j] = drow[j][grp];
+        } else {
+          b[j][0] = b[j][1] = b[j][2] = b[j][3] = 0u;
+          dh[j] = __float2half(0.f);
+        }
+      } else {
+        b[j][0] = __ldg(qrow[j] + grp * 4 + t4);
+        dh[j] = drow[j][grp];
       }
     }
-    const int kg = grp * 128 + 32 * t4;
-    uint4 xa[4][MT][2];  // all four steps' activations first: their loads overlap
+  };
+
+  // The next unit's bits and scales are loaded while this unit's mmas run (memory latency is what
+  // a 1-bit GEMV waits on: the weights themselves are few bytes).
+  uint32_t bits[NT][WORDS], next_bits[NT][WORDS], base[NT];
+  __half next_d[NT];
+  if (u0 < u1) load_unit(u0, next_bits, next_d);
+  for (int u = u0; u < u1; ++u) {
 #pragma unroll
-    for (int s = 0; s < 4; ++s)
+    for (int j = 0; j < NT; ++j) {
 #pragma unroll
-      for (int i = 0; i < MT; ++i)
+      for (int w = 0; w < WORDS; ++w) bits[j][w] = next_bits[j][w];
+      base[j] = neg_pair<BF16>(next_d[j]);
+    }
+    if (u + 1 < u1) load_unit(u + 1, next_bits, next_d);
+    const int kl = lane_k(u);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (xok[i][h] && kg + 8 * s < K) {
-            xa[s][i][h] = __ldg(reinterpret_cast<const uint4*>(xrow[i][h] + grp * 128 + 8 * s));
-          } else {
-            xa[s][i][h] = make_uint4(0u, 0u, 0u, 0u);
+    for (int w = 0; w < WORDS; ++w) {
+      uint4 xa[4][MT][2];  // four steps' activations first: their loads overlap
+#pragma unroll
+      for (int s = 0; s < 4; ++s)
+#pragma unroll
+        for (int i = 0; i < MT; ++i)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            const int k = kl + 32 * w + 8 * s;
+            if (xok[i][h] && k < K) {
+              xa[s][i][h] = __ldg(reinterpret_cast<const uint4*>(xrow[i][h] + k));
+            } else {
+              xa[s][i][h] = make_uint4(0u, 0u, 0u, 0u);
+            }
           }
-        }
 #pragma unroll
-    for (int s = 0; s < 4; ++s) {
+      for (int s = 0; s < 4; ++s) {
 #pragma unroll
-      for (int j = 0; j < NT; ++j) {
-        const uint32_t byte = bits[j] >> (8 * s);
-        const uint32_t b0 = base[j] ^ flips(byte), b1 = base[j] ^ flips(byte >> 2);
-        const uint32_t b2 = base[j] ^ flips(byte >> 4), b3 = base[j] ^ flips(byte >> 6);
+        for (int j = 0; j < NT; ++j) {
+          const uint32_t byte = bits[j][w] >> (8 * s);
+          const uint32_t b0 = base[j] ^ flips(byte), b1 = base[j] ^ flips(byte >> 2);
+          const uint32_t b2 = base[j] ^ flips(byte >> 4), b3 = base[j] ^ flips(byte >> 6);
 #pragma unroll
-        for (int i = 0; i < MT; ++i) {
-          mma16816<BF16>(acc[i][j], xa[s][i][0].x, xa[s][i][1].x, xa[s][i][0].y, xa[s][i][1].y, b0, b1);
-          mma16816<BF16>(acc[i][j], xa[s][i][0].z, xa[s][i][1].z, xa[s][i][0].w, xa[s][i][1].w, b2, b3);
+          for (int i = 0; i < MT; ++i) {
+            mma16816<BF16>(acc[i][j], xa[s][i][0].x, xa[s][i][1].x, xa[s][i][0].y, xa[s][i][1].y, b0, b1);
+            mma16816<BF16>(acc[i][j], xa[s][i][0].z, xa[s][i][1].z, xa[s][i][0].w, xa[s][i][1].w, b2, b3);
+          }
         }
       }
     }
@@ -244,31 +266,36 @@ __global__ void __launch_bounds__(WARPS * 32) w1a16_kernel(
       }
 }
 
-template <typename T, int MT, int NT>
+template <typename T, int MT, int NT, bool WIDE>
 cudaError_t launch(const void* x, const void* qs, const void* d, const void* bias, void* y, float* part,
-                   int* counters, int M, int N, int K, int NG, int ldx, int ldy, int splits, int groups_per_split,
+                   int* counters, int M, int N, int K, int NG, int ldx, int ldy, int splits, int units_per_split,
                    cudaStream_t stream) {
   constexpr int BLOCK_N = WARPS * NT * 8;
   dim3 grid((N + BLOCK_N - 1) / BLOCK_N, splits, (M + 16 * MT - 1) / (16 * MT));
-  w1a16_kernel<T, MT, NT><<<grid, WARPS * 32, 0, stream>>>(
+  w1a16_kernel<T, MT, NT, WIDE><<<grid, WARPS * 32, 0, stream>>>(
       static_cast<const T*>(x), static_cast<const uint32_t*>(qs), static_cast<const __half*>(d),
-      static_cast<const T*>(bias), static_cast<T*>(y), part, counters, M, N, K, NG, ldx, ldy, groups_per_split);
+      static_cast<const T*>(bias), static_cast<T*>(y), part, counters, M, N, K, NG, ldx, ldy, units_per_split);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_tiles(int mt, int nt, const void* x, const void* qs, const void* d, const void* bias, void* y,
+cudaError_t launch_tiles(int mt, int nt, bool wide, const void* x, const void* qs, const void* d, const void* bias, void* y,
                          float* part, int* counters, int M, int N, int K, int NG, int ldx, int ldy, int splits,
                          int gps, cudaStream_t stream) {
-#define BONSAI_W1_CASE(MT_, NT_)                                                                         \
-  if (mt == MT_ && nt == NT_)                                                                            \
-    return launch<T, MT_, NT_>(x, qs, d, bias, y, part, counters, M, N, K, NG, ldx, ldy, splits, gps, stream);
-  BONSAI_W1_CASE(1, 1)
-  BONSAI_W1_CASE(1, 4)
-  BONSAI_W1_CASE(2, 1)
-  BONSAI_W1_CASE(2, 4)
-  BONSAI_W1_CASE(4, 1)
-  BONSAI_W1_CASE(4, 4)
+#define BONSAI_W1_CASE(MT_, NT_, WIDE_)                                                                   \
+  if (mt == MT_ && nt == NT_ && wide == WIDE_)                                                             \
+    return launch<T, MT_, NT_, WIDE_>(x, qs, d, bias, y, part, counters, M, N, K, NG, ldx, ldy, splits, gps, \
+                                      stream);
+  BONSAI_W1_CASE(1, 1, false)
+  BONSAI_W1_CASE(1, 4, false)
+  BONSAI_W1_CASE(2, 1, false)
+  BONSAI_W1_CASE(2, 4, false)
+  BONSAI_W1_CASE(4, 1, false)
+  BONSAI_W1_CASE(4, 4, false)
+  BONSAI_W1_CASE(1, 1, true)  // wide lanes up to 32 tokens only: with four m16 tiles they spill
+  BONSAI_W1_CASE(1, 4, true)
+  BONSAI_W1_CASE(2, 1, true)
+  BONSAI_W1_CASE(2, 4, true)
 #undef BONSAI_W1_CASE
   return cudaErrorInvalidValue;
 }
@@ -278,16 +305,18 @@ cudaError_t launch_tiles(int mt, int nt, const void* x, const void* qs, const vo
 extern "C" {
 
 // Returns a cudaError_t (0 = launched). bf16 != 0: x, y, bias are bfloat16, else float16. mt: m16
-// tiles per warp (1, 2, 4); nt: n8 tiles per warp (1, 4), so a block covers 32 nt output columns.
+// tiles per warp (1, 2, 4); nt: n8 tiles per warp (1, 4), so a block covers 32 nt output columns;
+// wide: each lane takes whole groups (16-byte loads of bits; qs 16-byte aligned), units of four
+// groups, else a quad of lanes shares each group; units_per_split counts those units.
 int bonsai_w1a16(const void* x, const void* qs, const void* d, const void* bias, void* y, float* part,
-                 int* counters, int M, int N, int K, int NG, int ldx, int ldy, int splits, int groups_per_split,
-                 int mt, int nt, int bf16, void* stream) {
+                 int* counters, int M, int N, int K, int NG, int ldx, int ldy, int splits, int units_per_split,
+                 int mt, int nt, int wide, int bf16, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (bf16)
-    return launch_tiles<__nv_bfloat16>(mt, nt, x, qs, d, bias, y, part, counters, M, N, K, NG, ldx, ldy, splits,
-                                       groups_per_split, s);
-  return launch_tiles<__half>(mt, nt, x, qs, d, bias, y, part, counters, M, N, K, NG, ldx, ldy, splits,
-                              groups_per_split, s);
+    return launch_tiles<__nv_bfloat16>(mt, nt, wide != 0, x, qs, d, bias, y, part, counters, M, N, K, NG, ldx, ldy,
+                                       splits, units_per_split, s);
+  return launch_tiles<__half>(mt, nt, wide != 0, x, qs, d, bias, y, part, counters, M, N, K, NG, ldx, ldy, splits,
+                              units_per_split, s);
 }
 
 const char* bonsai_cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
