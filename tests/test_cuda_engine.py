@@ -65,6 +65,35 @@ def test_klein_cuda_graph_step_equals_eager(tmp_path, monkeypatch):
     assert (graphed.tensor - eager.tensor).abs().max() < 1e-2
 
 
+def test_klein_on_cuda_keeps_the_token_table_on_the_host(tmp_path):
+    """The klein family on CUDA looks the prompt's tokens up in host memory and drops the unread
+    text-encoder layers; its prompt embedding equals diffusers' from the whole encoder on the GPU."""
+    from transformers import AutoModelForCausalLM
+
+    from bonsai_core.families.flux2_klein import HostEmbedding, _pipeline
+    from bonsai_core.importers.assemble import import_model
+    from tests.klein_fixtures import OUT_LAYERS, klein_ground_truth, make_mlx_repo, make_tokenizer
+
+    repo, _ = make_mlx_repo(tmp_path / "src", klein_ground_truth(), te="dense")
+    import_model(repo, tmp_path / "klein", log=lambda m: None)
+    eng = BonsaiImageEngine.from_pretrained(tmp_path / "klein", device="cuda")
+    try:
+        te = eng.family.text_encoder
+        tied = te.config.tie_word_embeddings
+        assert isinstance(te.model.embed_tokens, HostEmbedding) == tied
+        got = eng.family.encode(["a lantern in the snow"])
+        whole = AutoModelForCausalLM.from_pretrained(tmp_path / "klein" / "text_encoder",
+                                                     torch_dtype=torch.bfloat16).cuda().eval()
+        with torch.no_grad():
+            want = _pipeline()._get_qwen3_prompt_embeds(
+                whole.model, make_tokenizer(), ["a lantern in the snow"], dtype=torch.bfloat16,
+                device=torch.device("cuda"), max_sequence_length=eng.family.max_sequence_length,
+                hidden_states_layers=OUT_LAYERS)
+        assert got.device.type == "cuda" and torch.equal(got, want)
+    finally:
+        eng.unload()
+
+
 def test_sd_with_a_1bit_text_encoder_runs_on_cuda(tmp_path):
     # CLIP's position_ids is a non-persistent buffer: not in the file, made on the CPU by the skeleton
     make_tiny_sd_pipeline(tmp_path / "fp")

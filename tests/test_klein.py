@@ -629,3 +629,48 @@ def test_unread_text_encoder_layers_are_dropped_and_the_embedding_is_unchanged(o
     assert len(te.model.layers) == te.config.num_hidden_layers == 6 - dropped
     assert isinstance(te.model.norm, torch.nn.Identity) == (dropped > 0)
     assert torch.equal(embed(te), want)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_embedding_table_stays_on_the_host_and_the_embedding_is_unchanged(packed):
+    """On CUDA the token table stays in host memory (a lookup sends only the prompt's rows): the
+    module's parameters no longer hold it, moving the module leaves it on the host, and the prompt
+    embedding equals diffusers' from the untouched encoder bit for bit (the meta device stands in for
+    the GPU where only the move is checked)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from bonsai_core.families.flux2_klein import HostEmbedding, _pipeline, embedding_to_host
+    from bonsai_core.quant.layers import module_nbytes, quantize_model
+    from bonsai_core.quant.policy import text_encoder_policy
+    from tests.klein_fixtures import TE_CONFIG, make_tokenizer
+
+    torch.manual_seed(0)
+    te = Qwen3ForCausalLM(Qwen3Config(**{**TE_CONFIG, "tie_word_embeddings": True})).eval()
+    if packed:
+        quantize_model(te, text_encoder_policy())
+    tok = make_tokenizer()
+
+    def embed(model):
+        with torch.no_grad():
+            return _pipeline()._get_qwen3_prompt_embeds(model.model, tok, ["a red cat on a mat"], dtype=torch.float32,
+                                                       device=torch.device("cpu"), max_sequence_length=32,
+                                                       hidden_states_layers=(1, 2, 3))
+
+    want, before = embed(te), module_nbytes(te)
+    table = te.model.embed_tokens.weight
+    moved = embedding_to_host(te)
+    assert isinstance(te.model.embed_tokens, HostEmbedding) and moved > 0
+    assert module_nbytes(te) == before - moved and all(p is not table for p in te.parameters())
+    assert torch.equal(embed(te), want)
+    te.to("meta")
+    assert te.model.embed_tokens.table.device.type == "cpu"
+
+
+def test_an_untied_head_keeps_its_embedding_in_place():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from bonsai_core.families.flux2_klein import embedding_to_host
+    from tests.klein_fixtures import TE_CONFIG
+
+    te = Qwen3ForCausalLM(Qwen3Config(**{**TE_CONFIG, "tie_word_embeddings": False}))
+    assert embedding_to_host(te) == 0 and isinstance(te.model.embed_tokens, torch.nn.Embedding)

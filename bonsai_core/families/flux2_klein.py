@@ -33,6 +33,7 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .. import device as devices
@@ -114,6 +115,41 @@ def drop_unread_layers(text_encoder: nn.Module, out_layers) -> int:
         if isinstance(getattr(config, "layer_types", None), list):
             config.layer_types = config.layer_types[:keep]
     return dropped
+
+
+class HostEmbedding(nn.Module):
+    """A token-embedding table kept in host memory whatever device its module moves to: a lookup
+    gathers the prompt's rows on the host and sends only those to the ids' device. The table is a
+    plain attribute, not a parameter, so ``.to()``, lending and memory counts pass it by."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.table = table.detach()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids.to(self.table.device), self.table)
+        return rows.to(ids.device, non_blocking=True)
+
+
+def embedding_to_host(text_encoder: nn.Module) -> int:
+    """Keep the text encoder's token embeddings in host memory (``HostEmbedding``); the bytes that no
+    longer go to the GPU. Qwen3-4B's table is 389M weights (0.78 GB in bf16), of which a prompt
+    reads a few hundred rows. Its tied language-model head, never used for a prompt embedding, gives
+    the hidden states through unchanged, so the table is not kept alive on the device through it."""
+    model = getattr(text_encoder, "model", text_encoder)
+    embed = getattr(model, "embed_tokens", None)
+    if type(embed) is not nn.Embedding or embed.max_norm is not None:
+        return 0
+    table = embed.weight
+    head = getattr(text_encoder, "lm_head", None)
+    if head is not None and getattr(head, "weight", None) is not table:
+        return 0  # an untied head: leave the model as it is
+    model.embed_tokens = HostEmbedding(table)
+    if head is not None:
+        text_encoder.lm_head = nn.Identity()
+    from ..quant.layers import tensor_nbytes
+
+    return tensor_nbytes(table)
 
 
 class HostParked:
@@ -199,6 +235,8 @@ class Flux2KleinFamily(Family):
                 f"has {n_layers} layers; set text_encoder_out_layers in {SETTINGS_FILE}")
         self.te_layers_dropped = drop_unread_layers(self.text_encoder, self.out_layers) \
             if isinstance(self.text_encoder, nn.Module) else 0
+        self.te_embedding_on_host = embedding_to_host(self.text_encoder) \
+            if device.type == "cuda" and isinstance(self.text_encoder, nn.Module) else 0
         self.transformer = load_component(folder, "transformer", index["transformer"], dtype, device)
         self.vae = load_component(folder, "vae", index["vae"], dtype, device)
         if not hasattr(self.vae, "bn"):
