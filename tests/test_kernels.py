@@ -112,14 +112,19 @@ def test_an_unknown_kernel_name_is_refused_on_every_device(fake, monkeypatch, de
             pass
 
 
-def test_a_cuda_kernel_named_on_a_cpu_runs_the_reference_and_says_so(fake, monkeypatch, caplog):
+def test_a_cuda_kernel_named_on_a_cpu_runs_the_auto_choice_and_says_so(fake, monkeypatch, caplog):
+    """A kernel that cannot take the inputs hands them to what auto would choose (not the slower
+    reference), and says so once."""
     lin, _ = _layers()
+    x = torch.randn(1, 256)
+    auto = kernels.active(x, lin.weight)
     monkeypatch.setenv("BONSAI_KERNEL", "fused")
     kernels.reload()
     with caplog.at_level(logging.WARNING, logger="bonsai_core.quant.kernels"):
-        assert kernels.active(torch.randn(1, 256), lin.weight) == "reference"
-        lin(torch.randn(1, 256))
-    assert sum("BONSAI_KERNEL=fused" in r.getMessage() for r in caplog.records) == 1  # said once
+        assert kernels.active(x, lin.weight) == auto
+        lin(x)
+    said = [r.getMessage() for r in caplog.records if "BONSAI_KERNEL=fused" in r.getMessage()]
+    assert len(said) == 1 and f"those run on the auto choice ({auto})" in said[0]  # said once, with the choice
 
 
 def test_functional_linear_and_conv_with_a_packed_weight_go_through_the_contract(fake):

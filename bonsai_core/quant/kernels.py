@@ -17,10 +17,10 @@ installs never import Triton.
 
 Which kernel runs is chosen once per process from ``BONSAI_KERNEL``:
 ``auto`` (default: the first registered kernel that takes part in auto and supports the inputs,
-else the reference), ``reference``, or a kernel's name (``triton``, ``w1``, ``w4`` (Q4_AFFINE),
-``dequant``, ``gemv``, ``fused`` on CUDA). A name
-that no kernel has is refused on every device with a ``BonsaiDeviceError``. A named kernel that
-cannot take some inputs (``fused`` on a CPU tensor) leaves them to the reference, with one warning.
+else the reference), ``reference``, or a kernel's name (``triton``, ``mma``, ``w1``, ``w4``
+(Q4_AFFINE), ``dequant``, ``gemv``, ``fused`` on CUDA). A name that no kernel has is refused on
+every device with a ``BonsaiDeviceError``. A named kernel that cannot take some inputs (``fused`` on
+a CPU tensor, ``mma`` without a CUDA compiler) leaves them to the auto choice, with one warning.
 ``forced(name)`` overrides the choice inside a ``with`` block (tests, benchmarks), strictly: there
 an input the kernel does not support is an error, so a benchmark never measures the wrong path.
 """
@@ -169,10 +169,7 @@ def select(x: torch.Tensor, w: PackedTensor, op: str = "linear"):
     strict = bool(stack)
     name = stack[-1] if strict else choice()
     if name == "auto":
-        for kname, kernel in _REGISTRY.items():
-            if _IN_AUTO[kname] and getattr(kernel, op) is not None and takes(kernel, w) and kernel.supports(x, w):
-                return kernel
-        return REFERENCE
+        return _auto(x, w, op)
     if name == REFERENCE.name:
         return REFERENCE
     kernel = _REGISTRY.get(name)
@@ -186,9 +183,18 @@ def select(x: torch.Tensor, w: PackedTensor, op: str = "linear"):
            f"kernel {name!r} does not take {x.device.type} {x.dtype} inputs")
     if strict:
         raise BonsaiDeviceError(f"{why}; use another kernel or move the inputs")
+    fallback = _auto(x, w, op)
     if (name, x.device.type, x.dtype, w.qtype) not in _STATE["warned"]:
         _STATE["warned"].add((name, x.device.type, x.dtype, w.qtype))
-        log.warning("%s=%s: %s; those run on the reference kernel", ENV, name, why)
+        log.warning("%s=%s: %s; those run on the auto choice (%s)", ENV, name, why, fallback.name)
+    return fallback
+
+
+def _auto(x: torch.Tensor, w: PackedTensor, op: str):
+    """The first kernel of the auto choice that computes ``op`` for these inputs, else the reference."""
+    for kname, kernel in _REGISTRY.items():
+        if _IN_AUTO[kname] and getattr(kernel, op) is not None and takes(kernel, w) and kernel.supports(x, w):
+            return kernel
     return REFERENCE
 
 
