@@ -57,8 +57,8 @@ case $stage in
       | tail -20 | tee "$OUT/probe_fp8.log"
     ;;
   te4bit-mma)  # a short lease: the 4-bit text encoder's numbers, then the mma kernel's tests and small-M rows
-    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_q4_affine.py -k "pinning or lend or park" 2>&1 \
-      | tail -3 | tee "$OUT/te4bit-tests.log"
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_q4_affine.py tests/test_cuda_engine.py \
+      -k "pinning or lend or park or klein" 2>&1 | tail -6 | tee "$OUT/te4bit-tests.log"
     timeout 250 python3 benchmarks/bench_te4bit.py --device cuda --repeats 2 --json "$OUT/te4bit.json" 2>&1 \
       | grep -v -e "Loading weights" -e "Writing model shards" | tee "$OUT/te4bit.log"
     export BONSAI_CACHE_DIR=${BONSAI_CACHE_DIR:-$PWD/models/cache}
