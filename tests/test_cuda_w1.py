@@ -198,16 +198,18 @@ def test_no_compiler_is_a_clear_reason(tmp_path, monkeypatch):
     assert "could not be built: no CUDA compiler" in cuda_w1._load((9, 0))
 
 
-def test_mma_is_a_known_kernel_and_the_cpu_falls_back_to_the_reference(monkeypatch):
+def test_mma_is_a_known_kernel_and_the_cpu_falls_back_to_the_auto_choice(monkeypatch):
     from bonsai_core.quant import kernels
     from bonsai_core.quant.tensor import Q1Tensor
 
     assert "mma" in kernels.known_names()
+    w = Q1Tensor.from_float(torch.randn(8, 256))
+    x = torch.randn(2, 256)
+    auto = kernels.active(x, w)
     monkeypatch.setenv(kernels.ENV, "mma")
     kernels.reload()
     try:
-        w = Q1Tensor.from_float(torch.randn(8, 256))
-        assert kernels.active(torch.randn(2, 256), w) == "reference"
+        assert kernels.active(x, w) == auto != "mma"
     finally:
         monkeypatch.delenv(kernels.ENV)
         kernels.reload()
