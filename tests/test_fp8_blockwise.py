@@ -42,6 +42,7 @@ def test_the_cpu_never_claims_the_gpu_path():
     assert "CUDA" in fp8_blockwise.available(torch.device("cpu"))
     assert fp8_blockwise.takes(65, 3072, 3072) and not fp8_blockwise.takes(64, 3072, 3072)
     assert not fp8_blockwise.takes(1536, 300, 1000)
+    assert not fp8_blockwise.takes(4096, 320, 320)  # a partial last block: the Triton W1A8 kernel's
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -66,7 +67,8 @@ def test_the_triton_quantizer_equals_the_reference():
 
 
 @gpu
-@pytest.mark.parametrize("m,n,k", [(65, 3072, 3072), (1536, 3072, 9216), (300, 320, 640), (256, 18432, 3072)])
+@pytest.mark.parametrize("m,n,k", [(65, 3072, 3072), (1536, 3072, 9216), (300, 320, 640), (256, 18432, 3072),
+                                   (100, 320, 320)])
 def test_the_blockwise_gemm_equals_the_float64_truth(m, n, k):
     _fp8_or_skip()
     g = torch.Generator().manual_seed(1)

@@ -674,3 +674,32 @@ def test_an_untied_head_keeps_its_embedding_in_place():
 
     te = Qwen3ForCausalLM(Qwen3Config(**{**TE_CONFIG, "tie_word_embeddings": False}))
     assert embedding_to_host(te) == 0 and isinstance(te.model.embed_tokens, torch.nn.Embedding)
+
+
+def test_host_parked_frees_each_original_before_pinning_the_next(monkeypatch):
+    """Parking pins one tensor at a time and puts the copy in place before the next: host memory
+    never holds the text encoder twice (the first version pinned everything, then swapped). Ties stay
+    tied. Pinning is stood in for by a copy (this machine has no CUDA to pin for)."""
+    import gc
+    import weakref
+
+    from bonsai_core.families.flux2_klein import HostParked
+
+    m = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(4)])
+    m[3].weight = m[0].weight  # tied
+    refs = []
+
+    def pinned(t):
+        gc.collect()
+        assert all(r() is None for r in refs), "an original outlived its pinned copy"
+        refs.append(weakref.ref(t))
+        copy = t.detach().clone()
+        return torch.nn.Parameter(copy, requires_grad=False) if isinstance(t, torch.nn.Parameter) else copy
+
+    monkeypatch.setattr(HostParked, "_pinned", staticmethod(pinned))
+    parked = HostParked(m)
+    gc.collect()
+    assert len(refs) == 7 and all(r() is None for r in refs)  # 4 weights (one tied) + 4 biases - 1
+    assert m[3].weight is m[0].weight
+    parked.lend(torch.device("meta"))
+    assert m[3].weight is m[0].weight and m[0].weight.device.type == "meta"

@@ -194,7 +194,9 @@ class Family:
                     n = m.weight.numel() * size
                     largest = max(largest, n)
                     total += n
-        if self.device.type == "cpu" and kernels.choice() in ("auto", cpu_cache.KERNEL.name):
+        # on a CPU every choice but the reference ends at the cpu-cache kernel (a CUDA kernel named
+        # there leaves its inputs to the auto choice)
+        if self.device.type == "cpu" and kernels.choice() != kernels.REFERENCE.name:
             return max(largest, min(total, cpu_cache.KERNEL.budget))
         return largest
 

@@ -165,17 +165,22 @@ class HostParked:
     def __init__(self, module: nn.Module):
         self.slots: list[tuple[dict, str, int]] = []  # (the module's _parameters or _buffers, name, tensor)
         self.host: list[torch.Tensor] = []
-        index: dict[int, int] = {}
+        groups: dict[int, tuple[torch.Tensor, list]] = {}  # every tensor once, with the slots that hold it
         for mod in module.modules():
             for store in (mod._parameters, mod._buffers):
                 for name, t in store.items():
-                    if t is None:
-                        continue
-                    if id(t) not in index:
-                        index[id(t)] = len(self.host)
-                        self.host.append(self._pinned(t))
-                    self.slots.append((store, name, index[id(t)]))
-        self.park()
+                    if t is not None:
+                        groups.setdefault(id(t), (t, []))[1].append((store, name))
+        # one tensor at a time: its pinned copy replaces it in every slot before the next is pinned,
+        # so the original is freed as we go (host memory never holds two text encoders)
+        for key in list(groups):
+            t, where = groups.pop(key)
+            h = self._pinned(t)
+            del t
+            for store, name in where:
+                store[name] = h
+                self.slots.append((store, name, len(self.host)))
+            self.host.append(h)
 
     @staticmethod
     def _pinned(t: torch.Tensor) -> torch.Tensor:
@@ -321,9 +326,9 @@ class Flux2KleinFamily(Family):
             return
         before = torch.cuda.memory_allocated(self.device)
         try:
-            self.text_encoder.to(self.device)
+            self._move_text_encoder(self.device)
         except torch.cuda.OutOfMemoryError:
-            self.text_encoder.to("cpu")
+            self._move_text_encoder("cpu")
             devices.free_cache(self.device)
             self.te_placement = placement.Placement(placement.PARKED, "the text encoder does not fit the device")
             return
@@ -332,8 +337,14 @@ class Flux2KleinFamily(Family):
         run = int(run_bytes())
         self.te_placement = placement.place_text_encoder(te_bytes, run, budget_bytes, free + te_bytes)
         if not self.te_resident:
-            self.text_encoder.to("cpu")
+            self._move_text_encoder("cpu")
             devices.free_cache(self.device)
+
+    def _move_text_encoder(self, device) -> None:
+        """The whole text encoder to ``device``. A parked copy is forgotten first: ``.to()`` changes
+        dense parameters in place, and the parked copies are the module's parameters while parked."""
+        self._te_parked = None
+        self.text_encoder.to(device)
 
     def observe_peak(self, peak_bytes: int | None) -> str | None:
         """After a run: a resident text encoder whose run measured over the budget is parked from now on;
@@ -346,7 +357,7 @@ class Flux2KleinFamily(Family):
         if new is None:
             return None
         self.te_placement = new
-        self.text_encoder.to("cpu")
+        self._move_text_encoder("cpu")
         devices.free_cache(self.device)
         return new.reason
 

@@ -183,5 +183,14 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int,
 
 
 def takes(m: int, n: int, k: int) -> bool:
-    """The shapes cuBLAS's fp8 GEMM takes (multiples of 16), and enough tokens to pay for the passes."""
-    return m > 64 and n % 16 == 0 and k % 16 == 0
+    """The shapes sent here: whole 128-input blocks (a partial last block is what some torch builds
+    refuse, and the probe checks none), outputs a multiple of 16, and enough tokens to pay for the
+    passes."""
+    return m > 64 and n % 16 == 0 and k % BLOCK == 0
+
+
+def refuse(device: torch.device, why: str) -> None:
+    """Mark the blockwise GEMM unavailable on ``device`` from now on (a layer's call failed)."""
+    with _LOCK:
+        _STATE[device] = (None, why)
+    log.warning("bonsai: the blockwise fp8 GEMM failed (%s); fp8 layers use the Triton W1A8 kernel from now on", why)

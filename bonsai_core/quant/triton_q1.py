@@ -244,7 +244,10 @@ class TritonKernel:
             act = _checked_act(act, x.device)
             if act == "fp8" and fp8_blockwise.takes(x.numel() // w.cols, w.rows, w.cols) and \
                     fp8_blockwise.available(x.device) is None:
-                return fp8_blockwise.linear(x, w.qs, w.d, w.cols, bias)  # cuBLAS, 1x128 block scales
+                try:
+                    return fp8_blockwise.linear(x, w.qs, w.d, w.cols, bias)  # cuBLAS, 1x128 block scales
+                except RuntimeError as e:  # a shape the probe did not meet: never again on this device
+                    fp8_blockwise.refuse(x.device, f"{list(w.shape)}: {str(e).splitlines()[0][:200]}")
             return triton_w1.linear(x, w.qs, w.d, w.cols, bias, act=act)
         return self._linear(x, w.qs, w.d, w.cols, bias)
 
