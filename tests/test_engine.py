@@ -278,3 +278,24 @@ def test_memory_estimate_holds_against_the_measured_peak_of_a_tiny_generation(mo
     m = json.loads(done.stdout.strip().splitlines()[-1])
     estimated = m["estimate"] / ALLOCATOR_SLACK - m["resident"]  # the weights were resident before
     assert 0.75 <= estimated / m["added"] <= 1.25, m
+
+
+def test_the_cpu_estimate_counts_the_dense_cache_for_every_kernel_choice_but_the_reference(eng, monkeypatch):
+    """On a CPU, a CUDA kernel named in BONSAI_KERNEL leaves its inputs to the auto choice (the
+    cpu-cache kernel, which keeps dense weights): the memory estimate counts that cache as for auto;
+    only the reference keeps none."""
+    from bonsai_core.quant import kernels
+
+    fam = eng.family
+
+    def unpacked(choice):
+        monkeypatch.setenv(kernels.ENV, choice)
+        kernels.reload()
+        try:
+            return fam.unpacked_bytes()
+        finally:
+            monkeypatch.delenv(kernels.ENV)
+            kernels.reload()
+
+    auto = unpacked("auto")
+    assert unpacked("triton") == unpacked("mma") == auto > unpacked("reference")
