@@ -183,18 +183,20 @@ class HostParked:
             self.host.append(h)
 
     @staticmethod
+    def _like(t: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """``t`` as what ``slot`` is: a frozen parameter for a parameter, else the tensor itself."""
+        return nn.Parameter(t, requires_grad=False) if isinstance(slot, nn.Parameter) else t
+
+    @staticmethod
     def _pinned(t: torch.Tensor) -> torch.Tensor:
         try:
             pinned = t.detach().pin_memory()  # a packed weight pins its parts (PackedTensor.pin_memory)
         except RuntimeError:
             return t
-        return nn.Parameter(pinned, requires_grad=False) if isinstance(t, nn.Parameter) else pinned
+        return HostParked._like(pinned, t)
 
     def lend(self, device: torch.device) -> None:
-        lent = []
-        for h in self.host:
-            t = h.detach().to(device, non_blocking=True)
-            lent.append(nn.Parameter(t, requires_grad=False) if isinstance(h, nn.Parameter) else t)
+        lent = [self._like(h.detach().to(device, non_blocking=True), h) for h in self.host]
         for store, name, i in self.slots:
             store[name] = lent[i]
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .triton_q1 import TritonKernel
+from .triton_q1 import TritonKernel, device_props
 
 log = logging.getLogger("bonsai")
 
@@ -44,7 +44,6 @@ COUNTERS = 1 << 16       # per-tile arrival counters of the split-K reduction, p
 
 _LOCK = threading.Lock()
 _LIBS: dict[tuple[int, int], ctypes.CDLL | str] = {}  # capability -> library, or why it is unavailable
-_DEVICE: dict[int, tuple] = {}                        # device index -> (capability, SM count)
 _STREAM_STATE: dict[tuple, torch.Tensor] = {}         # (device, stream) -> split-K counters
 
 
@@ -123,16 +122,6 @@ def _load(capability: tuple[int, int]) -> ctypes.CDLL | str:
         return lib
 
 
-def _device(device: torch.device) -> tuple[tuple[int, int], int]:
-    """``(capability, SM count)`` of a CUDA device, read once."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    info = _DEVICE.get(index)
-    if info is None:
-        props = torch.cuda.get_device_properties(index)
-        info = _DEVICE[index] = ((props.major, props.minor), props.multi_processor_count)
-    return info
-
-
 def _counters(device: torch.device, stream: int) -> torch.Tensor:
     """The split-K arrival counters of one (device, stream): zeros that every launch leaves at zero.
     Launches on one stream run one after another; two streams never share counters or partials."""
@@ -149,7 +138,7 @@ def _counters(device: torch.device, stream: int) -> torch.Tensor:
 
 def why_not(device: torch.device) -> str | None:
     """None when the kernel runs on ``device``, else why not."""
-    lib = _load(_device(device)[0])
+    lib = _load(device_props(device)[0])
     return lib if isinstance(lib, str) else None
 
 
@@ -180,7 +169,7 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int,
            wide: bool | None = None) -> torch.Tensor:
     """``x @ W.T + bias`` for a Q1_0 weight (``qs`` uint8 [N, NG*16], ``d`` fp16 [N, NG]) and 16-bit ``x``;
     ``wide``: lanes take whole groups (up to ``WIDE_MAX_M`` tokens; default ``WIDE``)."""
-    cap, sms = _device(x.device)
+    cap, sms = device_props(x.device)
     lib = _load(cap)
     if isinstance(lib, str):
         from ..errors import BonsaiDeviceError

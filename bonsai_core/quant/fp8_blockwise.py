@@ -143,7 +143,9 @@ def available(device: torch.device) -> str | None:
 def _probe(device: torch.device) -> tuple:
     if device.type != "cuda" or triton is None:
         return None, "the blockwise fp8 GEMM needs CUDA and Triton"
-    cap = torch.cuda.get_device_capability(device)
+    from .triton_q1 import device_props
+
+    cap = device_props(device)[0]
     if cap < MIN_CAPABILITY:
         return None, f"compute capability {cap[0]}.{cap[1]} has no fp8 tensor cores (8.9+)"
     g = torch.Generator(device="cpu").manual_seed(0)

@@ -171,15 +171,25 @@ def linear_fused(x, qs, d, in_features, bias):
 
 
 GEMV_MAX_M = 16
-_SM_COUNT: dict = {}
+_PROPS: dict = {}
+
+
+def device_props(device) -> tuple[tuple[int, int], int]:
+    """``(compute capability, multiprocessor count)`` of a CUDA device, read once: the kernels ask in
+    every layer's forward. A device without an index is the current one."""
+    device = torch.device(device)
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    props = _PROPS.get(device)
+    if props is None:
+        p = torch.cuda.get_device_properties(device)
+        props = _PROPS[device] = ((p.major, p.minor), p.multi_processor_count)
+    return props
 
 
 def _split_k(n: int, nb: int, block_n: int, device) -> tuple[int, int]:
     """(splits, groups per split): about four programs per multiprocessor over (N / block_n) x splits."""
-    sms = _SM_COUNT.get(device)
-    if sms is None:
-        sms = _SM_COUNT[device] = (torch.cuda.get_device_properties(device).multi_processor_count
-                                   if device.type == "cuda" else 4)  # 4: Triton's interpreter, on a CPU
+    sms = device_props(device)[1] if device.type == "cuda" else 4  # 4: Triton's interpreter, on a CPU
     splits = max(1, min(nb, (4 * sms) // max(1, triton.cdiv(n, block_n))))
     groups = triton.cdiv(nb, splits)
     return triton.cdiv(nb, groups), groups
@@ -257,15 +267,9 @@ class TritonKernel:
                                           stride, padding, dilation)
 
 
-_CAPABILITY: dict = {}
-
-
 def _checked_act(act: str, device) -> str:
-    """``act``, refused where this GPU has no fp8 tensor cores (its capability read once per device:
-    this runs in every layer's forward)."""
-    cap = _CAPABILITY.get(device)
-    if cap is None:
-        cap = _CAPABILITY[device] = torch.cuda.get_device_capability(device)
+    """``act``, refused where this GPU has no fp8 tensor cores."""
+    cap = device_props(device)[0]
     if act == "fp8" and cap < (8, 9):
         from ..errors import BonsaiDeviceError
 
