@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The shipped model's GPU runs, one stage a device call (each under 10 minutes); see training/GPU-RUNS.md.
-#   bash training/gpu_run.sh teacher|teacher-more|distill|more|ablate|retrain
+#   bash training/gpu_run.sh teacher|teacher-carried|teacher-more|distill|more|ablate|retrain
 # Work folder: models/train (git-ignored, so it stays on a warm machine between calls); what must come
 # back goes to $OUT (at most 8 files, each under 16 MB).
 # SMOKE=1 runs every stage on the CPU with the tiny config and a few steps (checks the script itself).
 set -euo pipefail
-STAGE=${1:?stage: teacher, teacher-more, distill, more, ablate or retrain}
+STAGE=${1:?stage: teacher, teacher-carried, teacher-more, distill, more, ablate or retrain}
 W=${BONSAI_TRAIN_DIR:-models/train}
 OUT=${OUT:-out}
 PY=${PYTHON:-python}
@@ -68,6 +68,12 @@ distill_from_scratch() {  # naive 1-bit, classifier, a new distillation of the t
 case "$STAGE" in
   teacher)       # ~9 min: VAE (2.5 min), text encoder + UNet (5 min), a sample grid, the teacher packed in fp16
     $PY training/train_teacher.py vae --work "$W" $C $VAE
+    $PY training/train_teacher.py unet --work "$W" $C $UNET
+    pack_teacher
+    ;;
+  teacher-carried)  # ~9 min: a new text encoder + UNet on the carried teacher's VAE (no VAE stage), packed in fp16
+    need_teacher
+    rm -rf "$W/vae" "$W/unet.pt" "$W/log.jsonl"; cp -r "$W/teacher/vae" "$W/vae"
     $PY training/train_teacher.py unet --work "$W" $C $UNET
     pack_teacher
     ;;
