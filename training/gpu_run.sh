@@ -33,7 +33,7 @@ t0=$SECONDS
 need_teacher() {
   if [ ! -f "$W/teacher/model_index.json" ]; then
     # a fresh machine: the teacher comes back in with the call (training_carry/, see GPU-RUNS.md)
-    $PY training/pack.py unpack-teacher training_carry "$W/teacher"
+    $PY training/pack.py unpack-teacher "${TEACHER_CARRY:-training_carry}" "$W/teacher"
   fi
 }
 classifier() { [ -f "$W/classifier.pt" ] || $PY training/evaluate.py classifier --out "$W/classifier.pt" $CLF $DEV; }
