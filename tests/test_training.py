@@ -66,3 +66,19 @@ def test_teacher_training_resumes_and_leaves_a_teacher_that_generates(tmp_path):
     r = eng.generate("a small red star on a blue background, top left", seed=1, steps=2, width=64, height=64)
     assert r.tensor.shape == (1, 64, 64, 3) and torch.isfinite(r.tensor).all()
     assert eng.family.count_tokens("a small red star on a blue background, top left") == 2 + 11  # the comma is a token, as in SD
+
+
+def test_pyramid_noise_adds_coarse_energy_at_unit_std():
+    gen = torch.Generator().manual_seed(0)
+    white = torch.randn(64, 4, 64, 64, generator=gen)
+    assert train_teacher.pyramid_noise(white, gen, 0.0) is white
+    pyr = train_teacher.pyramid_noise(white, gen, 0.6)
+    assert abs(pyr.std().item() - 1.0) < 1e-5
+    # white noise averaged over 16x16 blocks has variance 1/256; the coarse levels must dominate there:
+    # the coarse levels (0.6**level) add about six times the white variance there
+    block = lambda n: torch.nn.functional.avg_pool2d(n, 16).var().item()  # noqa: E731
+    assert block(white) < 1.5 / 256
+    assert block(pyr) > 4 * block(white)
+    # the fine structure is still mostly white: neighbouring latents stay weakly correlated
+    corr = torch.corrcoef(torch.stack([pyr[..., :-1].flatten(), pyr[..., 1:].flatten()]))[0, 1].item()
+    assert 0.05 < corr < 0.5

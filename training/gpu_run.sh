@@ -18,8 +18,9 @@ if [ "${SMOKE:-0}" = 1 ]; then
   CLF="--steps 2 --batch 4 --pool 8"; EVAL="--prompts 2 --steps 2 --size 64 --batch 2"; SAMPLE="--steps 2 --size 64"
 else
   C=""; DEV=""
-  VAE="--steps 3000 --batch 32 --max-seconds ${VAE_SECONDS:-140}"; UNET="--steps 6000 --batch 128 --max-seconds ${UNET_SECONDS:-300}"
-  UNET_MORE="--steps 12000 --batch 128 --max-seconds ${UNET_SECONDS:-450}"
+  VAE="--steps 3000 --batch 32 --max-seconds ${VAE_SECONDS:-140}"
+  UNET="--steps 6000 --batch 128 --pyramid-noise ${PYRAMID_NOISE:-0.6} --max-seconds ${UNET_SECONDS:-300}"
+  UNET_MORE="--steps 12000 --batch 128 --pyramid-noise ${PYRAMID_NOISE:-0.6} --max-seconds ${UNET_SECONDS:-450}"
   DIST="--steps 10000 --batch 64 --max-seconds ${DISTILL_SECONDS:-270}"; DIST_MORE="--steps 30000 --batch 64 --max-seconds ${DISTILL_SECONDS:-360}"
   CLF="--steps 1500"; EVAL="--prompts 200"; SAMPLE=""
 fi
