@@ -62,17 +62,18 @@ def main() -> int:
     # scales must equal the reference's exactly, codes before the e4m3 rounding to float32 rounding
     from bonsai_core.quant import fp8_blockwise
 
-    for m, k in [(5, 256), (33, 1000)]:
+    for m, k, rows in [(5, 256, 5), (33, 1000, 33), (65, 384, 80)]:  # rows > m: zero padding, scale 1
         x = torch.randn(m, k).half() * 3
         x[1] = 0
-        q = torch.empty(m, k)
-        s = torch.empty(m, -(-k // 128))
-        fp8_blockwise._quant_blocks_kernel[(-(-m // 16), s.shape[1])](
-            x, q, s, m, k, s.shape[1], x.stride(0), q.stride(0), s.stride(0), s.stride(1),
+        q = torch.empty(rows, k)
+        s = torch.empty(rows, -(-k // 128))
+        fp8_blockwise._quant_blocks_kernel[(-(-rows // 16), s.shape[1])](
+            x, q, s, m, rows, k, s.shape[1], x.stride(0), q.stride(0), s.stride(0), s.stride(1),
             QMAX=fp8_blockwise.FP8_MAX, BLOCK_M=16, BLOCK_K=128)
-        _, rs = fp8_blockwise.reference_quantize(x, torch.float32)
-        rq = x.float() / rs.repeat_interleave(128, dim=1)[:, :k]
-        print(f"fp8 block quantizer M={m} K={k}: scales {'equal' if torch.equal(s, rs) else 'DIFFER'}, "
+        padded = torch.cat([x, x.new_zeros(rows - m, k)])
+        _, rs = fp8_blockwise.reference_quantize(padded, torch.float32)
+        rq = padded.float() / rs.repeat_interleave(128, dim=1)[:, :k]
+        print(f"fp8 block quantizer M={m} rows={rows} K={k}: scales {'equal' if torch.equal(s, rs) else 'DIFFER'}, "
               f"codes {rel(q, rq):.2e}")
     return 0
 

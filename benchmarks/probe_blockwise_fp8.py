@@ -40,7 +40,7 @@ def quantize_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     g = x.float().reshape(m, k // 128, 128)
     s = g.abs().amax(-1).clamp_min(1e-12) / 448.0
     q = (g / s[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn).reshape(m, k)
-    return q, s.contiguous()
+    return q, s.t().contiguous().t()  # token-major: torch 2.11 asks for scale_a strides (1, M)
 
 
 def blockwise_mm(a, sa, b, sb, out_dtype):

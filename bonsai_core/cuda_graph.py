@@ -66,7 +66,7 @@ class GraphedStep:
                 self.fn(**static_in)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):  # the warmed stream: per-stream kernel state exists
             static_out = self.fn(**static_in)
         return graph, static_in, static_out
 

@@ -110,7 +110,7 @@ def test_mma_negative_scales_and_a_graph_replay():
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     _close(cuda_w1.linear(x, qs, d, k, None), _reference(x, qs, d, k, None, torch.bfloat16), torch.bfloat16)
     static = x.clone()
-    cuda_w1.linear(static, qs, d, k, None)  # warm (build, plan, counters)
+    cuda_w1.linear(static, qs, d, k, None)  # warm (build, plan); the capture's own stream is new to it
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -126,6 +126,38 @@ def test_mma_negative_scales_and_a_graph_replay():
         cuda_w1.linear(torch.randn(64, 3072, device="cuda", dtype=torch.bfloat16), qs2, d2, 3072, None)
     graph.replay()
     assert torch.equal(out, cuda_w1.linear(static, qs, d, k, None))
+
+
+@needs_gpu
+def test_mma_first_met_inside_a_capture():
+    """A stream the kernel first meets inside a capture (``torch.cuda.graph``'s own stream, or one
+    passed in): its split-K counters are zeroed by every graph captured before an eager call on it,
+    so the second graph replayed first is right, and so is a later eager call on that stream."""
+    n, k, m = 3072, 3072, 8  # few tiles: K is split, so the counters matter
+    assert cuda_w1.plan(m, n, k // 128, torch.cuda.get_device_properties(0).multi_processor_count)[2] > 1
+    qs, d = _weights(n, k, 5)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    want = _reference(x, qs, d, k, None, torch.bfloat16)
+    cuda_w1.linear(x, qs, d, k, None)  # the library is built and loaded outside the captures
+    torch.cuda.synchronize()
+    s = torch.cuda.Stream()
+    graphs, outs = [], []
+    for _ in range(2):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=s):
+            outs.append(cuda_w1.linear(x, qs, d, k, None))
+        graphs.append(g)
+    graphs[1].replay()
+    torch.cuda.synchronize()
+    _close(outs[1], want, torch.bfloat16)
+    graphs[0].replay()
+    graphs[1].replay()
+    torch.cuda.synchronize()
+    assert torch.equal(outs[0], outs[1])
+    with torch.cuda.stream(s):
+        eager = cuda_w1.linear(x, qs, d, k, None)
+    torch.cuda.synchronize()
+    assert torch.equal(eager, outs[1])
 
 
 @needs_gpu

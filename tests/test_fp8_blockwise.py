@@ -82,3 +82,15 @@ def test_the_blockwise_gemm_equals_the_float64_truth(m, n, k):
     assert ((got.double() - want).abs().max() / want.abs().max()).item() < 8e-3  # one bf16 rounding
     exact = x.double() @ q1_0.dequantize(qs, d, k, torch.float32).double().T + bias.double()
     assert ((got.double() - exact).abs().max() / exact.abs().max()).item() < 6e-2  # the fp8 activations' error
+
+
+def test_padded_rows_are_zero_codes_with_unit_scales():
+    """The GEMM pads tokens to a multiple of ROW_ALIGN; the padding must add nothing to the product."""
+    x = torch.randn(65, 300).to(torch.bfloat16)
+    q, s = fp8_blockwise.quantize_blocks(x, rows=80)
+    assert q.shape == (80, 300) and s.shape == (80, 3)
+    q0, s0 = fp8_blockwise.quantize_blocks(x)
+    assert torch.equal(q[:65].float(), q0.float()) and torch.equal(s[:65], s0)
+    assert (q[65:].float() == 0).all() and (s[65:] == 1).all()
+    with pytest.raises(ValueError, match="rows 64 < tokens 65"):
+        fp8_blockwise.quantize_blocks(x, rows=64)

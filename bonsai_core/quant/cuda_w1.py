@@ -45,6 +45,7 @@ COUNTERS = 1 << 16       # per-tile arrival counters of the split-K reduction, p
 _LOCK = threading.Lock()
 _LIBS: dict[tuple[int, int], ctypes.CDLL | str] = {}  # capability -> library, or why it is unavailable
 _STREAM_STATE: dict[tuple, torch.Tensor] = {}         # (device, stream) -> split-K counters
+_ZEROED_IN_CAPTURE_ONLY: set[tuple] = set()           # counters made inside a capture, not yet zeroed eagerly
 
 
 def find_nvcc() -> str | None:
@@ -124,15 +125,22 @@ def _load(capability: tuple[int, int]) -> ctypes.CDLL | str:
 
 def _counters(device: torch.device, stream: int) -> torch.Tensor:
     """The split-K arrival counters of one (device, stream): zeros that every launch leaves at zero.
-    Launches on one stream run one after another; two streams never share counters or partials."""
+    Launches on one stream run one after another; two streams never share counters or partials.
+
+    A stream first met inside a CUDA-graph capture (``torch.cuda.graph`` captures on a stream of its
+    own) gets counters whose zeroing is recorded in the graph, so it runs at the start of every
+    replay, not now; the first eager call on that stream zeroes them for real."""
     key = (device, stream)
     c = _STREAM_STATE.get(key)
+    capturing = torch.cuda.is_current_stream_capturing()
     if c is None:
-        if torch.cuda.is_current_stream_capturing():
-            # made inside a capture, the zeroing would be recorded, not run
-            raise RuntimeError("the CUDA W1A16 kernel's first call on a stream must run before a CUDA-graph "
-                               "capture on it (warm up eagerly, as the engine's graphed step does)")
         c = _STREAM_STATE[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+        if capturing:
+            _ZEROED_IN_CAPTURE_ONLY.add(key)
+    elif key in _ZEROED_IN_CAPTURE_ONLY:
+        c.zero_()  # in a later capture: recorded there too, for a graph replayed before any other
+        if not capturing:
+            _ZEROED_IN_CAPTURE_ONLY.discard(key)
     return c
 
 

@@ -26,6 +26,7 @@ log = logging.getLogger("bonsai")
 
 FP8_MAX = 448.0
 BLOCK = 128
+ROW_ALIGN = 16  # tokens are padded to a multiple of this for cuBLAS
 MIN_CAPABILITY = (8, 9)
 _LOCK = threading.Lock()
 _STATE: dict = {}  # device -> (scale layouts, None) or (None, why not)
@@ -40,9 +41,10 @@ except ImportError:  # pragma: no cover - the CPU path never needs Triton here
 if triton is not None:
 
     @triton.jit
-    def _quant_blocks_kernel(x_ptr, q_ptr, s_ptr, M, K, G, stride_xm, stride_qm, stride_sm, stride_sg,
+    def _quant_blocks_kernel(x_ptr, q_ptr, s_ptr, M, R, K, G, stride_xm, stride_qm, stride_sm, stride_sg,
                              QMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        # one program: BLOCK_M tokens x one block of BLOCK_K inputs; s = max|x| / QMAX (0 -> 1)
+        # one program: BLOCK_M tokens x one block of BLOCK_K inputs; s = max|x| / QMAX (0 -> 1);
+        # rows M..R-1 (padding) are written as zeros with scale 1
         rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         g = tl.program_id(1)
         c = g * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -51,27 +53,34 @@ if triton is not None:
         amax = tl.max(tl.abs(x), axis=1)
         s = tl.where(amax > 0, amax / QMAX, 1.0)
         q = tl.minimum(tl.maximum(x / s[:, None], -QMAX), QMAX)
-        tl.store(q_ptr + rm[:, None] * stride_qm + c[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-        tl.store(s_ptr + rm * stride_sm + g * stride_sg, s, mask=rm < M)
+        tl.store(q_ptr + rm[:, None] * stride_qm + c[None, :], q.to(q_ptr.dtype.element_ty),
+                 mask=(rm < R)[:, None] & (c < K)[None, :])
+        tl.store(s_ptr + rm * stride_sm + g * stride_sg, s, mask=rm < R)
 
 
 def quantize_blocks(x2: torch.Tensor, out_dtype: torch.dtype = torch.float8_e4m3fn,
-                    m_major: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(q [M, K] e4m3, s [M, ceil(K/128)] float32)`` with ``x ~= s * q`` per (token, 128 inputs); on
-    CUDA one Triton pass (``m_major``: ``s`` stored with tokens contiguous, as some cuBLAS builds
-    ask), elsewhere ``reference_quantize``."""
+                    m_major: bool = False, rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(q [R, K] e4m3, s [R, ceil(K/128)] float32)`` with ``x ~= s * q`` per (token, 128 inputs),
+    ``R = rows`` (default M; rows past M are zeros with scale 1: padding); on CUDA one Triton pass
+    (``m_major``: ``s`` stored with tokens contiguous, as some cuBLAS builds ask), elsewhere
+    ``reference_quantize``."""
+    m, k = x2.shape
+    rows = m if rows is None else rows
+    if rows < m:
+        raise ValueError(f"rows {rows} < tokens {m}")
     if not x2.is_cuda or triton is None:
+        if rows > m:
+            x2 = torch.cat([x2, x2.new_zeros(rows - m, k)])
         return reference_quantize(x2, out_dtype)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    m, k = x2.shape
     groups = -(-k // BLOCK)
-    q = torch.empty(m, k, dtype=out_dtype, device=x2.device)
-    s = torch.empty(groups, m, dtype=torch.float32, device=x2.device).t() if m_major else \
-        torch.empty(m, groups, dtype=torch.float32, device=x2.device)
+    q = torch.empty(rows, k, dtype=out_dtype, device=x2.device)
+    s = torch.empty(groups, rows, dtype=torch.float32, device=x2.device).t() if m_major else \
+        torch.empty(rows, groups, dtype=torch.float32, device=x2.device)
     block_m = 16
-    _quant_blocks_kernel[(triton.cdiv(m, block_m), groups)](
-        x2, q, s, m, k, groups, x2.stride(0), q.stride(0), s.stride(0), s.stride(1),
+    _quant_blocks_kernel[(triton.cdiv(rows, block_m), groups)](
+        x2, q, s, m, rows, k, groups, x2.stride(0), q.stride(0), s.stride(0), s.stride(1),
         QMAX=FP8_MAX, BLOCK_M=block_m, BLOCK_K=BLOCK, num_warps=4)
     return q, s
 
@@ -177,8 +186,11 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int,
     a_major, b_major = _STATE[x.device][0]
     shape = x.shape
     x2 = x.reshape(-1, in_features)
-    a, sa = quantize_blocks(x2, m_major=a_major)
-    y = _gemm(a, sa, _signs(qs, d, in_features), _weight_scales(d, b_major), x.dtype)
+    m = x2.shape[0]
+    # tokens padded to a multiple of 16 with zeros: a 65-token call failed on an H100 where 64 and
+    # 1536 ran (the test's message was cut off); token-major scales of an odd count are the suspect
+    a, sa = quantize_blocks(x2, m_major=a_major, rows=-(-m // ROW_ALIGN) * ROW_ALIGN)
+    y = _gemm(a, sa, _signs(qs, d, in_features), _weight_scales(d, b_major), x.dtype)[:m]
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*shape[:-1], d.shape[0])
