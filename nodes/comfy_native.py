@@ -486,6 +486,29 @@ def load_native_model(sd: dict, source: str):
     if empty:
         raise BonsaiError(f"{source}: ComfyUI built a model whose weights {empty[:4]} the file does not hold "
                           "(not a complete model for this architecture)")
+    _skip_needless_casts(patcher.model)
     patcher.__class__ = _patcher_class(type(patcher))
     patcher.size = model_nbytes(patcher.model)
     return patcher
+
+
+def _skip_needless_casts(model) -> int:
+    """The 16-bit layers (norms, embedders, the layers the policy keeps dense) are built from
+    ``manual_cast``, which sends every call through ComfyUI's ``cast_bias_weight`` (tens of
+    microseconds of Python each, on every step). Where a layer's tensors already are in the dtype the
+    model computes in, ComfyUI's own loader would have built ``disable_weight_init`` layers, which
+    call torch directly: the same is set here, per layer (``comfy_cast_weights``; ComfyUI's patcher
+    turns it back on for a layer it offloads in low-VRAM mode, and restores it after). Returns how many
+    layers were set."""
+    cast_dtype = getattr(model, "manual_cast_dtype", None)
+    compute = cast_dtype if cast_dtype is not None else model.get_dtype()
+    n = 0
+    for m in model.diffusion_model.modules():
+        if not getattr(m, "comfy_cast_weights", False) or "comfy_cast_weights" in m.__dict__ \
+                or is_q1(getattr(m, "weight", None)):
+            continue
+        tensors = list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))
+        if all(t.dtype == compute and not t.is_meta for t in tensors):
+            m.comfy_cast_weights = False
+            n += 1
+    return n

@@ -87,6 +87,28 @@ def tiny_klein_gguf(work: Path) -> Path:
     return path
 
 
+def _cast_stats(name: str, patcher, pack):
+    """Which 16-bit layers skip ComfyUI's cast on every call, beside what core itself would build for
+    layers of that dtype computing in the model's dtype (``pick_operations``: its own loader's rule)."""
+    import comfy.ops
+
+    model = patcher.model
+    compute = model.manual_cast_dtype if model.manual_cast_dtype is not None else model.get_dtype()
+    plain, uncast, core_casts = 0, 0, []
+    for m in model.diffusion_model.modules():
+        if not hasattr(m, "comfy_cast_weights") or pack.nodes.comfy_native.is_q1(getattr(m, "weight", None)):
+            continue
+        dtypes = {t.dtype for t in m.parameters(recurse=False)} or {compute}
+        plain += 1
+        uncast += not m.comfy_cast_weights
+        core = comfy.ops.pick_operations(dtypes.pop() if len(dtypes) == 1 else None, compute)
+        core_casts.append(getattr(getattr(core, "Linear", None), "comfy_cast_weights", None))
+    RESULTS[f"{name}_plain_layers"] = plain
+    RESULTS[f"{name}_plain_layers_uncast"] = uncast
+    RESULTS[f"{name}_core_would_cast"] = sum(bool(c) for c in core_casts)
+    RESULTS[f"{name}_compute_dtype"] = str(compute)
+
+
 def klein_case(work: Path, pack):
     from bonsai_core.native import read_native
     from bonsai_core.quant.tensor import Q1Tensor
@@ -114,6 +136,7 @@ def klein_case(work: Path, pack):
     cond = torch.randn(1, 8, 256, generator=torch.Generator().manual_seed(4))
     a, b = sample(ours, latent, cond), sample(truth, latent, cond)
     RESULTS["klein_rel"] = rel(a, b)
+    _cast_stats("klein", ours, pack)
 
     # LoRA on the fused qkv of the double block (rows of q only: an offset patch) and on linear2
     lora, merged = {}, dict(truth_sd)
@@ -240,6 +263,7 @@ def sd_case(work: Path, pack):
     cond = torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(4))
     base = sample(truth, latent, cond, sampler="euler", scheduler="normal")
     RESULTS["sd_rel"] = rel(sample(ours, latent, cond, sampler="euler", scheduler="normal"), base)
+    _cast_stats("sd", ours, pack)
     RESULTS["sd_packed_params"] = sum(comfy_nodes_native.is_q1(p) for p in ours.model.parameters())
 
     # a LoRA on a packed 3x3 conv and a packed linear, kohya names, through core LoraLoaderModelOnly

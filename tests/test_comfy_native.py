@@ -164,6 +164,11 @@ def test_native_model_samples_as_comfyuis_own_loader_of_the_dequantized_weights(
     assert ours == packed < 0.4 * dense
     assert r["sd_rel"] < 1e-5 and r["sd_packed_params"] == r["sd_q1_tensors"]  # every packed weight kept packed
     assert r["sd_lora_patched_keys"] == 2 and r["sd_lora_rel"] < 1e-5 < 100 * 1e-5 < r["sd_lora_effect"]
+    # 16-bit layers already in the compute dtype call torch directly, as core's own loader builds them
+    # (pick_operations), instead of ComfyUI's per-call cast: the rest of the eager step's overhead
+    for fam in ("sd", "klein") if "klein_rel" in r else ("sd",):
+        assert r[f"{fam}_plain_layers"] > 10
+        assert r[f"{fam}_plain_layers_uncast"] == r[f"{fam}_plain_layers"] - r[f"{fam}_core_would_cast"]
     if "klein_rel" not in r:  # ComfyUI without FLUX.2 (0.3.64)
         return
     assert r["klein_q1_tensors"] == r["klein_packed_params"] == 10 and r["klein_model_class"] == "Flux2"
