@@ -162,7 +162,7 @@ def run_family(family: str, args, device, dynamic: bool) -> None:
         if variant == "classic":
             os.environ["BONSAI_KITCHEN"] = "off"
         elif dynamic:
-            os.environ.pop("BONSAI_KITCHEN", None)  # auto: the kitchen form because dynamic VRAM is on
+            os.environ["BONSAI_KITCHEN"] = "auto"  # the kitchen form because dynamic VRAM is on (the default is off)
         else:
             os.environ["BONSAI_KITCHEN"] = "on"
         with torch.inference_mode():
@@ -193,8 +193,8 @@ def run_family(family: str, args, device, dynamic: bool) -> None:
                 r["loaded_size"] = int(p.loaded_size())
             fn, kwargs = step_fn(p, "klein" if family == "klein" else "sd15", size, device, cond.shape[1],
                                  cond.shape[2], args.seed)
-            mm.load_models_gpu([p])
-            with torch.inference_mode():
+            with torch.inference_mode():  # as ComfyUI's executor runs every node
+                mm.load_models_gpu([p])
                 timed = time_fn(lambda: fn(**kwargs), device, warmup=args.warmup, repeats=args.repeats)
             r["step_ms"] = timed["median_s"] * 1e3
             print(f"  {family} {variant:8s} {r['patcher'][0]} dynamic={r['dynamic']} "
@@ -219,8 +219,9 @@ def run_family(family: str, args, device, dynamic: bool) -> None:
         return
     p = patchers["kitchen"]
     with stage(f"{family}_evict", cmp):  # dynamic VRAM under memory pressure: staged weights dropped, re-staged
-        mm.load_models_gpu([p])
-        freed = p.partially_unload(p.load_device, 1e30) if p.is_dynamic() else None
+        with torch.inference_mode():  # as ComfyUI's executor runs every node
+            mm.load_models_gpu([p])
+            freed = p.partially_unload(p.load_device, 1e30) if p.is_dynamic() else None
         cmp["evicted_bytes"] = freed
         y, seconds = sample(p)
         cmp["after_evict_rel"] = rel(y, outputs["kitchen"])
