@@ -59,10 +59,25 @@ def place_lent(te_bytes: int, resident_bytes: int, encode_bytes: int, budget_byt
     return Placement(STREAMED, f"lending it whole needs {_gib(need)}, more than {_gib(limit)}: streamed layer by layer")
 
 
-def after_run(placement: Placement, peak_bytes: int | None, budget_bytes: int) -> Placement | None:
-    """The measured peak of a run against the budget: a resident text encoder whose run went over the
-    budget is parked for the next runs (returns the new placement; None: keep as is)."""
-    if placement.where != RESIDENT or peak_bytes is None or peak_bytes <= budget_bytes:
+def after_run(placement: Placement, peak_bytes: int | None, budget_bytes: int,
+              te_bytes: int | None = None) -> Placement | None:
+    """The measured peak of a run against the budget (returns the new placement; None: keep as is).
+
+    A resident text encoder whose run went over the budget is parked for the next runs. A parked one
+    (``te_bytes``: what it measured on the device; None: never promote, e.g. after a demotion) is
+    kept on the device from the next run on when the run's measured peak plus its weights fits the
+    budget: the decision made from the estimate at load is corrected by measurement both ways. The
+    parked run's peak already holds the encoder during the encode, so the sum over-counts that
+    phase: promoting is the cautious direction."""
+    if peak_bytes is None:
         return None
-    return Placement(PARKED, f"measured peak {_gib(peak_bytes)} with the text encoder on the device is over the "
-                             f"budget {_gib(budget_bytes)}: parked in host memory from the next run on")
+    if placement.where == RESIDENT:
+        if peak_bytes <= budget_bytes:
+            return None
+        return Placement(PARKED, f"measured peak {_gib(peak_bytes)} with the text encoder on the device is over "
+                                 f"the budget {_gib(budget_bytes)}: parked in host memory from the next run on")
+    if placement.where == PARKED and te_bytes is not None and peak_bytes + te_bytes <= HEADROOM * budget_bytes:
+        return Placement(RESIDENT, f"measured peak {_gib(peak_bytes)} with the text encoder parked + the text "
+                                   f"encoder {_gib(te_bytes)} = {_gib(peak_bytes + te_bytes)} fits "
+                                   f"{_gib(budget_bytes)}: kept on the device from the next run on")
+    return None

@@ -547,12 +547,36 @@ def test_a_resident_text_encoder_is_used_in_place_and_parked_after_a_run_over_th
     monkeypatch.setattr(fam, "device", torch.device("cuda"))
     monkeypatch.setattr(fam, "te_placement", Placement(RESIDENT, "fits"))
     monkeypatch.setattr(fam, "max_device_bytes", 4 * 2**30)
+    monkeypatch.setattr(fam, "_te_demoted", False)
     monkeypatch.setattr(fam.text_encoder, "to", lambda device: moves.append(str(device)))
     fam._encode("a resident prompt")
     assert seen == [fam.text_encoder.model] and moves == []
     assert fam.observe_peak(int(3.9 * 2**30)) is None and fam.te_resident
     msg = fam.observe_peak(int(4.5 * 2**30))
     assert "measured peak 4.50 GiB" in msg and moves == ["cpu"] and not fam.te_resident
+
+
+def test_a_parked_text_encoder_is_kept_on_the_device_after_a_run_that_leaves_room_and_not_after_a_demotion(
+        eng, monkeypatch):
+    """Measurement corrects the load-time estimate both ways: parked, a run whose peak + the encoder's
+    measured bytes fits the budget brings it onto the device; a later run over the budget parks it
+    again, for good."""
+    from bonsai_core.placement import PARKED, Placement
+
+    fam = eng.family
+    moves = []
+    monkeypatch.setattr(klein_mod.devices, "free_cache", lambda d: None)
+    monkeypatch.setattr(fam, "device", torch.device("cuda"))
+    monkeypatch.setattr(fam, "te_placement", Placement(PARKED, "the estimate said no"))
+    monkeypatch.setattr(fam, "max_device_bytes", 6 * 2**30)
+    monkeypatch.setattr(fam, "_te_device_bytes", int(1.54 * 2**30))
+    monkeypatch.setattr(fam, "_te_demoted", False)  # the module's engine is shared with the tests above
+    monkeypatch.setattr(fam, "_te_offloaded", False)
+    monkeypatch.setattr(fam.text_encoder, "to", lambda device: moves.append(str(device)))
+    assert fam.observe_peak(int(4.5 * 2**30)) is None and moves == [] and not fam.te_resident  # 6.04 > 5.7
+    assert fam.observe_peak(int(3.58 * 2**30)) is None and moves == ["cuda"] and fam.te_resident
+    assert "over the budget" in fam.observe_peak(int(6.5 * 2**30)) and moves == ["cuda", "cpu"]
+    assert fam.observe_peak(int(1 * 2**30)) is None and moves == ["cuda", "cpu"] and not fam.te_resident
 
 
 def test_place_text_encoder_leaves_a_cpu_run_alone(eng, monkeypatch):

@@ -40,3 +40,13 @@ def test_a_run_measured_over_the_budget_parks_a_resident_text_encoder():
     assert new.where == PARKED and "measured peak 4.20 GiB" in new.reason
     assert placement.after_run(Placement(PARKED, ""), 9 * GIB, 4 * GIB) is None  # nothing to move
     assert placement.after_run(res, None, 4 * GIB) is None  # not measurable: keep
+
+
+def test_a_parked_text_encoder_comes_onto_the_device_when_the_measured_run_leaves_room():
+    parked = Placement(PARKED, "estimate")
+    # the H100 numbers: parked 1024x1024 peak 3.58 GiB + 1.54 GiB encoder = 5.12 <= 0.95 x 6
+    new = placement.after_run(parked, int(3.58 * GIB), 6 * GIB, te_bytes=int(1.54 * GIB))
+    assert new.where == RESIDENT and "= 5.12 GiB fits 6.00 GiB" in new.reason
+    assert placement.after_run(parked, int(3.58 * GIB), 5 * GIB, te_bytes=int(1.54 * GIB)) is None  # 5.12 > 4.75
+    assert placement.after_run(parked, int(3.58 * GIB), 6 * GIB, te_bytes=None) is None  # size unknown / demoted
+    assert placement.after_run(parked, None, 6 * GIB, te_bytes=GIB) is None

@@ -30,6 +30,7 @@ layers).
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -43,6 +44,8 @@ from ..loader import load_component
 from ..errors import BonsaiCheckpointError, BonsaiRequestError
 from .base import Family
 from .sd_unet import load_tokenizer, read_scheduler_config
+
+log = logging.getLogger(__name__)
 
 TEXT_ENCODER_OUT_LAYERS = (9, 18, 27)
 MAX_SEQUENCE_LENGTH = 512
@@ -234,6 +237,8 @@ class Flux2KleinFamily(Family):
         self._te_offloaded = False
         self._te_parked: HostParked | None = None
         self.te_placement = None  # placement.Placement once place_text_encoder ran (CUDA)
+        self._te_device_bytes: int | None = None  # what the text encoder measured on the device
+        self._te_demoted = False  # parked after a run measured over the budget: never promoted again
         self.max_device_bytes: int | None = None  # the budget the engine gives place_text_encoder
         n_layers = getattr(self.text_encoder.config, "num_hidden_layers", None)
         if n_layers is not None and max(abs(v) for v in self.out_layers) > n_layers:
@@ -335,6 +340,7 @@ class Flux2KleinFamily(Family):
             self.te_placement = placement.Placement(placement.PARKED, "the text encoder does not fit the device")
             return
         te_bytes = torch.cuda.memory_allocated(self.device) - before
+        self._te_device_bytes = te_bytes
         free, _ = torch.cuda.mem_get_info(self.device)
         run = int(run_bytes())
         self.te_placement = placement.place_text_encoder(te_bytes, run, budget_bytes, free + te_bytes)
@@ -349,16 +355,31 @@ class Flux2KleinFamily(Family):
         self.text_encoder.to(device)
 
     def observe_peak(self, peak_bytes: int | None) -> str | None:
-        """After a run: a resident text encoder whose run measured over the budget is parked from now on;
-        returns the warning to show, or None."""
+        """After a run (``placement.after_run``): a resident text encoder whose run measured over the
+        budget is parked from now on, and never comes back (returns the warning to show); a parked one
+        whose run measured small enough to hold it beside is kept on the device from the next run on
+        (returns None; a move that runs out of memory leaves it parked)."""
         from .. import placement
 
         if self.te_placement is None or self.max_device_bytes is None:
             return None
-        new = placement.after_run(self.te_placement, peak_bytes, self.max_device_bytes)
+        te_bytes = None if self._te_demoted or self._te_offloaded else self._te_device_bytes
+        new = placement.after_run(self.te_placement, peak_bytes, self.max_device_bytes, te_bytes)
         if new is None:
             return None
+        if new.where == placement.RESIDENT:
+            try:
+                self._move_text_encoder(self.device)
+            except torch.cuda.OutOfMemoryError:
+                self._move_text_encoder("cpu")
+                devices.free_cache(self.device)
+                self._te_demoted = True
+                return None
+            self.te_placement = new
+            log.info("bonsai: %s", new.reason)
+            return None
         self.te_placement = new
+        self._te_demoted = True
         self._move_text_encoder("cpu")
         devices.free_cache(self.device)
         return new.reason
