@@ -1,6 +1,8 @@
 """The shipped model's tokenizer and the teacher training script (a few CPU steps, tiny config)."""
 
+import copy
 import json
+import shutil
 
 import pytest
 import torch
@@ -61,6 +63,23 @@ def test_teacher_training_resumes_and_leaves_a_teacher_that_generates(tmp_path):
     # a call with no time left still checkpoints and exports, and does not train
     out = train_teacher.main(["unet", *unet_args, "--steps", "5", "--max-seconds", "0"])
     assert out["step"] == 3  # only the one step that measures the pace
+
+    # on another machine: a new work folder starts from the exported teacher (fresh optimizer), step 3 on
+    from diffusers import UNet2DConditionModel
+
+    teacher = tmp_path / "w" / "teacher"
+    _, te, unet, _ = tiny_sd.build_components("tiny", seed=9)
+    ema_unet, ema_te = copy.deepcopy(unet), copy.deepcopy(te)
+    assert train_teacher.init_from_teacher(teacher, unet, te, ema_unet, ema_te) == 3
+    want = UNet2DConditionModel.from_pretrained(teacher / "unet").state_dict()
+    assert all(torch.equal(unet.state_dict()[k], v) and torch.equal(ema_unet.state_dict()[k], v) for k, v in want.items())
+    w2 = tmp_path / "w2"
+    w2.mkdir()
+    shutil.copytree(tmp_path / "w" / "vae", w2 / "vae")
+    out = train_teacher.main(["unet", "--work", str(w2), "--config", "tiny", "--device", "cpu", "--batch", "2",
+                              "--pool", "4", "--fresh", "2", "--steps", "9", "--max-seconds", "0",
+                              "--init-from", str(teacher)])
+    assert out["step"] == 4  # the teacher's 3, and the one step that measures the pace
 
     eng = BonsaiImageEngine.from_pretrained(tmp_path / "w" / "teacher", device="cpu")
     r = eng.generate("a small red star on a blue background, top left", seed=1, steps=2, width=64, height=64)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The shipped model's GPU runs, one stage a device call (each under 10 minutes); see training/GPU-RUNS.md.
-#   bash training/gpu_run.sh teacher|teacher-carried|teacher-more|distill|more|ablate|retrain
+#   bash training/gpu_run.sh teacher|teacher-carried|teacher-resume|teacher-more|distill|more|ablate|retrain
 # Work folder: models/train (git-ignored, so it stays on a warm machine between calls); what must come
 # back goes to $OUT (at most 8 files, each under 16 MB).
 # SMOKE=1 runs every stage on the CPU with the tiny config and a few steps (checks the script itself).
 set -euo pipefail
-STAGE=${1:?stage: teacher, teacher-carried, teacher-more, distill, more, ablate or retrain}
+STAGE=${1:?stage: teacher, teacher-carried, teacher-resume, teacher-more, distill, more, ablate or retrain}
 W=${BONSAI_TRAIN_DIR:-models/train}
 OUT=${OUT:-out}
 PY=${PYTHON:-python}
@@ -76,6 +76,13 @@ case "$STAGE" in
     need_teacher
     rm -rf "$W/vae" "$W/unet.pt" "$W/log.jsonl"; cp -r "$W/teacher/vae" "$W/vae"
     $PY training/train_teacher.py unet --work "$W" $C $UNET
+    pack_teacher
+    ;;
+  teacher-resume)  # ~9 min: the carried teacher (gzip parts fit the carry) trained on, fresh optimizer, packed again
+    need_teacher
+    rm -rf "$W/vae" "$W/unet.pt"; cp -r "$W/teacher/vae" "$W/vae"
+    cp "$W/teacher/training_log.jsonl" "$W/log.jsonl" 2>/dev/null || true
+    $PY training/train_teacher.py unet --work "$W" $C $UNET_MORE --init-from "$W/teacher"
     pack_teacher
     ;;
   teacher-more)  # ~9 min: the UNet stage resumed from its checkpoint, packed again

@@ -225,6 +225,8 @@ def train_unet(args) -> dict:
         ema_te.load_state_dict(ck["ema_te"])
         opt.load_state_dict(ck["opt"])
         step = ck["step"]
+    elif args.init_from:
+        step = init_from_teacher(Path(args.init_from), unet, te, ema_unet, ema_te)
     alphas = _sd_alphas(dev)
     pool_n = max(args.pool, args.batch)
     fresh = max(1, min(args.fresh, pool_n))
@@ -322,6 +324,29 @@ def pyramid_noise(noise: torch.Tensor, gen: torch.Generator, discount: float) ->
     return out / out.std()
 
 
+def init_from_teacher(folder: Path, unet, te, ema_unet, ema_te) -> int:
+    """Start from a teacher folder's weights (its EMA weights, as exported), both the trained and the
+    EMA copies, with a fresh optimizer: how training goes on across machines, since the checkpoint
+    with Adam's state is too big to travel. Returns the step the teacher's log reached (0 if none)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    u = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch.float32).state_dict()
+    t = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch.float32).state_dict()
+    for m, sd in ((unet, u), (ema_unet, u), (te, t), (ema_te, t)):
+        m.load_state_dict(sd)
+    step = 0
+    log = folder / "training_log.jsonl"
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            try:
+                step = max(step, int(json.loads(line).get("step", 0)))
+            except (ValueError, AttributeError):
+                continue
+    print(f"initialised from {folder} (step {step}), fresh optimizer")
+    return step
+
+
 def _save_unet(work, unet, te, ema_unet, ema_te, opt, step):
     save_ckpt(work / "unet.pt", {"unet": unet.state_dict(), "te": te.state_dict(), "ema_unet": ema_unet.state_dict(),
                                  "ema_te": ema_te.state_dict(), "opt": opt.state_dict(), "step": step})
@@ -339,7 +364,8 @@ def export_teacher(work: Path, tok, te, unet) -> Path:
     te_cpu, unet_cpu = copy.deepcopy(te).float().cpu(), copy.deepcopy(unet).float().cpu()
     with staged_dir(work / "teacher") as tmp:
         tiny_sd.save_pipeline(tmp, tok, te_cpu, unet_cpu, vae)
-        shutil.copy2(work / "log.jsonl", tmp / "training_log.jsonl")
+        if (work / "log.jsonl").is_file():  # a call that logged nothing yet (started from a teacher) has none
+            shutil.copy2(work / "log.jsonl", tmp / "training_log.jsonl")
     return work / "teacher"
 
 
@@ -376,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="add coarse noise at every halved side, weighted DISCOUNT**level (e.g. 0.4), so "
                                 "that object placement is learnt from the caption, not read from the starting "
                                 "noise; 0 (default) is plain noise")
+            s.add_argument("--init-from", metavar="TEACHER", help="with no checkpoint in --work: start from this "
+                           "teacher folder's weights (fresh optimizer), e.g. one carried from an earlier machine")
             s.add_argument("--ema", type=float, default=0.999)
             s.add_argument("--warmup", type=int, default=200)
     return p
