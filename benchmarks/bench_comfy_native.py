@@ -135,11 +135,14 @@ def step_fn(patcher, family: str, size: int, device, tokens: int, context: int, 
     return fn, kwargs
 
 
-def time_step(fn, kwargs, device, args, graph: bool) -> dict:
+def time_step(fn, kwargs, device, args, graph: bool, profile: bool = False) -> dict:
     with torch.inference_mode():
         if not graph:
             r = time_fn(lambda: fn(**kwargs), device, warmup=args.warmup, repeats=args.repeats)
-            return {"step_ms": r["median_s"] * 1e3}
+            out = {"step_ms": r["median_s"] * 1e3}
+            if profile and args.profile:
+                out["profile"] = profile_steps(fn, kwargs, device, args.profile)
+            return out
         from bonsai_core.cuda_graph import GraphedStep
 
         try:
@@ -149,6 +152,26 @@ def time_step(fn, kwargs, device, args, graph: bool) -> dict:
             return {"step_ms": None, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
         r = time_fn(lambda: g(**kwargs), device, warmup=args.warmup, repeats=args.repeats)
         return {"step_ms": r["median_s"] * 1e3}
+
+
+def profile_steps(fn, kwargs, device, steps: int, top: int = 25) -> list[dict]:
+    """Where an eager step's host time goes: cProfile over ``steps`` calls, the ``top`` functions by
+    their own time, in ms a step (cProfile slows Python down: the shares matter, not the sums)."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(steps):
+        fn(**kwargs)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    prof.disable()
+    stats = pstats.Stats(prof).stats
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"function": f"{Path(f).name}:{line}:{name}", "calls_per_step": round(nc / steps, 1),
+             "own_ms_per_step": round(tt / steps * 1e3, 3), "total_ms_per_step": round(ct / steps * 1e3, 3)}
+            for (f, line, name), (_, nc, tt, ct, _) in rows]
 
 
 def lora_dict(packed: dict, rank: int, seed: int, device) -> dict:
@@ -213,10 +236,12 @@ def run_family(family: str, sizes, args, device, native, results: dict) -> None:
         for size in sizes:
             fn, kwargs = step_fn(patcher, family, size, device, args.text_tokens, context, args.seed)
             for graph in graph_modes:
-                r = time_step(fn, kwargs, device, args, graph)
+                r = time_step(fn, kwargs, device, args, graph, profile=size == sizes[0])
                 out[variant][f"{size}_{'graph' if graph else 'eager'}"] = r
                 print(f"  {family} {variant:8s} {size}^2 {'graph' if graph else 'eager'}: "
                       f"{r['step_ms'] if r['step_ms'] is None else round(r['step_ms'], 2)} ms {r.get('error', '')}")
+                for row in r.get("profile", [])[:10]:
+                    print(f"      {row['own_ms_per_step']:8.3f} ms own {row['calls_per_step']:7.1f} calls  {row['function']}")
         if variant == "bonsai" and family == "klein":
             size = sizes[0]
             loras = {}
@@ -288,6 +313,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--no-graph", action="store_true")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile the eager steps' host time (cProfile over STEPS calls; top functions in the JSON)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--gguf-read", metavar="DIR", help="only time reading a klein-4B-shaped Q1_0 GGUF written in DIR "

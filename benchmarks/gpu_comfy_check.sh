@@ -25,7 +25,7 @@ python3 -c "import torch, importlib.metadata as m; print('torch', torch.__versio
   ('comfy-kitchen', 'comfy-aimdo', 'torchsde', 'diffusers', 'transformers')))" 2>&1 | tee -a "$OUT/comfy_dynamic_vram.log"
 # the step-time table first (issue 22's numbers: Bonsai MODEL beside ComfyUI's bf16 and fp8_e4m3fn_fast, eager and
 # graphed, LoRA cost), then the dynamic VRAM check; each under its own limit so that one call holds both
-timeout "${BENCH_SECONDS:-280}" python3 benchmarks/bench_comfy_native.py --json "$OUT/comfy_native.json" 2>&1 \
+timeout "${BENCH_SECONDS:-280}" python3 benchmarks/bench_comfy_native.py --profile 5 --json "$OUT/comfy_native.json" 2>&1 \
   | grep -v -e "should be kept in float32" | tee "$OUT/comfy_native.log"
 echo "bench_comfy_native exit status ${PIPESTATUS[0]}" | tee -a "$OUT/comfy_native.log"
 timeout "${CHECK_SECONDS:-280}" python3 benchmarks/comfy_dynamic_vram_check.py --json "$OUT/comfy_dynamic_vram.json" 2>&1 \
