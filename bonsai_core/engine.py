@@ -34,6 +34,7 @@ FreeMemoryFn = Callable[[int, torch.device], None]
 AvailableMemoryFn = Callable[[torch.device], int]
 #: stages ``generate`` reports to ``on_stage``, in order
 STAGES = ("encode", "sample", "decode", "done")
+OUT_OF_MEMORY_PEAK = 1 << 62  # what a run that ran out of device memory counts as having measured
 
 
 def _family_class(name: str) -> type[Family]:
@@ -419,12 +420,16 @@ class BonsaiImageEngine:
         except BaseException as exc:
             if _is_oom(exc):
                 devices.free_cache(self.device)
+                observe = getattr(fam, "observe_peak", None)  # a resident text encoder leaves the card for the next runs
+                moved_off = observe(OUT_OF_MEMORY_PEAK) if observe is not None and self.device.type == "cuda" else None
                 raise BonsaiMemoryError(
                     f"{self.device} ran out of memory generating {r.batch} image(s) of {r.width}x{r.height}: "
                     "try a smaller size (upscale afterwards), fewer images per batch"
-                    + (", or device cpu" if self.device.type != "cpu" else ", or close other programs")) from exc
+                    + (", or device cpu" if self.device.type != "cpu" else ", or close other programs")
+                    + (f" ({moved_off})" if moved_off else "")) from exc
             raise
         measured = peak.peak()
+        placed = getattr(getattr(fam, "te_placement", None), "where", None)  # as this run had it
         observe = getattr(fam, "observe_peak", None)  # a run over the budget moves the text encoder off the device
         moved_off = observe(measured.get("peak_bytes")) if observe is not None and self.device.type == "cuda" else None
         if moved_off:
@@ -444,7 +449,7 @@ class BonsaiImageEngine:
                         "total_s": round(time.perf_counter() - t_start, 3),
                         "per_step_s": round(t_denoise / max(r.steps, 1), 4)},
             **measured,
-            "text_encoder_placement": getattr(getattr(fam, "te_placement", None), "where", None),
+            "text_encoder_placement": placed,
             "estimate_bytes": estimate_memory_bytes(fam.memory_model(cfg=use_cfg), width=r.width, height=r.height,
                                                     batch=r.batch),
             "guardrail": {"mode": report.mode, "warnings": report.warnings, "notes": report.notes},

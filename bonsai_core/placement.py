@@ -60,7 +60,7 @@ def place_lent(te_bytes: int, resident_bytes: int, encode_bytes: int, budget_byt
 
 
 def after_run(placement: Placement, peak_bytes: int | None, budget_bytes: int,
-              te_bytes: int | None = None) -> Placement | None:
+              te_bytes: int | None = None, device_bytes: int | None = None) -> Placement | None:
     """The measured peak of a run against the budget (returns the new placement; None: keep as is).
 
     A resident text encoder whose run went over the budget is parked for the next runs. A parked one
@@ -68,7 +68,8 @@ def after_run(placement: Placement, peak_bytes: int | None, budget_bytes: int,
     kept on the device from the next run on when the run's measured peak plus its weights fits the
     budget: the decision made from the estimate at load is corrected by measurement both ways. The
     parked run's peak already holds the encoder during the encode, so the sum over-counts that
-    phase: promoting is the cautious direction."""
+    phase: promoting is the cautious direction. ``device_bytes``: what the device can give this
+    process now (its free memory plus what the process holds; None: not known) bounds it too."""
     if peak_bytes is None:
         return None
     if placement.where == RESIDENT:
@@ -76,8 +77,9 @@ def after_run(placement: Placement, peak_bytes: int | None, budget_bytes: int,
             return None
         return Placement(PARKED, f"measured peak {_gib(peak_bytes)} with the text encoder on the device is over "
                                  f"the budget {_gib(budget_bytes)}: parked in host memory from the next run on")
-    if placement.where == PARKED and te_bytes is not None and peak_bytes + te_bytes <= HEADROOM * budget_bytes:
+    limit = budget_bytes if device_bytes is None else min(budget_bytes, device_bytes)
+    if placement.where == PARKED and te_bytes is not None and peak_bytes + te_bytes <= HEADROOM * limit:
         return Placement(RESIDENT, f"measured peak {_gib(peak_bytes)} with the text encoder parked + the text "
                                    f"encoder {_gib(te_bytes)} = {_gib(peak_bytes + te_bytes)} fits "
-                                   f"{_gib(budget_bytes)}: kept on the device from the next run on")
+                                   f"{_gib(limit)}: kept on the device from the next run on")
     return None

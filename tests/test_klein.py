@@ -572,9 +572,21 @@ def test_a_parked_text_encoder_is_kept_on_the_device_after_a_run_that_leaves_roo
     monkeypatch.setattr(fam, "_te_device_bytes", int(1.54 * 2**30))
     monkeypatch.setattr(fam, "_te_demoted", False)  # the module's engine is shared with the tests above
     monkeypatch.setattr(fam, "_te_offloaded", False)
+    monkeypatch.setattr(fam, "_te_promoted", False)
     monkeypatch.setattr(fam.text_encoder, "to", lambda device: moves.append(str(device)))
+    device_free = [80 * 2**30]  # what the card has free; the process holds nothing more
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (device_free[0], 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    parked_model = fam.memory_model(cfg=False)
     assert fam.observe_peak(int(4.5 * 2**30)) is None and moves == [] and not fam.te_resident  # 6.04 > 5.7
+    device_free[0] = 5 * 2**30  # another program holds the rest of the card: 5.12 > 0.95 x 5
+    assert fam.observe_peak(int(3.58 * 2**30)) is None and moves == [] and not fam.te_resident
+    device_free[0] = 80 * 2**30
     assert fam.observe_peak(int(3.58 * 2**30)) is None and moves == ["cuda"] and fam.te_resident
+    # the guardrails estimate it as the parked encoder the run measured, not as resident at load
+    promoted_model = fam.memory_model(cfg=False)
+    assert (promoted_model.resident_bytes, promoted_model.lent_bytes) == (parked_model.resident_bytes,
+                                                                          parked_model.lent_bytes)
     assert "over the budget" in fam.observe_peak(int(6.5 * 2**30)) and moves == ["cuda", "cpu"]
     assert fam.observe_peak(int(1 * 2**30)) is None and moves == ["cuda", "cpu"] and not fam.te_resident
 

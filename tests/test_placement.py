@@ -50,3 +50,5 @@ def test_a_parked_text_encoder_comes_onto_the_device_when_the_measured_run_leave
     assert placement.after_run(parked, int(3.58 * GIB), 5 * GIB, te_bytes=int(1.54 * GIB)) is None  # 5.12 > 4.75
     assert placement.after_run(parked, int(3.58 * GIB), 6 * GIB, te_bytes=None) is None  # size unknown / demoted
     assert placement.after_run(parked, None, 6 * GIB, te_bytes=GIB) is None
+    # the device's own room bounds it too (another program holds part of the card)
+    assert placement.after_run(parked, int(3.58 * GIB), 6 * GIB, te_bytes=int(1.54 * GIB), device_bytes=5 * GIB) is None

@@ -227,6 +227,7 @@ def train_unet(args) -> dict:
         step = ck["step"]
     elif args.init_from:
         step = init_from_teacher(Path(args.init_from), unet, te, ema_unet, ema_te)
+    start = 0 if ck else step  # the learning-rate warm-up counts from a fresh optimizer's first step
     alphas = _sd_alphas(dev)
     pool_n = max(args.pool, args.batch)
     fresh = max(1, min(args.fresh, pool_n))
@@ -279,7 +280,7 @@ def train_unet(args) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        lr = args.lr * min(1.0, (step + 1) / args.warmup)
+        lr = args.lr * min(1.0, (step - start + 1) / args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         opt.step()
@@ -340,8 +341,10 @@ def init_from_teacher(folder: Path, unet, te, ema_unet, ema_te) -> int:
     if log.is_file():
         for line in log.read_text().splitlines():
             try:
-                step = max(step, int(json.loads(line).get("step", 0)))
-            except (ValueError, AttributeError):
+                row = json.loads(line)
+                if row.get("stage") == "unet":  # the VAE stage logs its own steps in the same file
+                    step = max(step, int(row.get("step", 0)))
+            except (ValueError, AttributeError, TypeError):
                 continue
     print(f"initialised from {folder} (step {step}), fresh optimizer")
     return step

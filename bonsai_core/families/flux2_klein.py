@@ -239,6 +239,7 @@ class Flux2KleinFamily(Family):
         self.te_placement = None  # placement.Placement once place_text_encoder ran (CUDA)
         self._te_device_bytes: int | None = None  # what the text encoder measured on the device
         self._te_demoted = False  # parked after a run measured over the budget: never promoted again
+        self._te_promoted = False  # resident because a run measured room for it (the estimate said no)
         self.max_device_bytes: int | None = None  # the budget the engine gives place_text_encoder
         n_layers = getattr(self.text_encoder.config, "num_hidden_layers", None)
         if n_layers is not None and max(abs(v) for v in self.out_layers) > n_layers:
@@ -271,8 +272,8 @@ class Flux2KleinFamily(Family):
         return self._tokenizer
 
     def memory_model(self, cfg: bool, text_encoder: bool = True):
-        """On CUDA the text encoder is on the card for the whole run when placement kept it resident,
-        else only while it encodes (lent from host memory); elsewhere it shares the one memory with
+        """On CUDA the text encoder is on the card for the whole run when placement kept it resident at
+        load, else only while it encodes (lent from host memory; a measured promotion keeps this count); elsewhere it shares the one memory with
         everything else for the whole run. ``text_encoder=False``: a run without its weights, what
         placement sets the measured text encoder beside."""
         from .. import cuda_graph
@@ -280,7 +281,9 @@ class Flux2KleinFamily(Family):
         from ..quant.layers import module_nbytes
 
         te_bytes = module_nbytes(self.text_encoder) if text_encoder and isinstance(self.text_encoder, nn.Module) else 0
-        on_card_all_run = self.device.type != "cuda" or self.te_resident
+        # an encoder promoted by a measured run is estimated as the parked one it was: the measurement
+        # overrules the estimate (the guardrails would otherwise warn about, or refuse, what just ran)
+        on_card_all_run = self.device.type != "cuda" or (self.te_resident and not self._te_promoted)
         lent = te_bytes if self.device.type == "cuda" and not self._te_offloaded and not on_card_all_run else 0
         resident = self.weight_bytes() + (te_bytes if on_card_all_run else 0)
         tcfg, vcfg, text = self.transformer.config, self.vae.config, self.max_sequence_length
@@ -364,7 +367,11 @@ class Flux2KleinFamily(Family):
         if self.te_placement is None or self.max_device_bytes is None:
             return None
         te_bytes = None if self._te_demoted or self._te_offloaded else self._te_device_bytes
-        new = placement.after_run(self.te_placement, peak_bytes, self.max_device_bytes, te_bytes)
+        device_bytes = None
+        if te_bytes is not None and self.te_placement.where == placement.PARKED:
+            free, _ = torch.cuda.mem_get_info(self.device)
+            device_bytes = free + torch.cuda.memory_reserved(self.device)
+        new = placement.after_run(self.te_placement, peak_bytes, self.max_device_bytes, te_bytes, device_bytes)
         if new is None:
             return None
         if new.where == placement.RESIDENT:
@@ -376,10 +383,12 @@ class Flux2KleinFamily(Family):
                 self._te_demoted = True
                 return None
             self.te_placement = new
+            self._te_promoted = True
             log.info("bonsai: %s", new.reason)
             return None
         self.te_placement = new
         self._te_demoted = True
+        self._te_promoted = False
         self._move_text_encoder("cpu")
         devices.free_cache(self.device)
         return new.reason
