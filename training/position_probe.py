@@ -112,15 +112,20 @@ def _nearest(rgb: torch.Tensor, names) -> str:
     return names[int(((pal - rgb) ** 2).sum(1).argmin())]
 
 
-def read_images(images: torch.Tensor, rows) -> list[dict]:
+def read_images(images: torch.Tensor, rows, smooth: int = 1) -> list[dict]:
     """images [N, 3, H, W] in [0, 1]; rows as eval_captions(). The object: pixels > 0.3 from the
-    known background; its centroid's 3x3 cell; colours by the nearest palette entry."""
+    known background; its centroid's 3x3 cell; colours by the nearest palette entry. ``smooth`` > 1
+    averages each image over smooth x smooth pixels first (an undertrained model leaves speckle
+    noise that a single pixel would count as the object)."""
+    found_in = images
+    if smooth > 1:  # the mask from the smoothed image, the colours from the pixels themselves
+        found_in = F.avg_pool2d(F.pad(images, [smooth // 2] * 4, mode="replicate"), smooth, stride=1)
     out = []
     h, w = images.shape[-2:]
     yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-    for img, (_, colour, bg, pos) in zip(images, rows):
+    for img, seen, (_, colour, bg, pos) in zip(images, found_in, rows):
         bg_rgb = torch.tensor(S.PALETTE[bg], dtype=torch.float32).view(3, 1, 1) / 255
-        dist = (img - bg_rgb).norm(dim=0)
+        dist = (seen - bg_rgb).norm(dim=0)
         mask = dist > 0.3
         frac = mask.float().mean().item()
         found = 2 <= mask.sum().item() and frac < 0.5
@@ -129,7 +134,8 @@ def read_images(images: torch.Tensor, rows) -> list[dict]:
         if found:
             cx, cy = xx[mask].mean().item() / w, yy[mask].mean().item() / h
             cell = (min(2, int(cx * 3)), min(2, int(cy * 3)))
-            got_colour = _nearest(img[:, mask].mean(1), S.COLOURS)
+            core = mask & ((img - bg_rgb).norm(dim=0) > 0.3)  # not the smoothed mask's blended rim
+            got_colour = _nearest(img[:, core if core.any() else mask].mean(1), S.COLOURS)
         rest = img[:, ~mask] if (~mask).any() else img.flatten(1)
         got_bg = _nearest(rest.median(1).values, S.BACKGROUNDS)
         out.append({"cell": cell, "pos_ok": cell == S.POSITIONS[pos], "colour_ok": got_colour == colour,
@@ -203,10 +209,25 @@ def check_measurement() -> dict:
     imgs = F.avg_pool2d(S.render_batch(scenes_, RENDER, "cpu"), RENDER // RES)
     ordered = [r for r in rows for _ in EVAL_SEEDS]  # not seed-major; only the accuracies are read
     imgs = imgs.repeat_interleave(len(EVAL_SEEDS), 0)
-    reads = read_images(imgs, ordered)
+    reads = read_images(imgs, ordered, smooth=3)
     return {"position_acc": float(np.mean([r["pos_ok"] for r in reads])),
             "colour_acc": float(np.mean([r["colour_ok"] for r in reads])),
             "background_acc": float(np.mean([r["bg_ok"] for r in reads]))}
+
+
+def reread(paths: list[str], smooth: int) -> None:
+    """Read saved sample grids (``save_grid``) again, e.g. with ``--smooth 3``."""
+    from PIL import Image
+
+    rows = eval_captions()
+    n_pos = len(S.POSITIONS)
+    ordered = [rows[p * n_pos + i] for p in range(len(EVAL_PAIRS)) for _ in EVAL_SEEDS for i in range(n_pos)]
+    for path in paths:
+        a = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+        a = a[:, ::2, ::2]  # save_grid doubled every pixel
+        imgs = torch.stack([a[:, r * RES:(r + 1) * RES, c * RES:(c + 1) * RES]
+                            for r in range(a.shape[1] // RES) for c in range(n_pos)])
+        print(path, f"smooth {smooth}:", json.dumps(summarise(read_images(imgs, ordered, smooth), len(EVAL_SEEDS))))
 
 
 def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> dict:
@@ -294,7 +315,11 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/cpu/position_probe")
+    p.add_argument("--reread", nargs="+", metavar="PNG", help="only read saved sample grids again (no training)")
+    p.add_argument("--smooth", type=int, default=3, help="with --reread: box filter before reading")
     args = p.parse_args(argv)
+    if args.reread:
+        return reread(args.reread, args.smooth)
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
