@@ -194,7 +194,9 @@ def evaluate(unet, te, tok) -> dict:
         imgs.append(sample(unet, te, tok, [r[0] for r in rows[p * n_pos:(p + 1) * n_pos]], EVAL_SEEDS))
     imgs = torch.cat(imgs)
     ordered = [rows[p * n_pos + i] for p in range(len(EVAL_PAIRS)) for _ in EVAL_SEEDS for i in range(n_pos)]
-    return summarise(read_images(imgs, ordered), len(EVAL_SEEDS)), imgs
+    res = summarise(read_images(imgs, ordered), len(EVAL_SEEDS))
+    res["smooth3"] = summarise(read_images(imgs, ordered, smooth=3), len(EVAL_SEEDS))
+    return res, imgs
 
 
 def check_measurement() -> dict:
