@@ -112,13 +112,19 @@ def _nearest(rgb: torch.Tensor, names) -> str:
     return names[int(((pal - rgb) ** 2).sum(1).argmin())]
 
 
-def read_images(images: torch.Tensor, rows, smooth: int = 1) -> list[dict]:
+def read_images(images: torch.Tensor, rows, smooth: int = 1, by: str = "centroid") -> list[dict]:
     """images [N, 3, H, W] in [0, 1]; rows as eval_captions(). The object: pixels > 0.3 from the
     known background; its centroid's 3x3 cell; colours by the nearest palette entry. ``smooth`` > 1
     averages each image over smooth x smooth pixels first (an undertrained model leaves speckle
-    noise that a single pixel would count as the object)."""
+    noise that a single pixel would count as the object). ``by="cell"``: the cell is the one whose
+    mean distance from the background is largest (over 0.1), the colour read inside it."""
     found_in = images
-    if smooth > 1:  # the mask from the smoothed image, the colours from the pixels themselves
+    if by == "median3":  # isolated speckle pixels go, an object of a few pixels across stays; colours too
+        b, c, h, w = images.shape
+        patches = F.unfold(F.pad(images, [1] * 4, mode="replicate"), 3).view(b, c, 9, h, w)
+        images = found_in = patches.median(dim=2).values
+        by = "centroid"
+    elif smooth > 1:  # the mask from the smoothed image, the colours from the pixels themselves
         found_in = F.avg_pool2d(F.pad(images, [smooth // 2] * 4, mode="replicate"), smooth, stride=1)
     out = []
     h, w = images.shape[-2:]
@@ -131,9 +137,19 @@ def read_images(images: torch.Tensor, rows, smooth: int = 1) -> list[dict]:
         found = 2 <= mask.sum().item() and frac < 0.5
         cell = None
         got_colour = None
-        if found:
+        if by == "cell":  # the 3x3 cell farthest from the background on average: speckle spreads over all
+            cells = F.adaptive_avg_pool2d(dist[None, None], 3).flatten()
+            k = int(cells.argmax())
+            found = cells[k].item() > 0.1
+            if found:
+                cell = (k % 3, k // 3)
+                gx, gy = cell
+                mask = mask & (xx * 3 // w == gx) & (yy * 3 // h == gy)
+                found = bool(mask.any())
+        elif found:
             cx, cy = xx[mask].mean().item() / w, yy[mask].mean().item() / h
             cell = (min(2, int(cx * 3)), min(2, int(cy * 3)))
+        if found:
             core = mask & ((img - bg_rgb).norm(dim=0) > 0.3)  # not the smoothed mask's blended rim
             got_colour = _nearest(img[:, core if core.any() else mask].mean(1), S.COLOURS)
         rest = img[:, ~mask] if (~mask).any() else img.flatten(1)
@@ -196,6 +212,8 @@ def evaluate(unet, te, tok) -> dict:
     ordered = [rows[p * n_pos + i] for p in range(len(EVAL_PAIRS)) for _ in EVAL_SEEDS for i in range(n_pos)]
     res = summarise(read_images(imgs, ordered), len(EVAL_SEEDS))
     res["smooth3"] = summarise(read_images(imgs, ordered, smooth=3), len(EVAL_SEEDS))
+    res["cellmax"] = summarise(read_images(imgs, ordered, by="cell"), len(EVAL_SEEDS))
+    res["median3"] = summarise(read_images(imgs, ordered, by="median3"), len(EVAL_SEEDS))
     return res, imgs
 
 
@@ -211,10 +229,12 @@ def check_measurement() -> dict:
     imgs = F.avg_pool2d(S.render_batch(scenes_, RENDER, "cpu"), RENDER // RES)
     ordered = [r for r in rows for _ in EVAL_SEEDS]  # not seed-major; only the accuracies are read
     imgs = imgs.repeat_interleave(len(EVAL_SEEDS), 0)
-    reads = read_images(imgs, ordered, smooth=3)
-    return {"position_acc": float(np.mean([r["pos_ok"] for r in reads])),
-            "colour_acc": float(np.mean([r["colour_ok"] for r in reads])),
-            "background_acc": float(np.mean([r["bg_ok"] for r in reads]))}
+    out = {}
+    for name, kw in (("centroid", {}), ("smooth3", dict(smooth=3)), ("cellmax", dict(by="cell")),
+                     ("median3", dict(by="median3"))):
+        reads = read_images(imgs, ordered, **kw)
+        out[name] = {k: float(np.mean([r[k + "_ok"] for r in reads])) for k in ("pos", "colour", "bg")}
+    return out
 
 
 def reread(paths: list[str], smooth: int) -> None:
@@ -230,6 +250,8 @@ def reread(paths: list[str], smooth: int) -> None:
         imgs = torch.stack([a[:, r * RES:(r + 1) * RES, c * RES:(c + 1) * RES]
                             for r in range(a.shape[1] // RES) for c in range(n_pos)])
         print(path, f"smooth {smooth}:", json.dumps(summarise(read_images(imgs, ordered, smooth), len(EVAL_SEEDS))))
+        for by in ("cell", "median3"):
+            print(path, f"{by}:", json.dumps(summarise(read_images(imgs, ordered, by=by), len(EVAL_SEEDS))))
 
 
 def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> dict:
