@@ -983,6 +983,9 @@ def run_case(bases: dict[str, Path], work: Path, case: int, kind: str, entry: st
     t0 = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # child
+        from tests.kill_harness import fork_safe_child
+
+        fork_safe_child()
         os.close(r)
         try:
             result, message = _run_child(ENTRY_POINTS[entry], case_dir, scratch, base, timeout, mem_bytes)
