@@ -46,6 +46,11 @@ score() {  # teacher, distilled student and naive 1-bit on the held-out prompts
       --model teacher="$W/teacher" --model distilled="$W/student" --model naive="$W/naive" \
       --json "$OUT/eval.json" --grid "$OUT/eval_grid.png"
 }
+new_unet_on_carried_vae() {  # a text encoder + UNet trained anew on the (carried) teacher's VAE
+  need_teacher
+  rm -rf "$W/vae" "$W/unet.pt" "$W/log.jsonl"; cp -r "$W/teacher/vae" "$W/vae"
+  $PY training/train_teacher.py unet --work "$W" $C $UNET
+}
 pack_teacher_parts() {  # the teacher in fp16 parts (under 16 MB each) and its training log
   $PY training/pack.py teacher "$W/teacher" "$OUT"
   cp "$W/log.jsonl" "$OUT/teacher_log.jsonl"
@@ -73,9 +78,7 @@ case "$STAGE" in
     pack_teacher
     ;;
   teacher-carried)  # ~9 min: a new text encoder + UNet on the carried teacher's VAE (no VAE stage), packed in fp16
-    need_teacher
-    rm -rf "$W/vae" "$W/unet.pt" "$W/log.jsonl"; cp -r "$W/teacher/vae" "$W/vae"
-    $PY training/train_teacher.py unet --work "$W" $C $UNET
+    new_unet_on_carried_vae
     pack_teacher
     ;;
   teacher-resume)  # ~9 min: the carried teacher (gzip parts fit the carry) trained on, fresh optimizer, packed again
@@ -90,9 +93,7 @@ case "$STAGE" in
     pack_teacher
     ;;
   retrain)       # ~9.5 min: a new UNet + text encoder on the carried teacher's VAE, then 'distill' in the same call
-    need_teacher
-    rm -rf "$W/vae" "$W/unet.pt" "$W/log.jsonl"; cp -r "$W/teacher/vae" "$W/vae"
-    $PY training/train_teacher.py unet --work "$W" $C $UNET
+    new_unet_on_carried_vae
     pack_teacher_parts
     distill_from_scratch
     rm -f "$OUT/eval_grid.txt" "$OUT/distill_log.jsonl"  # 8 files come back at most: both are in retrain.log

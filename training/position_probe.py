@@ -284,19 +284,14 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(xt, t, te(ids)[0]).sample
-        snr = a.view(-1) / (1 - a.view(-1))
-        w = torch.clamp(snr, max=5.0) / snr
-        loss = (w * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = T.min_snr_loss(pred, noise, a, 5.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         for g in opt.param_groups:
             g["lr"] = lr0 * min(1.0, step / 200)
         opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for m_ema, m in ((ema_u, unet), (ema_t, te)):
-                torch._foreach_lerp_(list(m_ema.parameters()), [p.detach() for p in m.parameters()], 1 - decay)
+        T.ema_update(((ema_u, unet), (ema_t, te)), step, 0.999)
         losses.append(loss.item())
         if step % 100 == 0:
             print(f"[{name}] step {step} loss(avg 100) {np.mean(losses[-100:]):.4f} "

@@ -274,9 +274,7 @@ def train_unet(args) -> dict:
         with autocast(dev):
             ctx = te(ids)[0]
             pred = unet(zt, t, ctx).sample
-        snr = a.view(-1) / (1 - a.view(-1))
-        w = torch.clamp(snr, max=args.min_snr) / snr  # min-SNR-gamma for epsilon prediction
-        loss = (w * ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = min_snr_loss(pred, noise, a, args.min_snr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -285,10 +283,7 @@ def train_unet(args) -> dict:
             g["lr"] = lr
         opt.step()
         step += 1
-        decay = min(args.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for m_ema, m in ((ema_unet, unet), (ema_te, te)):
-                torch._foreach_lerp_(list(m_ema.parameters()), [p.detach() for p in m.parameters()], 1 - decay)
+        ema_update(((ema_unet, unet), (ema_te, te)), step, args.ema)
         dt = time.perf_counter() - t_step
         per_step = dt if per_step is None else 0.9 * per_step + 0.1 * dt
         if step % args.log_every == 0 or step == args.steps:
@@ -302,6 +297,23 @@ def train_unet(args) -> dict:
            "elapsed": round(clock.elapsed(), 1)}
     log_line(work, out)
     return out
+
+
+def min_snr_loss(pred: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The epsilon-prediction MSE, each sample weighted min(SNR, gamma) / SNR (min-SNR-gamma, Hang et
+    al. 2023); ``a`` is alpha-bar of each sample's timestep, shaped to broadcast over the sample."""
+    snr = a.view(-1) / (1 - a.view(-1))
+    w = torch.clamp(snr, max=gamma) / snr
+    return (w * ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
+def ema_update(pairs, step: int, ema: float) -> None:
+    """Move each (EMA copy, model) pair's EMA weights towards the model's after optimizer step
+    ``step`` (counted from 1), with the decay warmed up as min(ema, (1 + step) / (10 + step))."""
+    decay = min(ema, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for m_ema, m in pairs:
+            torch._foreach_lerp_(list(m_ema.parameters()), [p.detach() for p in m.parameters()], 1 - decay)
 
 
 def pyramid_noise(noise: torch.Tensor, gen: torch.Generator, discount: float) -> torch.Tensor:
