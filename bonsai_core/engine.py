@@ -241,6 +241,12 @@ class BonsaiImageEngine:
         engine.available_memory = available_memory
         return engine
 
+    def _observe_peak(self, fam, peak_bytes: int | None) -> str | None:
+        """A CUDA run's measured peak to the family (``observe_peak``: the text encoder's placement
+        follows it); the warning to show when the text encoder was moved off the device, else None."""
+        observe = getattr(fam, "observe_peak", None)
+        return observe(peak_bytes) if observe is not None and self.device.type == "cuda" else None
+
     @property
     def device(self) -> torch.device:
         return self.choice.device
@@ -420,8 +426,7 @@ class BonsaiImageEngine:
         except BaseException as exc:
             if _is_oom(exc):
                 devices.free_cache(self.device)
-                observe = getattr(fam, "observe_peak", None)  # a resident text encoder leaves the card for the next runs
-                moved_off = observe(OUT_OF_MEMORY_PEAK) if observe is not None and self.device.type == "cuda" else None
+                moved_off = self._observe_peak(fam, OUT_OF_MEMORY_PEAK)  # a resident text encoder leaves the card
                 raise BonsaiMemoryError(
                     f"{self.device} ran out of memory generating {r.batch} image(s) of {r.width}x{r.height}: "
                     "try a smaller size (upscale afterwards), fewer images per batch"
@@ -430,8 +435,7 @@ class BonsaiImageEngine:
             raise
         measured = peak.peak()
         placed = getattr(getattr(fam, "te_placement", None), "where", None)  # as this run had it
-        observe = getattr(fam, "observe_peak", None)  # a run over the budget moves the text encoder off the device
-        moved_off = observe(measured.get("peak_bytes")) if observe is not None and self.device.type == "cuda" else None
+        moved_off = self._observe_peak(fam, measured.get("peak_bytes"))
         if moved_off:
             report.warnings.append(moved_off)
         tensor = images.permute(0, 2, 3, 1).contiguous()
