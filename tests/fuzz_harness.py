@@ -47,6 +47,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 BASE_NAMES = ("sd_src", "sd_bonsai", "klein_gguf", "klein_bonsai", "mlx_repo", "gemlite_repo")
 
 
+def fork_safe_child() -> None:
+    """In a forked child: transformers 5 loads weights on worker threads, and a worker's first
+    parallel torch op sets its thread count through torch's thread pool, which a forked child
+    does not have once the parent set a thread count ("pool INTERNAL ASSERT FAILED ... Invalid
+    thread pool!", now and then, in whichever run's loader hit it). Loading on the calling thread
+    avoids it; it is an artefact of testing by fork, not of what the tests check."""
+    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
+
+
 def build_bases(root: Path) -> dict[str, Path]:
     """Write every base model under ``root`` (once; a second call reuses them)."""
     import torch
@@ -983,8 +992,6 @@ def run_case(bases: dict[str, Path], work: Path, case: int, kind: str, entry: st
     t0 = time.perf_counter()
     pid = os.fork()
     if pid == 0:  # child
-        from tests.kill_harness import fork_safe_child
-
         fork_safe_child()
         os.close(r)
         try:

@@ -64,18 +64,11 @@ def _leftovers(dst: Path) -> list[str]:
     return sorted(p.name for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}.bonsai-"))
 
 
-def fork_safe_child() -> None:
-    """In a forked child: transformers 5 loads weights on worker threads, and a worker's first
-    parallel torch op sets its thread count through torch's thread pool, which a forked child
-    does not have once the parent set a thread count ("pool INTERNAL ASSERT FAILED ... Invalid
-    thread pool!", now and then, in whichever run's loader hit it). Loading on the calling thread
-    avoids it; it is an artefact of testing by fork, not of what the tests check."""
-    os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
-
-
 def _fork_run(fn) -> int:
     pid = os.fork()
     if pid == 0:
+        from tests.fuzz_harness import fork_safe_child
+
         fork_safe_child()
         code = 0
         try:
