@@ -95,9 +95,19 @@ def run(folder: Path, device, size: int, steps: int, repeats: int, seed: int, ma
     med = runs[[m["timings"]["total_s"] for m in runs].index(totals[len(totals) // 2])]
     return {"size": size, "max_vram_gb": config.max_vram_gb, "load_s": load_s, "timings": med["timings"],
             "total_s_all": totals, "peak_bytes": max(m["peak_bytes"] or 0 for m in runs), "peak_kind": med["peak_kind"],
+            "phase_peak_bytes": phase_peaks(runs),
             "placement": None if placement is None else {"where": placement.where, "reason": placement.reason},
             "placement_after": runs[-1].get("text_encoder_placement"),
             "warnings": sorted({w for m in runs for w in m["guardrail"]["warnings"]})}
+
+
+def phase_peaks(runs: list[dict]) -> dict:
+    """Each phase's peak (the engine's ``phase_peak_bytes``: CUDA only, else None), the largest over the runs."""
+    out = {}
+    for phase in ("encode", "denoise", "decode"):
+        seen = [m["phase_peak_bytes"][phase] for m in runs if m.get("phase_peak_bytes", {}).get(phase) is not None]
+        out[phase] = max(seen) if seen else None
+    return out
 
 
 @torch.inference_mode()
@@ -170,9 +180,11 @@ def main(argv=None) -> int:
             r["label"] = label
             runs.append(r)
             t = r["timings"]
+            ph = r["phase_peak_bytes"]
             print(f"  total {fmt_s(t['total_s'])} (encode {fmt_s(t['encode_s'])}, denoise {fmt_s(t['denoise_s'])}, "
-                  f"decode {fmt_s(t['decode_s'])}), peak {fmt_bytes(r['peak_bytes'])}, text encoder "
-                  f"{r['placement']['where'] if r['placement'] else 'on the CPU run'}")
+                  f"decode {fmt_s(t['decode_s'])}), peak {fmt_bytes(r['peak_bytes'])} (encode "
+                  f"{fmt_bytes(ph['encode'])}, denoise {fmt_bytes(ph['denoise'])}, decode {fmt_bytes(ph['decode'])}), "
+                  f"text encoder {r['placement']['where'] if r['placement'] else 'on the CPU run'}")
         res["runs"] = runs
         print("\nprompt embeddings, 4-bit vs bf16 ...")
         res["embedding_cosine"] = embedding_cosine(bf16_folder, q4_folder, device)
@@ -182,14 +194,17 @@ def main(argv=None) -> int:
     base = res["runs"][0]
     rows = [[r["label"], fmt_s(r["timings"]["encode_s"]), fmt_s(r["timings"]["total_s"]),
              fmt_ratio(ratio(r["timings"]["total_s"], base["timings"]["total_s"])), fmt_bytes(r["peak_bytes"]),
+             *(fmt_bytes(r["phase_peak_bytes"][k]) for k in ("encode", "denoise", "decode")),
              r["placement"]["where"] if r["placement"] else "-"] for r in res["runs"]]
-    print("\n" + table(["run", "encode", "total", "total / bf16 TE", "peak", "text encoder"], rows, "<>>>><"))
+    print("\n" + table(["run", "encode", "total", "total / bf16 TE", "peak", "encode peak", "denoise peak",
+                         "decode peak", "text encoder"], rows, "<>>>>>>><"))
     print(f"budget: --max-vram as labelled, else BONSAI_MAX_VRAM_GB or the default ({base['max_vram_gb']:g} GiB)")
     c = res["embedding_cosine"]
     print(f"cosine per token, 4-bit vs bf16 text encoder: prompt tokens min {c['prompt_cos_min']:.5f} mean "
           f"{c['prompt_cos_mean']:.5f} ({c['prompt_tokens']} tokens, {c['prompts']} prompts); all 512 positions "
           f"min {c['all_cos_min']:.5f} mean {c['all_cos_mean']:.5f}")
-    print(f"peak: {base['peak_kind']}, over the whole image (encode + {args.steps} steps + decode)")
+    print(f"peak: {base['peak_kind']}, over the whole image (encode + {args.steps} steps + decode); each phase's own "
+          "peak beside it (CUDA only: the allocator's peak is reset as each phase begins)")
     write_json(args.json, {"benchmark": "bench_te4bit", "command": command_line(), "machine": info,
                            "settings": vars(args), **res})
     return 0
