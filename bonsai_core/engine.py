@@ -250,6 +250,7 @@ class BonsaiImageEngine:
                     f"{choice.device} ran out of memory loading {src}; close other programs, or use device cpu"
                 ) from exc
             raise
+        family.max_device_bytes = config.max_vram_bytes  # what an ``auto`` VAE decode must fit (CUDA)
         place = getattr(family, "place_text_encoder", None)
         if place is not None:  # the text encoder on the device when it fits the budget (placement.py)
             d = family.defaults
@@ -477,6 +478,7 @@ class BonsaiImageEngine:
                         "per_step_s": round(t_denoise / max(r.steps, 1), 4)},
             **measured,
             "text_encoder_placement": placed,
+            "vae_tile": fam.last_vae_tile,
             "estimate_bytes": estimate_memory_bytes(fam.memory_model(cfg=use_cfg), width=r.width, height=r.height,
                                                     batch=r.batch),
             "guardrail": {"mode": report.mode, "warnings": report.warnings, "notes": report.notes},
