@@ -189,3 +189,16 @@ def test_a_run_that_fits_only_tiled_runs_tiled_and_a_roomy_one_is_unchanged(klei
     untiled = eng.generate("a harbour at dusk", **size)
     assert roomy.metadata["vae_tile"] is None and torch.equal(roomy.tensor, untiled.tensor)
     assert not torch.equal(roomy.tensor, r.tensor)
+
+
+def test_placement_tiles_the_decode_to_fit_beside_the_measured_text_encoder(klein, monkeypatch):
+    """The run placement sets the text encoder beside is estimated with a decode that must fit the
+    budget less the encoder (within placement's 0.95 headroom); the run itself against the whole budget;
+    off CUDA there is no budget to tile for."""
+    fam = klein["engine"].family
+    assert fam.memory_model(cfg=False).decode_budget_bytes is None  # CPU
+    monkeypatch.setattr(fam, "device", torch.device("cuda"))
+    monkeypatch.setattr(fam, "max_device_bytes", 4 * GIB)
+    monkeypatch.setattr(fam, "_te_device_bytes", GIB + 5)
+    assert fam.memory_model(cfg=False).decode_budget_bytes == 4 * GIB
+    assert fam.memory_model(cfg=False, text_encoder=False).decode_budget_bytes == int(0.95 * 4 * GIB) - GIB - 5
