@@ -7,12 +7,17 @@ of 64, as ``bonsai convert --quantize-text-encoder`` makes it; with ``--embeddin
 the tied embedding too, as the public MLX payload holds it). Each run is ``BonsaiImageEngine`` as a
 user runs it: a warm-up image, then timed images with a new prompt each (so the text encoder runs
 every time), peak GPU memory from ``torch.cuda.max_memory_allocated`` over the whole image (encode,
-4 steps, decode). Runs:
+4 steps, decode) and each phase's own peak (the engine's ``phase_peak_bytes``: the allocator's peak is
+reset as each phase begins). Runs:
 
 * bf16 text encoder, 1024^2, the default budget (6 GiB: the 8 GB text encoder is parked in host
   memory and lent per prompt, the pipeline as it was);
 * 4-bit text encoder, 1024^2 and 512^2, the default budget (the placement decides; resident when it fits);
 * 4-bit text encoder, 1024^2, ``--max-vram 4`` (BONSAI_MAX_VRAM_GB=4), and with an unconstrained budget;
+* 4-bit text encoder resident (unconstrained budget), 1024^2, the VAE decode forced into 512^2 and 256^2
+  tiles (``BONSAI_VAE_TILE``): what the resident peak is when the decode is tiled (``--max-vram 3`` would
+  not show it: the memory estimate parks the encoder under it). The column "VAE tile" says how each
+  run decoded (``auto`` tiles when the whole decode's estimate is over the budget);
 * prompt embeddings of the 4-bit encoder against the bf16 one: cosine similarity per token.
 
     python benchmarks/bench_te4bit.py --device cuda --json benchmarks/results/h200/te4bit.json
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -39,6 +45,7 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 
+VAE_TILE_ENV = "BONSAI_VAE_TILE"  # bonsai_core.families.base.VAE_TILE_ENV (not imported here: the engine loads late)
 PROMPTS = ("a bonsai tree on a cliff at sunrise", "a red fox in deep snow, telephoto",
            "an old fisherman mending a net, 35mm photo", "a glass teapot on a wooden table, soft light")
 
@@ -75,7 +82,23 @@ def write_q4_text_encoder(bf16_folder: Path, out: Path, device, embedding: str) 
             "file_bytes": (te_dir / checkpoint.TE_WEIGHTS_NAME).stat().st_size}
 
 
-def run(folder: Path, device, size: int, steps: int, repeats: int, seed: int, max_vram_gb: float | None) -> dict:
+def run(folder: Path, device, size: int, steps: int, repeats: int, seed: int, max_vram_gb: float | None,
+        vae_tile: str | None = None) -> dict:
+    """``vae_tile``: ``BONSAI_VAE_TILE`` for this run (None: as the environment has it)."""
+    if vae_tile is None:
+        return _run(folder, device, size, steps, repeats, seed, max_vram_gb)
+    saved = os.environ.get(VAE_TILE_ENV)
+    os.environ[VAE_TILE_ENV] = vae_tile
+    try:
+        return _run(folder, device, size, steps, repeats, seed, max_vram_gb)
+    finally:
+        if saved is None:
+            del os.environ[VAE_TILE_ENV]
+        else:
+            os.environ[VAE_TILE_ENV] = saved
+
+
+def _run(folder: Path, device, size: int, steps: int, repeats: int, seed: int, max_vram_gb: float | None) -> dict:
     from bonsai_core.config import BonsaiConfig
     from bonsai_core.engine import BonsaiImageEngine
 
@@ -95,9 +118,19 @@ def run(folder: Path, device, size: int, steps: int, repeats: int, seed: int, ma
     med = runs[[m["timings"]["total_s"] for m in runs].index(totals[len(totals) // 2])]
     return {"size": size, "max_vram_gb": config.max_vram_gb, "load_s": load_s, "timings": med["timings"],
             "total_s_all": totals, "peak_bytes": max(m["peak_bytes"] or 0 for m in runs), "peak_kind": med["peak_kind"],
+            "phase_peak_bytes": phase_peaks(runs), "vae_tile": med.get("vae_tile"),
             "placement": None if placement is None else {"where": placement.where, "reason": placement.reason},
             "placement_after": runs[-1].get("text_encoder_placement"),
             "warnings": sorted({w for m in runs for w in m["guardrail"]["warnings"]})}
+
+
+def phase_peaks(runs: list[dict]) -> dict:
+    """Each phase's peak (the engine's ``phase_peak_bytes``: CUDA only, else None), the largest over the runs."""
+    out = {}
+    for phase in ("encode", "denoise", "decode"):
+        seen = [m["phase_peak_bytes"][phase] for m in runs if m.get("phase_peak_bytes", {}).get(phase) is not None]
+        out[phase] = max(seen) if seen else None
+    return out
 
 
 @torch.inference_mode()
@@ -140,9 +173,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny config, 64/32 px, CPU: proves the script runs")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    big, small = 1024, 512
+    big, small, tiles = 1024, 512, (512, 256)
     if args.quick:
-        args.config, args.repeats, big, small = "tiny", 1, 64, 32
+        args.config, args.repeats, big, small, tiles = "tiny", 1, 64, 32, (32, 32)
         if args.device == "auto":
             args.device = "cpu"
     device = pick_device(args.device)
@@ -157,22 +190,30 @@ def main(argv=None) -> int:
         res["q4_text_encoder"] = write_q4_text_encoder(bf16_folder, q4_folder, device, args.embedding)
         print(f"wrote the pipelines in {fmt_s(time.perf_counter() - t0)} under {root}; 4-bit text encoder file "
               f"{fmt_bytes(res['q4_text_encoder']['file_bytes'])}")
-        plan = [("bf16 TE, {0}", bf16_folder, big, None),
-                ("4-bit TE, {0}", q4_folder, big, None),
-                ("4-bit TE, {0}", q4_folder, small, None),
-                ("4-bit TE, {0}, --max-vram 4", q4_folder, big, 4.0),
-                (f"4-bit TE, {{0}}, --max-vram {args.unconstrained_gb:g}", q4_folder, big, args.unconstrained_gb)]
+        free = f"4-bit TE, {{0}}, --max-vram {args.unconstrained_gb:g}"
+        # the last two: the encoder resident (a budget of 3 GiB would park it: the denoise phase's estimate
+        # with it is over 0.95 x 3 GiB) and the decode forced into tiles (an unconstrained budget never tiles)
+        plan = [("bf16 TE, {0}", bf16_folder, big, None, None),
+                ("4-bit TE, {0}", q4_folder, big, None, None),
+                ("4-bit TE, {0}", q4_folder, small, None, None),
+                ("4-bit TE, {0}, --max-vram 4", q4_folder, big, 4.0, None),
+                (free, q4_folder, big, args.unconstrained_gb, None),
+                (free + f", {VAE_TILE_ENV}={tiles[0]}", q4_folder, big, args.unconstrained_gb, str(tiles[0])),
+                (free + f", {VAE_TILE_ENV}={tiles[1]}", q4_folder, big, args.unconstrained_gb, str(tiles[1]))]
         runs = []
-        for label, folder, size, budget in plan:
+        for label, folder, size, budget, vae_tile in plan:
             label = label.format(f"{size}x{size}")
             print(f"\n{label}: {args.steps} steps, median of {args.repeats} images ...")
-            r = run(folder, device, size, args.steps, args.repeats, args.seed, budget)
+            r = run(folder, device, size, args.steps, args.repeats, args.seed, budget, vae_tile)
             r["label"] = label
             runs.append(r)
             t = r["timings"]
+            ph = r["phase_peak_bytes"]
             print(f"  total {fmt_s(t['total_s'])} (encode {fmt_s(t['encode_s'])}, denoise {fmt_s(t['denoise_s'])}, "
-                  f"decode {fmt_s(t['decode_s'])}), peak {fmt_bytes(r['peak_bytes'])}, text encoder "
-                  f"{r['placement']['where'] if r['placement'] else 'on the CPU run'}")
+                  f"decode {fmt_s(t['decode_s'])}), peak {fmt_bytes(r['peak_bytes'])} (encode "
+                  f"{fmt_bytes(ph['encode'])}, denoise {fmt_bytes(ph['denoise'])}, decode {fmt_bytes(ph['decode'])}), "
+                  f"text encoder {r['placement']['where'] if r['placement'] else 'on the CPU run'}, VAE "
+                  + (f"in {r['vae_tile']} px tiles" if r["vae_tile"] else "whole"))
         res["runs"] = runs
         print("\nprompt embeddings, 4-bit vs bf16 ...")
         res["embedding_cosine"] = embedding_cosine(bf16_folder, q4_folder, device)
@@ -182,14 +223,17 @@ def main(argv=None) -> int:
     base = res["runs"][0]
     rows = [[r["label"], fmt_s(r["timings"]["encode_s"]), fmt_s(r["timings"]["total_s"]),
              fmt_ratio(ratio(r["timings"]["total_s"], base["timings"]["total_s"])), fmt_bytes(r["peak_bytes"]),
-             r["placement"]["where"] if r["placement"] else "-"] for r in res["runs"]]
-    print("\n" + table(["run", "encode", "total", "total / bf16 TE", "peak", "text encoder"], rows, "<>>>><"))
+             *(fmt_bytes(r["phase_peak_bytes"][k]) for k in ("encode", "denoise", "decode")),
+             r["placement"]["where"] if r["placement"] else "-", r["vae_tile"] or "whole"] for r in res["runs"]]
+    print("\n" + table(["run", "encode", "total", "total / bf16 TE", "peak", "encode peak", "denoise peak",
+                         "decode peak", "text encoder", "VAE tile"], rows, "<>>>>>>><>"))
     print(f"budget: --max-vram as labelled, else BONSAI_MAX_VRAM_GB or the default ({base['max_vram_gb']:g} GiB)")
     c = res["embedding_cosine"]
     print(f"cosine per token, 4-bit vs bf16 text encoder: prompt tokens min {c['prompt_cos_min']:.5f} mean "
           f"{c['prompt_cos_mean']:.5f} ({c['prompt_tokens']} tokens, {c['prompts']} prompts); all 512 positions "
           f"min {c['all_cos_min']:.5f} mean {c['all_cos_mean']:.5f}")
-    print(f"peak: {base['peak_kind']}, over the whole image (encode + {args.steps} steps + decode)")
+    print(f"peak: {base['peak_kind']}, over the whole image (encode + {args.steps} steps + decode); each phase's own "
+          "peak beside it (CUDA only: the allocator's peak is reset as each phase begins)")
     write_json(args.json, {"benchmark": "bench_te4bit", "command": command_line(), "machine": info,
                            "settings": vars(args), **res})
     return 0

@@ -194,8 +194,9 @@ def _cmd_generate(args) -> int:
         written.append(result.save(target, i))
     m = result.metadata
     peak = f", peak {m['peak_bytes'] / 2**20:.0f} MiB ({m['peak_kind']})" if m.get("peak_bytes") else ""
+    tiled = f", VAE decoded in {m['vae_tile']} px tiles" if m.get("vae_tile") else ""
     print(f"{m['width']}x{m['height']}, {m['steps']} steps {m['sampler']}, seed {m['seed']}: "
-          f"{m['timings']['total_s']:.1f} s{peak}", file=sys.stderr)
+          f"{m['timings']['total_s']:.1f} s{peak}{tiled}", file=sys.stderr)
     for p in written:
         print(p)
     return 0

@@ -130,11 +130,19 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 class _PeakMemory:
-    """Peak memory of one generation: CUDA allocator peak, or the process's resident peak on Linux."""
+    """Peak memory of one generation: CUDA allocator peak, or the process's resident peak on Linux.
+
+    On CUDA also each phase's own peak (``PHASES``): ``phase(name)`` closes the phase before it (its
+    ``max_memory_allocated``) and resets the allocator's peak for the next; the whole run's peak is
+    the largest of them (the same number one reset at the start gives). Elsewhere phases are None."""
+
+    PHASES = ("encode", "denoise", "decode")
 
     def __init__(self, device: torch.device):
         self.device = device
         self.start = None
+        self.phases: dict[str, int | None] = dict.fromkeys(self.PHASES)
+        self._open: str | None = None
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         elif device.type == "cpu" and Path("/proc/self/clear_refs").exists():
@@ -143,6 +151,14 @@ class _PeakMemory:
                 self.start = self._status("VmRSS")
             except OSError:
                 self.start = None
+
+    def phase(self, name: str | None) -> None:
+        """Phase ``name`` begins (None: the last one ended)."""
+        if self.device.type == "cuda":
+            if self._open is not None:
+                self.phases[self._open] = int(torch.cuda.max_memory_allocated(self.device))
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._open = name
 
     @staticmethod
     def _status(key: str) -> int | None:
@@ -153,13 +169,17 @@ class _PeakMemory:
 
     def peak(self) -> dict:
         if self.device.type == "cuda":
-            return {"peak_bytes": int(torch.cuda.max_memory_allocated(self.device)), "peak_kind": "cuda allocator"}
+            self.phase(None)
+            seen = [v for v in self.phases.values() if v is not None]
+            whole = int(torch.cuda.max_memory_allocated(self.device))
+            return {"peak_bytes": max([whole, *seen]), "peak_kind": "cuda allocator",
+                    "phase_peak_bytes": dict(self.phases)}
+        out = {"peak_bytes": None, "peak_kind": "not measurable on " + self.device.type}
         if self.start is not None:
             hwm = self._status("VmHWM")
             if hwm is not None:
-                return {"peak_bytes": hwm, "peak_kind": "process resident (VmHWM)",
-                        "peak_added_bytes": hwm - self.start}
-        return {"peak_bytes": None, "peak_kind": "not measurable on " + self.device.type}
+                out = {"peak_bytes": hwm, "peak_kind": "process resident (VmHWM)", "peak_added_bytes": hwm - self.start}
+        return {**out, "phase_peak_bytes": dict(self.phases)}
 
 
 def _available_memory(device: torch.device) -> int | None:
@@ -230,6 +250,7 @@ class BonsaiImageEngine:
                     f"{choice.device} ran out of memory loading {src}; close other programs, or use device cpu"
                 ) from exc
             raise
+        family.max_device_bytes = config.max_vram_bytes  # what an ``auto`` VAE decode must fit (CUDA)
         place = getattr(family, "place_text_encoder", None)
         if place is not None:  # the text encoder on the device when it fits the budget (placement.py)
             d = family.defaults
@@ -392,6 +413,7 @@ class BonsaiImageEngine:
         stage = on_stage or (lambda name: None)
         try:
             stage("encode")
+            peak.phase("encode")
             t0 = time.perf_counter()
             cond = fam.encode([r.prompt] * r.batch)
             uncond = fam.encode_negative([r.negative_prompt] * r.batch) if use_cfg else None
@@ -409,6 +431,7 @@ class BonsaiImageEngine:
                     callback(i + 1, n, x0)
 
             stage("sample")
+            peak.phase("denoise")
             t0 = time.perf_counter()
             with torch.inference_mode():
                 latents = sampling.sample(denoise, x, sigmas, sampler=sampler, callback=on_step, cancel=cancel)
@@ -416,6 +439,7 @@ class BonsaiImageEngine:
                     torch.cuda.synchronize(self.device)
                 t_denoise = time.perf_counter() - t0
                 stage("decode")
+                peak.phase("decode")
                 t0 = time.perf_counter()
                 images = fam.decode(latents, r.width, r.height)
             t_decode = time.perf_counter() - t0
@@ -454,6 +478,7 @@ class BonsaiImageEngine:
                         "per_step_s": round(t_denoise / max(r.steps, 1), 4)},
             **measured,
             "text_encoder_placement": placed,
+            "vae_tile": fam.last_vae_tile,
             "estimate_bytes": estimate_memory_bytes(fam.memory_model(cfg=use_cfg), width=r.width, height=r.height,
                                                     batch=r.batch),
             "guardrail": {"mode": report.mode, "warnings": report.warnings, "notes": report.notes},

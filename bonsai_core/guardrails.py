@@ -376,12 +376,15 @@ class MemoryModel:
       rows per image (2 under CFG: negative and positive together), the largest 1-bit layer
       unpacked for its matmul (``unpacked_bytes``), and on CUDA, when steps are replayed as a CUDA
       graph, the graph's private pool (another step's worth, held while the model is loaded);
-    * **decode**: the resident weights and the VAE decoder at full size for the whole batch.
+    * **decode**: the resident weights and the VAE decoder at full size for the whole batch, or, when
+      that is over ``decode_budget_bytes`` (or ``vae_tile`` names a tile), in overlapping tiles
+      (``decode_tile``: diffusers' ``tiled_decode``, one tile's activations at a time).
 
     ``step_elements(width, height)`` and ``decode_elements(width, height)`` count live activation
-    elements per row / per image; ``encode_elements`` per prompt. They are the families'
-    (``Family.memory_model``), from ``unet_step_elements``, ``flux_step_elements`` and
-    ``vae_decode_elements`` below.
+    elements per row / per image; ``tiled_decode_elements(width, height, tile)`` per image decoded in
+    ``tile`` x ``tile`` pixel tiles; ``encode_elements`` per prompt. They are the families'
+    (``Family.memory_model``), from ``unet_step_elements``, ``flux_step_elements``,
+    ``vae_decode_elements`` and ``vae_tiled_decode_elements`` below.
     """
 
     resident_bytes: int
@@ -393,6 +396,36 @@ class MemoryModel:
     unpacked_bytes: int = 0
     rows_per_image: int = 1
     graph_pool: bool = False
+    tiled_decode_elements: Callable[[int, int, int], int] | None = None  # None: this VAE is never tiled
+    decode_budget_bytes: int | None = None  # ``auto`` tiles a decode over it; None: never (not CUDA)
+    vae_tile: str | int = "auto"  # "auto", "off" or the tile's side in pixels (``BONSAI_VAE_TILE``)
+
+    def decode_tile(self, width: int, height: int, batch: int) -> int | None:
+        """The side of the square output tiles the VAE decodes in, or None: the whole image at once.
+
+        ``vae_tile`` "off": never tiled; a number: that tile, wherever the image is larger than one
+        tile; "auto": tiled only when the whole decode (with allocator slack) is over
+        ``decode_budget_bytes``, in the largest of ``VAE_TILES`` whose decode fits (else the smallest)."""
+        if self.tiled_decode_elements is None or self.vae_tile == "off":
+            return None
+        larger = [t for t in ((self.vae_tile,) if isinstance(self.vae_tile, int) else VAE_TILES)
+                  if t < max(width, height)]
+        if not larger or isinstance(self.vae_tile, int):
+            return larger[0] if larger else None
+        if self.decode_budget_bytes is None:
+            return None
+
+        def fits(tile: int | None) -> bool:
+            return self._decode_bytes(width, height, batch, tile) * ALLOCATOR_SLACK <= self.decode_budget_bytes
+
+        if fits(None):
+            return None
+        return next((t for t in larger if fits(t)), larger[-1])
+
+    def _decode_bytes(self, width: int, height: int, batch: int, tile: int | None) -> int:
+        elements = self.decode_elements(width, height) if tile is None else \
+            self.tiled_decode_elements(width, height, tile)
+        return self.resident_bytes + batch * elements * self.dtype_bytes
 
     def phases(self, width: int, height: int, batch: int) -> dict[str, int]:
         """Bytes on the device at the peak of each phase."""
@@ -401,7 +434,7 @@ class MemoryModel:
         return {
             "encode": self.resident_bytes + self.lent_bytes + self.encode_elements * b,
             "denoise": self.resident_bytes + step * (2 if self.graph_pool else 1) + self.unpacked_bytes,
-            "decode": self.resident_bytes + batch * self.decode_elements(width, height) * b,
+            "decode": self._decode_bytes(width, height, batch, self.decode_tile(width, height, batch)),
         }
 
     def peak_bytes(self, width: int, height: int, batch: int) -> int:
@@ -484,6 +517,24 @@ def vae_decode_elements(vae_config, width: int, height: int, cuda: bool = False)
         peak = max(peak, (7 * c_in // 2 + c) * res)
     cache = CUDA_DECODE_CACHE * rev[-1] * height * width if cuda else 0
     return peak + 3 * height * width + cache
+
+
+#: Output tile sides (pixels) an ``auto`` tiled decode tries, largest first, and the share of a tile
+#: that overlaps its neighbour (diffusers' ``tile_overlap_factor`` default; blended linearly).
+VAE_TILES = (512, 256)
+VAE_TILE_OVERLAP = 0.25
+
+
+def vae_tiled_decode_elements(vae_config, width: int, height: int, tile: int, cuda: bool = False) -> int:
+    """One image through diffusers' ``tiled_decode`` in ``tile`` x ``tile`` output tiles overlapping by
+    ``VAE_TILE_OVERLAP``: one tile through the decoder at a time (``vae_decode_elements`` of a tile,
+    allocator cache included), while every decoded tile is kept until all are blended (3 channels a
+    pixel: the tiles start every ``tile`` x (1 - overlap) pixels, each ``tile`` wide), then the
+    blended rows and the image they are joined into (3 x 2 per pixel)."""
+    step = int(tile * (1 - VAE_TILE_OVERLAP))
+    tiles = math.ceil(height / step) * math.ceil(width / step)
+    one = vae_decode_elements(vae_config, min(tile, width), min(tile, height), cuda=cuda)
+    return one + 3 * tiles * tile * tile + 6 * height * width
 
 
 def text_encode_elements(text_config, tokens: int, keeps_hidden_states: bool) -> int:

@@ -101,3 +101,24 @@ def test_sd_with_a_1bit_text_encoder_runs_on_cuda(tmp_path):
     eng = BonsaiImageEngine.from_pretrained(tmp_path / "b", device="cuda")
     assert {b.device.type for b in eng.family.text_encoder.buffers()} == {"cuda"}
     assert torch.isfinite(eng.generate("a lantern", seed=1, steps=2, width=64, height=64).tensor).all()
+
+
+def test_a_tiled_decode_lowers_the_decode_phase_peak_on_cuda(sd_bonsai, monkeypatch):
+    """Each phase's own peak is measured on CUDA, and a budget the whole decode's estimate is over
+    makes the decode tiled (``auto``), with a lower decode-phase peak than the whole decode's."""
+    from bonsai_core.config import BonsaiConfig
+
+    monkeypatch.delenv("BONSAI_VAE_TILE", raising=False)
+    size = dict(seed=3, steps=2, width=512, height=512)
+    runs = {}
+    for name, gb in (("whole", 100.0), ("tiled", 0.05)):
+        eng = BonsaiImageEngine.from_pretrained(sd_bonsai, device="cuda", config=BonsaiConfig.from_env(max_vram_gb=gb))
+        try:
+            runs[name] = eng.generate("a lantern", **size).metadata
+        finally:
+            eng.unload()
+    whole, tiled = runs["whole"], runs["tiled"]
+    assert whole["vae_tile"] is None and tiled["vae_tile"] == 256
+    assert all(whole["phase_peak_bytes"][k] > 0 for k in ("encode", "denoise", "decode"))
+    assert whole["peak_bytes"] == max(whole["phase_peak_bytes"].values())
+    assert tiled["phase_peak_bytes"]["decode"] < whole["phase_peak_bytes"]["decode"]

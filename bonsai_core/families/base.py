@@ -9,6 +9,7 @@ family is one file.
 from __future__ import annotations
 
 import math
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,12 @@ from torch import nn
 
 from .. import cuda_graph
 from ..config import FamilyDefaults
+from ..errors import BonsaiRequestError
 from ..sampling import Schedule
+
+#: ``auto`` (default): the VAE decodes in tiles only when the whole decode would not fit the memory
+#: budget (CUDA); ``off``: never tiled; a number of pixels: always in tiles of that side.
+VAE_TILE_ENV = "BONSAI_VAE_TILE"
 
 
 class Family:
@@ -33,6 +39,8 @@ class Family:
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._graph = None  # cuda_graph.GraphedStep once a step ran on CUDA; False after a failed capture
         self._rgb = None  # (factors [C, 3], bias [3]) once fitted by latent_rgb()
+        self.max_device_bytes: int | None = None  # the memory budget (the engine sets it at load)
+        self.last_vae_tile: int | None = None  # the tile side the last decode ran in; None: untiled
 
     # --- what a family must provide -------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
@@ -178,6 +186,62 @@ class Family:
         """The memory guardrail's model of this family on its device (``guardrails.MemoryModel``);
         ``cfg``: two network rows per image (negative and positive)."""
         raise NotImplementedError
+
+    # --- the VAE decode, whole or tiled (families whose ``self.vae`` is a diffusers KL VAE) -----
+    def vae_tile_setting(self) -> str | int:
+        """``BONSAI_VAE_TILE``: "auto", "off" or a tile side in pixels. A side must be a multiple of 4
+        latent pixels (so that diffusers' tiles start on whole latent pixels and its 1/4 overlap is
+        whole too: the tiles then add up to the image exactly)."""
+        raw = os.environ.get(VAE_TILE_ENV, "auto").strip().lower()
+        if raw in ("", "auto", "off"):
+            return raw or "auto"
+        m = 4 * self.vae_scale
+        if not raw.isdigit() or int(raw) < m or int(raw) % m:
+            raise BonsaiRequestError(f"{VAE_TILE_ENV}={raw!r}: use auto, off, or a tile side in pixels that is a "
+                                     f"multiple of {m} (this VAE's), such as 512")
+        return int(raw)
+
+    def vae_memory(self, cuda: bool) -> dict:
+        """``guardrails.MemoryModel``'s tiled-decode fields for this family's VAE: its tiled decode's
+        elements, the budget an ``auto`` decode must fit (CUDA only) and ``BONSAI_VAE_TILE``."""
+        from ..guardrails import vae_tiled_decode_elements
+
+        cfg = self.vae.config
+        return {"tiled_decode_elements": lambda w, h, tile: vae_tiled_decode_elements(cfg, w, h, tile, cuda=cuda),
+                "decode_budget_bytes": self.max_device_bytes if self.device.type == "cuda" else None,
+                "vae_tile": self.vae_tile_setting()}
+
+    def vae_decode(self, z: torch.Tensor, width: int, height: int, retry_fp32: bool) -> torch.Tensor:
+        """VAE latents ``z`` -> images ``[B, 3, H, W]`` in [0, 1], float32 on the CPU: whole, or in the
+        tiles ``memory_model().decode_tile`` chooses (diffusers' ``tiled_decode``; the tiles overlap by
+        ``guardrails.VAE_TILE_OVERLAP`` and are blended, so the pixels differ a little from a whole
+        decode). ``retry_fp32``: a decode that overflows is done once more in fp32."""
+        from ..guardrails import VAE_TILE_OVERLAP
+
+        tile = self.memory_model(cfg=False).decode_tile(width, height, z.shape[0])
+        self.last_vae_tile = tile
+        vae = self.vae
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            if tile is None:
+                return vae.decode(x, return_dict=False)[0]
+            saved = vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor
+            vae.tile_sample_min_size, vae.tile_latent_min_size = tile, tile // self.vae_scale
+            vae.tile_overlap_factor = VAE_TILE_OVERLAP
+            try:
+                return vae.tiled_decode(x, return_dict=False)[0]
+            finally:
+                vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = saved
+
+        image = run(z.to(self.dtype)).float()
+        if retry_fp32 and not torch.isfinite(image).all():
+            # fp16 VAEs (SDXL's above all) can overflow on some latents: decode once more in fp32
+            vae.to(torch.float32)
+            try:
+                image = run(z.float())
+            finally:
+                vae.to(self.dtype)
+        return (image / 2 + 0.5).clamp(0, 1).cpu()
 
     def unpacked_bytes(self) -> int:
         """Dense copies of 1-bit weights alive on top of the packed ones, in the compute dtype: on a

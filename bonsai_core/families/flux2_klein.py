@@ -240,7 +240,6 @@ class Flux2KleinFamily(Family):
         self._te_device_bytes: int | None = None  # what the text encoder measured on the device
         self._te_demoted = False  # parked after a run measured over the budget: never promoted again
         self._te_promoted = False  # resident because a run measured room for it (the estimate said no)
-        self.max_device_bytes: int | None = None  # the budget the engine gives place_text_encoder
         n_layers = getattr(self.text_encoder.config, "num_hidden_layers", None)
         if n_layers is not None and max(abs(v) for v in self.out_layers) > n_layers:
             raise BonsaiCheckpointError(
@@ -275,7 +274,8 @@ class Flux2KleinFamily(Family):
         """On CUDA the text encoder is on the card for the whole run when placement kept it resident at
         load, else only while it encodes (lent from host memory; a measured promotion keeps this count); elsewhere it shares the one memory with
         everything else for the whole run. ``text_encoder=False``: a run without its weights, what
-        placement sets the measured text encoder beside."""
+        placement sets the measured text encoder beside (its decode is tiled to fit beside the measured
+        text encoder: the budget less it, within placement's headroom)."""
         from .. import cuda_graph
         from ..guardrails import MemoryModel, flux_step_elements, text_encode_elements, vae_decode_elements
         from ..quant.layers import module_nbytes
@@ -287,13 +287,18 @@ class Flux2KleinFamily(Family):
         lent = te_bytes if self.device.type == "cuda" and not self._te_offloaded and not on_card_all_run else 0
         resident = self.weight_bytes() + (te_bytes if on_card_all_run else 0)
         tcfg, vcfg, text = self.transformer.config, self.vae.config, self.max_sequence_length
+        vae = self.vae_memory(cuda=self.device.type == "cuda")
+        if not text_encoder and vae["decode_budget_bytes"] is not None and self._te_device_bytes is not None:
+            from ..placement import HEADROOM
+
+            vae["decode_budget_bytes"] = int(HEADROOM * vae["decode_budget_bytes"]) - self._te_device_bytes
         return MemoryModel(
             resident_bytes=resident, dtype_bytes=torch.empty(0, dtype=self.dtype).element_size(),
             step_elements=lambda w, h: flux_step_elements(tcfg, w, h, text),
             decode_elements=lambda w, h: vae_decode_elements(vcfg, w, h, cuda=self.device.type == "cuda"),
             encode_elements=text_encode_elements(self.text_encoder.config, text, True),
             lent_bytes=lent, unpacked_bytes=self.unpacked_bytes(), rows_per_image=2 if cfg else 1,
-            graph_pool=cuda_graph.enabled(self.device))
+            graph_pool=cuda_graph.enabled(self.device), **vae)
 
     # --- prompts ------------------------------------------------------------------------------
     def chat_text(self, prompt: str) -> str:
@@ -484,15 +489,7 @@ class Flux2KleinFamily(Family):
         std = torch.sqrt(bn.running_var.view(1, -1, 1, 1) + self.vae.config.batch_norm_eps).to(
             latents.device, latents.dtype)
         z = pipe._unpatchify_latents(latents * std + mean)  # [B, 128, h, w] -> [B, 32, 2h, 2w]
-        image = self.vae.decode(z.to(self.dtype), return_dict=False)[0].float()
-        if not torch.isfinite(image).all() and self.dtype == torch.float16:
-            # fp16 VAEs can overflow on some latents: decode once more in fp32 (slower, exact)
-            self.vae.to(torch.float32)
-            try:
-                image = self.vae.decode(z.float(), return_dict=False)[0]
-            finally:
-                self.vae.to(self.dtype)
-        return (image / 2 + 0.5).clamp(0, 1).cpu()
+        return self.vae_decode(z, width, height, retry_fp32=self.dtype == torch.float16)
 
     def release(self):
         super().release()

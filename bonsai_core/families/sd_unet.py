@@ -195,7 +195,7 @@ class SDUNetFamily(Family):
             encode_elements=sum(text_encode_elements(te.config, tok.model_max_length, self.xl)
                                 for te, tok in zip(self.text_encoders, self._tokenizers)),
             unpacked_bytes=self.unpacked_bytes(), rows_per_image=2 if cfg else 1,
-            graph_pool=cuda_graph.enabled(self.device))
+            graph_pool=cuda_graph.enabled(self.device), **self.vae_memory(cuda=self.device.type == "cuda"))
 
     # --- sampling -----------------------------------------------------------------------------
     def schedule(self, steps, width, height, karras, sampler="euler", kind="auto"):
@@ -245,15 +245,7 @@ class SDUNetFamily(Family):
             z = latents / cfg.scaling_factor
         if getattr(cfg, "shift_factor", None):
             z = z + cfg.shift_factor
-        image = self.vae.decode(z.to(self.dtype)).sample.float()
-        if not torch.isfinite(image).all() and self.dtype != torch.float32:
-            # fp16 VAEs (SDXL's above all) can overflow on some latents: decode once more in fp32
-            self.vae.to(torch.float32)
-            try:
-                image = self.vae.decode(z.float()).sample
-            finally:
-                self.vae.to(self.dtype)
-        return (image / 2 + 0.5).clamp(0, 1).cpu()
+        return self.vae_decode(z, width, height, retry_fp32=self.dtype != torch.float32)
 
     def release(self):
         super().release()
