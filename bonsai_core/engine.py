@@ -250,7 +250,12 @@ class BonsaiImageEngine:
                     f"{choice.device} ran out of memory loading {src}; close other programs, or use device cpu"
                 ) from exc
             raise
-        family.max_device_bytes = config.max_vram_bytes  # what an ``auto`` VAE decode must fit (CUDA)
+        # what an ``auto`` VAE decode must fit (CUDA): a budget the user set (--max-vram, BONSAI_MAX_VRAM_GB),
+        # else the card itself (its free memory and what this process holds). The default budget does not
+        # tile: a tiled decode blends overlapping tiles, so its pixels differ a little from a whole one,
+        # and the decode estimate (allocator cache included) is above what a large card needs
+        explicit = config.source("max_vram_gb") != "default"
+        family.decode_budget_bytes = config.max_vram_bytes if explicit else _available_memory(choice.device)
         place = getattr(family, "place_text_encoder", None)
         if place is not None:  # the text encoder on the device when it fits the budget (placement.py)
             d = family.defaults

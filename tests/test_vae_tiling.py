@@ -162,10 +162,10 @@ def test_a_run_that_fits_only_tiled_runs_tiled_and_a_roomy_one_is_unchanged(klei
     fam = eng.family
     vae_memory = type(fam).vae_memory
     monkeypatch.setattr(type(fam), "vae_memory",
-                        lambda self, cuda: {**vae_memory(self, cuda), "decode_budget_bytes": self.max_device_bytes})
+                        lambda self, cuda: {**vae_memory(self, cuda), "decode_budget_bytes": self.decode_budget_bytes})
     monkeypatch.delenv(VAE_TILE_ENV, raising=False)
     size = dict(steps=1, width=512, height=512, seed=2, sampler="euler")
-    monkeypatch.setattr(fam, "max_device_bytes", None)
+    monkeypatch.setattr(fam, "decode_budget_bytes", None)
     model = fam.memory_model(cfg=False)
     whole = model._decode_bytes(512, 512, 1, None)
     tiled = model._decode_bytes(512, 512, 1, 256)
@@ -174,7 +174,7 @@ def test_a_run_that_fits_only_tiled_runs_tiled_and_a_roomy_one_is_unchanged(klei
     budget = int(ALLOCATOR_SLACK * (max(tiled, others) + whole) / 2)
     monkeypatch.setattr(eng, "available_memory", lambda device: budget - fam.loaded_bytes())
 
-    monkeypatch.setattr(fam, "max_device_bytes", budget)
+    monkeypatch.setattr(fam, "decode_budget_bytes", budget)
     r = eng.generate("a harbour at dusk", guardrail="refuse", **size)
     assert r.metadata["vae_tile"] == 256 and r.metadata["estimate_bytes"] <= budget
     monkeypatch.setenv(VAE_TILE_ENV, "off")  # the whole decode does not fit: refused before any compute
@@ -183,7 +183,7 @@ def test_a_run_that_fits_only_tiled_runs_tiled_and_a_roomy_one_is_unchanged(klei
 
     monkeypatch.delenv(VAE_TILE_ENV)
     monkeypatch.setattr(eng, "available_memory", None)
-    monkeypatch.setattr(fam, "max_device_bytes", 100 * GIB)
+    monkeypatch.setattr(fam, "decode_budget_bytes", 100 * GIB)
     roomy = eng.generate("a harbour at dusk", **size)
     monkeypatch.setenv(VAE_TILE_ENV, "off")
     untiled = eng.generate("a harbour at dusk", **size)
@@ -198,7 +198,26 @@ def test_placement_tiles_the_decode_to_fit_beside_the_measured_text_encoder(klei
     fam = klein["engine"].family
     assert fam.memory_model(cfg=False).decode_budget_bytes is None  # CPU
     monkeypatch.setattr(fam, "device", torch.device("cuda"))
-    monkeypatch.setattr(fam, "max_device_bytes", 4 * GIB)
+    monkeypatch.setattr(fam, "decode_budget_bytes", 4 * GIB)
     monkeypatch.setattr(fam, "_te_device_bytes", GIB + 5)
     assert fam.memory_model(cfg=False).decode_budget_bytes == 4 * GIB
     assert fam.memory_model(cfg=False, text_encoder=False).decode_budget_bytes == int(0.95 * 4 * GIB) - GIB - 5
+
+
+def test_only_a_budget_the_user_set_tiles_the_decode_else_the_card_itself(sd, monkeypatch, tmp_path):
+    """The default budget (6 GiB) never tiles a decode: an ``auto`` decode must fit the card's own
+    memory (the engine's available-memory probe, here set to 77 GiB) unless the user set a budget
+    (``max_vram_gb`` as a flag or BONSAI_MAX_VRAM_GB)."""
+    import bonsai_core.engine as engine_mod
+    from bonsai_core.config import BonsaiConfig
+
+    monkeypatch.setattr(engine_mod, "_available_memory", lambda device: 77 * GIB)
+    monkeypatch.delenv("BONSAI_MAX_VRAM_GB", raising=False)
+    folder = sd.folder
+    default = BonsaiImageEngine.from_pretrained(folder, device="cpu")
+    assert default.config.max_vram_gb == 6.0 and default.family.decode_budget_bytes == 77 * GIB
+    flag = BonsaiImageEngine.from_pretrained(folder, device="cpu", config=BonsaiConfig.from_env(max_vram_gb=2))
+    assert flag.family.decode_budget_bytes == 2 * GIB
+    monkeypatch.setenv("BONSAI_MAX_VRAM_GB", "3")
+    env = BonsaiImageEngine.from_pretrained(folder, device="cpu")
+    assert env.family.decode_budget_bytes == 3 * GIB

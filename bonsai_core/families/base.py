@@ -40,6 +40,7 @@ class Family:
         self._graph = None  # cuda_graph.GraphedStep once a step ran on CUDA; False after a failed capture
         self._rgb = None  # (factors [C, 3], bias [3]) once fitted by latent_rgb()
         self.max_device_bytes: int | None = None  # the memory budget (the engine sets it at load)
+        self.decode_budget_bytes: int | None = None  # what an ``auto`` VAE decode must fit (engine, at load)
         self.last_vae_tile: int | None = None  # the tile side the last decode ran in; None: untiled
 
     # --- what a family must provide -------------------------------------------------------
@@ -208,7 +209,7 @@ class Family:
 
         cfg = self.vae.config
         return {"tiled_decode_elements": lambda w, h, tile: vae_tiled_decode_elements(cfg, w, h, tile, cuda=cuda),
-                "decode_budget_bytes": self.max_device_bytes if self.device.type == "cuda" else None,
+                "decode_budget_bytes": self.decode_budget_bytes if self.device.type == "cuda" else None,
                 "vae_tile": self.vae_tile_setting()}
 
     def vae_decode(self, z: torch.Tensor, width: int, height: int, retry_fp32: bool) -> torch.Tensor:
