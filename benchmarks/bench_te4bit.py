@@ -14,10 +14,12 @@ reset as each phase begins). Runs:
   memory and lent per prompt, the pipeline as it was);
 * 4-bit text encoder, 1024^2 and 512^2, the default budget (the placement decides; resident when it fits);
 * 4-bit text encoder, 1024^2, ``--max-vram 4`` (BONSAI_MAX_VRAM_GB=4), and with an unconstrained budget;
-* 4-bit text encoder resident (unconstrained budget), 1024^2, the VAE decode forced into 512^2 and 256^2
-  tiles (``BONSAI_VAE_TILE``): what the resident peak is when the decode is tiled (``--max-vram 3`` would
-  not show it: the memory estimate parks the encoder under it). The column "VAE tile" says how each
-  run decoded (``auto`` tiles when the whole decode's estimate is over the budget);
+* 4-bit text encoder resident (unconstrained budget), 1024^2, the VAE decode forced into 256^2 tiles
+  (``BONSAI_VAE_TILE``): what the resident peak is when the decode is tiled (``--max-vram 3`` would
+  not show it: the memory estimate parks the encoder under it); then the same, and at 512^2, with
+  the steps eager (``BONSAI_CUDA_GRAPH=0``: a CUDA graph's private pool holds a second step's
+  activations). The column "VAE tile" says how each run decoded (``auto`` tiles when the whole
+  decode's estimate is over a budget you set, or the card's memory);
 * prompt embeddings of the 4-bit encoder against the bf16 one: cosine similarity per token.
 
     python benchmarks/bench_te4bit.py --device cuda --json benchmarks/results/h200/te4bit.json
@@ -46,6 +48,7 @@ from benchmarks.common import (  # noqa: E402
 )
 
 VAE_TILE_ENV = "BONSAI_VAE_TILE"  # bonsai_core.families.base.VAE_TILE_ENV (not imported here: the engine loads late)
+GRAPH_ENV = "BONSAI_CUDA_GRAPH"  # bonsai_core.cuda_graph
 PROMPTS = ("a bonsai tree on a cliff at sunrise", "a red fox in deep snow, telephoto",
            "an old fisherman mending a net, 35mm photo", "a glass teapot on a wooden table, soft light")
 
@@ -83,19 +86,18 @@ def write_q4_text_encoder(bf16_folder: Path, out: Path, device, embedding: str) 
 
 
 def run(folder: Path, device, size: int, steps: int, repeats: int, seed: int, max_vram_gb: float | None,
-        vae_tile: str | None = None) -> dict:
-    """``vae_tile``: ``BONSAI_VAE_TILE`` for this run (None: as the environment has it)."""
-    if vae_tile is None:
-        return _run(folder, device, size, steps, repeats, seed, max_vram_gb)
-    saved = os.environ.get(VAE_TILE_ENV)
-    os.environ[VAE_TILE_ENV] = vae_tile
+        env: dict[str, str] | None = None) -> dict:
+    """``env``: environment variables set for this run only (``BONSAI_VAE_TILE``, ``BONSAI_CUDA_GRAPH``)."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
     try:
         return _run(folder, device, size, steps, repeats, seed, max_vram_gb)
     finally:
-        if saved is None:
-            del os.environ[VAE_TILE_ENV]
-        else:
-            os.environ[VAE_TILE_ENV] = saved
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
 
 
 def _run(folder: Path, device, size: int, steps: int, repeats: int, seed: int, max_vram_gb: float | None) -> dict:
@@ -191,20 +193,23 @@ def main(argv=None) -> int:
         print(f"wrote the pipelines in {fmt_s(time.perf_counter() - t0)} under {root}; 4-bit text encoder file "
               f"{fmt_bytes(res['q4_text_encoder']['file_bytes'])}")
         free = f"4-bit TE, {{0}}, --max-vram {args.unconstrained_gb:g}"
-        # the last two: the encoder resident (a budget of 3 GiB would park it: the denoise phase's estimate
-        # with it is over 0.95 x 3 GiB) and the decode forced into tiles (an unconstrained budget never tiles)
+        # the last three: the encoder resident (a budget of 3 GiB would park it: the denoise phase's estimate
+        # with it is over 0.95 x 3 GiB) and the decode forced into tiles (an unconstrained budget never tiles);
+        # then also without the CUDA graph, whose private pool holds a second step's activations
+        tile, eager = {VAE_TILE_ENV: str(tiles[1])}, {VAE_TILE_ENV: str(tiles[1]), GRAPH_ENV: "0"}
         plan = [("bf16 TE, {0}", bf16_folder, big, None, None),
                 ("4-bit TE, {0}", q4_folder, big, None, None),
                 ("4-bit TE, {0}", q4_folder, small, None, None),
                 ("4-bit TE, {0}, --max-vram 4", q4_folder, big, 4.0, None),
                 (free, q4_folder, big, args.unconstrained_gb, None),
-                (free + f", {VAE_TILE_ENV}={tiles[0]}", q4_folder, big, args.unconstrained_gb, str(tiles[0])),
-                (free + f", {VAE_TILE_ENV}={tiles[1]}", q4_folder, big, args.unconstrained_gb, str(tiles[1]))]
+                (free + f", {VAE_TILE_ENV}={tiles[1]}", q4_folder, big, args.unconstrained_gb, tile),
+                (free + f", {VAE_TILE_ENV}={tiles[1]}, {GRAPH_ENV}=0", q4_folder, big, args.unconstrained_gb, eager),
+                (free + f", {VAE_TILE_ENV}={tiles[1]}, {GRAPH_ENV}=0", q4_folder, small, args.unconstrained_gb, eager)]
         runs = []
-        for label, folder, size, budget, vae_tile in plan:
+        for label, folder, size, budget, env in plan:
             label = label.format(f"{size}x{size}")
             print(f"\n{label}: {args.steps} steps, median of {args.repeats} images ...")
-            r = run(folder, device, size, args.steps, args.repeats, args.seed, budget, vae_tile)
+            r = run(folder, device, size, args.steps, args.repeats, args.seed, budget, env)
             r["label"] = label
             runs.append(r)
             t = r["timings"]
