@@ -108,6 +108,7 @@ def _run(folder: Path, device, size: int, steps: int, repeats: int, seed: int, m
     config = BonsaiConfig.from_env(max_vram_gb=max_vram_gb)
     t0 = time.perf_counter()
     eng = BonsaiImageEngine.from_pretrained(folder, device=str(device), config=config)
+    eng.measure_phases = True  # each phase's own CUDA peak in the metadata
     load_s = time.perf_counter() - t0
     placement = getattr(eng.family, "te_placement", None)
     kw = dict(width=size, height=size, steps=steps, seed=seed, guardrail="warn")

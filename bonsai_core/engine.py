@@ -132,14 +132,17 @@ def _is_oom(exc: BaseException) -> bool:
 class _PeakMemory:
     """Peak memory of one generation: CUDA allocator peak, or the process's resident peak on Linux.
 
-    On CUDA also each phase's own peak (``PHASES``): ``phase(name)`` closes the phase before it (its
-    ``max_memory_allocated``) and resets the allocator's peak for the next; the whole run's peak is
-    the largest of them (the same number one reset at the start gives). Elsewhere phases are None."""
+    On CUDA, when asked (``phases=True``: ``BonsaiImageEngine.measure_phases``), also each phase's own
+    peak (``PHASES``): ``phase(name)`` closes the phase before it (its ``max_memory_allocated``) and
+    resets the allocator's peak for the next; the whole run's peak is the largest of them. Those
+    resets are process-wide (a meter read around ``generate`` then sees only the last phase), so
+    they are off by default and the phases None; elsewhere phases are always None."""
 
     PHASES = ("encode", "denoise", "decode")
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, phases: bool = False):
         self.device = device
+        self.by_phase = phases and device.type == "cuda"
         self.start = None
         self.phases: dict[str, int | None] = dict.fromkeys(self.PHASES)
         self._open: str | None = None
@@ -154,7 +157,7 @@ class _PeakMemory:
 
     def phase(self, name: str | None) -> None:
         """Phase ``name`` begins (None: the last one ended)."""
-        if self.device.type == "cuda":
+        if self.by_phase:
             if self._open is not None:
                 self.phases[self._open] = int(torch.cuda.max_memory_allocated(self.device))
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -169,7 +172,8 @@ class _PeakMemory:
 
     def peak(self) -> dict:
         if self.device.type == "cuda":
-            self.phase(None)
+            if self.by_phase:
+                self.phase(None)
             seen = [v for v in self.phases.values() if v is not None]
             whole = int(torch.cuda.max_memory_allocated(self.device))
             return {"peak_bytes": max([whole, *seen]), "peak_kind": "cuda allocator",
@@ -193,6 +197,14 @@ def _available_memory(device: torch.device) -> int | None:
     return None
 
 
+def _decode_budget(config: BonsaiConfig, device: torch.device) -> int | None:
+    """What an ``auto`` VAE decode's estimate must fit on CUDA: a budget the user set, never more than
+    the card has; None without one (then only the free memory read at the decode counts)."""
+    if device.type != "cuda" or config.source("max_vram_gb") == "default":
+        return None
+    return min(config.max_vram_bytes, _available_memory(device))
+
+
 class BonsaiImageEngine:
     """One loaded model on one device. Create with :meth:`from_pretrained`."""
 
@@ -206,6 +218,7 @@ class BonsaiImageEngine:
         self.config = config
         self.load_seconds = load_seconds
         self.available_memory: AvailableMemoryFn | None = None  # the host's count; None: the engine reads the device
+        self.measure_phases = False  # CUDA: each phase's own peak in the metadata (resets the process-wide peak)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -251,11 +264,10 @@ class BonsaiImageEngine:
                 ) from exc
             raise
         # what an ``auto`` VAE decode must fit (CUDA): a budget the user set (--max-vram, BONSAI_MAX_VRAM_GB),
-        # else the card itself (its free memory and what this process holds). The default budget does not
-        # tile: a tiled decode blends overlapping tiles, so its pixels differ a little from a whole one,
-        # and the decode estimate (allocator cache included) is above what a large card needs
-        explicit = config.source("max_vram_gb") != "default"
-        family.decode_budget_bytes = config.max_vram_bytes if explicit else _available_memory(choice.device)
+        # never more than the card has; without one (the default budget does not tile: a tiled decode blends
+        # overlapping tiles, so its pixels differ a little from a whole one) only the card's free memory,
+        # read when the decode starts (Family.vae_decode)
+        family.decode_budget_bytes = _decode_budget(config, choice.device)
         place = getattr(family, "place_text_encoder", None)
         if place is not None:  # the text encoder on the device when it fits the budget (placement.py)
             d = family.defaults
@@ -414,7 +426,7 @@ class BonsaiImageEngine:
         seed = random.randint(0, 2**32 - 1) if seed is None else seed
         seeds = [(seed + i) % 2**64 for i in range(r.batch)]
         use_cfg = cfg_wanted and r.guidance != 1.0
-        peak = _PeakMemory(self.device)
+        peak = _PeakMemory(self.device, phases=self.measure_phases)
         stage = on_stage or (lambda name: None)
         try:
             stage("encode")

@@ -400,23 +400,27 @@ class MemoryModel:
     decode_budget_bytes: int | None = None  # ``auto`` tiles a decode over it; None: never (not CUDA)
     vae_tile: str | int = "auto"  # "auto", "off" or the tile's side in pixels (``BONSAI_VAE_TILE``)
 
-    def decode_tile(self, width: int, height: int, batch: int) -> int | None:
+    def decode_tile(self, width: int, height: int, batch: int, free_bytes: int | None = None) -> int | None:
         """The side of the square output tiles the VAE decodes in, or None: the whole image at once.
 
         ``vae_tile`` "off": never tiled; a number: that tile, wherever the image is larger than one
         tile; "auto": tiled only when the whole decode (with allocator slack) is over
-        ``decode_budget_bytes``, in the largest of ``VAE_TILES`` whose decode fits (else the smallest)."""
+        ``decode_budget_bytes`` (weights and decoder) or its activations are over ``free_bytes`` (the
+        device memory free when the decode starts), in the largest of ``VAE_TILES`` that fits both
+        (else the smallest)."""
         if self.tiled_decode_elements is None or self.vae_tile == "off":
             return None
         larger = [t for t in ((self.vae_tile,) if isinstance(self.vae_tile, int) else VAE_TILES)
                   if t < max(width, height)]
         if not larger or isinstance(self.vae_tile, int):
             return larger[0] if larger else None
-        if self.decode_budget_bytes is None:
+        if self.decode_budget_bytes is None and free_bytes is None:
             return None
 
         def fits(tile: int | None) -> bool:
-            return self._decode_bytes(width, height, batch, tile) * ALLOCATOR_SLACK <= self.decode_budget_bytes
+            whole = self._decode_bytes(width, height, batch, tile)
+            return (self.decode_budget_bytes is None or whole * ALLOCATOR_SLACK <= self.decode_budget_bytes) and \
+                (free_bytes is None or (whole - self.resident_bytes) * ALLOCATOR_SLACK <= free_bytes)
 
         if fits(None):
             return None

@@ -113,6 +113,7 @@ def test_a_tiled_decode_lowers_the_decode_phase_peak_on_cuda(sd_bonsai, monkeypa
     runs = {}
     for name, gb in (("whole", 100.0), ("tiled", 0.05)):
         eng = BonsaiImageEngine.from_pretrained(sd_bonsai, device="cuda", config=BonsaiConfig.from_env(max_vram_gb=gb))
+        eng.measure_phases = True
         try:
             runs[name] = eng.generate("a lantern", **size).metadata
         finally:

@@ -301,10 +301,13 @@ def test_the_cpu_estimate_counts_the_dense_cache_for_every_kernel_choice_but_the
     assert unpacked("triton") == unpacked("mma") == auto > unpacked("reference")
 
 
-def test_each_phase_has_its_own_cuda_peak_and_the_whole_peak_is_the_largest(eng, monkeypatch):
-    """The engine resets the CUDA allocator's peak as each phase begins: a fake allocator (1000 bytes
-    held throughout; the encode, a step and the decode each hold a known amount for a moment) gives
-    each phase's hand-counted peak, and the whole image's is the largest of them."""
+@pytest.mark.parametrize("phases", [True, False])
+def test_each_phase_has_its_own_cuda_peak_and_the_whole_peak_is_the_largest(eng, monkeypatch, phases):
+    """Asked to (``measure_phases``), the engine resets the CUDA allocator's peak as each phase begins:
+    a fake allocator (1000 bytes held throughout; the encode, a step and the decode each hold a known
+    amount for a moment) gives each phase's hand-counted peak, and the whole image's is the largest of
+    them. Not asked (the default), it resets once, at the start, so a meter read around ``generate``
+    still sees the whole run's peak."""
     import bonsai_core.engine as engine_mod
 
     mem = {"now": 1000, "max": 1000}
@@ -317,7 +320,7 @@ def test_each_phase_has_its_own_cuda_peak_and_the_whole_peak_is_the_largest(eng,
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: mem.update(max=mem["now"]))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: mem["max"])
     real_peak = engine_mod._PeakMemory
-    monkeypatch.setattr(engine_mod, "_PeakMemory", lambda device: real_peak(torch.device("cuda")))
+    monkeypatch.setattr(engine_mod, "_PeakMemory", lambda device, phases: real_peak(torch.device("cuda"), phases))
     fam = eng.family
     encode, denoiser, decode = fam.encode, fam.denoiser, fam.decode
 
@@ -328,8 +331,13 @@ def test_each_phase_has_its_own_cuda_peak_and_the_whole_peak_is_the_largest(eng,
     monkeypatch.setattr(fam, "encode", lambda prompts: (hold(100), encode(prompts))[1])
     monkeypatch.setattr(fam, "denoiser", denoiser_holding)
     monkeypatch.setattr(fam, "decode", lambda *a: (hold(50), decode(*a))[1])
+    monkeypatch.setattr(eng, "measure_phases", phases)
     m = eng.generate("a phase of its own", seed=3, **SMALL).metadata
-    assert m["phase_peak_bytes"] == {"encode": 1100, "denoise": 1300, "decode": 1050}
+    if phases:
+        assert m["phase_peak_bytes"] == {"encode": 1100, "denoise": 1300, "decode": 1050}
+    else:
+        assert m["phase_peak_bytes"] == {"encode": None, "denoise": None, "decode": None}
+        assert mem["max"] == 1300  # what an outer meter reads after the run
     assert (m["peak_bytes"], m["peak_kind"]) == (1300, "cuda allocator")
 
 

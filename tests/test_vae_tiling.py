@@ -204,20 +204,32 @@ def test_placement_tiles_the_decode_to_fit_beside_the_measured_text_encoder(klei
     assert fam.memory_model(cfg=False, text_encoder=False).decode_budget_bytes == int(0.95 * 4 * GIB) - GIB - 5
 
 
-def test_only_a_budget_the_user_set_tiles_the_decode_else_the_card_itself(sd, monkeypatch, tmp_path):
-    """The default budget (6 GiB) never tiles a decode: an ``auto`` decode must fit the card's own
-    memory (the engine's available-memory probe, here set to 77 GiB) unless the user set a budget
-    (``max_vram_gb`` as a flag or BONSAI_MAX_VRAM_GB)."""
+def test_only_a_budget_the_user_set_sizes_the_decode_and_never_above_the_card(monkeypatch):
+    """The default budget (6 GiB) never sizes a decode (only the memory free at the decode does); a
+    budget the user set (``max_vram_gb`` as a flag or BONSAI_MAX_VRAM_GB) does, capped at what the
+    card has (the engine's available-memory probe, here an 8 GiB card); off CUDA there is none."""
     import bonsai_core.engine as engine_mod
     from bonsai_core.config import BonsaiConfig
 
-    monkeypatch.setattr(engine_mod, "_available_memory", lambda device: 77 * GIB)
+    monkeypatch.setattr(engine_mod, "_available_memory", lambda device: 8 * GIB)
     monkeypatch.delenv("BONSAI_MAX_VRAM_GB", raising=False)
-    folder = sd.folder
-    default = BonsaiImageEngine.from_pretrained(folder, device="cpu")
-    assert default.config.max_vram_gb == 6.0 and default.family.decode_budget_bytes == 77 * GIB
-    flag = BonsaiImageEngine.from_pretrained(folder, device="cpu", config=BonsaiConfig.from_env(max_vram_gb=2))
-    assert flag.family.decode_budget_bytes == 2 * GIB
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    default = BonsaiConfig.from_env()
+    assert default.max_vram_gb == 6.0 and engine_mod._decode_budget(default, cuda) is None
+    assert engine_mod._decode_budget(BonsaiConfig.from_env(max_vram_gb=2), cuda) == 2 * GIB
+    assert engine_mod._decode_budget(BonsaiConfig.from_env(max_vram_gb=24), cuda) == 8 * GIB
+    assert engine_mod._decode_budget(BonsaiConfig.from_env(max_vram_gb=2), cpu) is None
     monkeypatch.setenv("BONSAI_MAX_VRAM_GB", "3")
-    env = BonsaiImageEngine.from_pretrained(folder, device="cpu")
-    assert env.family.decode_budget_bytes == 3 * GIB
+    assert engine_mod._decode_budget(BonsaiConfig.from_env(), cuda) == 3 * GIB
+
+
+def test_the_memory_free_at_the_decode_tiles_it_without_a_budget():
+    """No budget set: the whole decode's activations (with slack) must fit the free memory; the
+    weights already on the card are not counted again."""
+    model = flux2_model(None)
+    acts = lambda tile: 2 * (vae_tiled_decode_elements(FLUX2_VAE, 1024, 1024, tile) if tile else
+                             vae_decode_elements(FLUX2_VAE, 1024, 1024))
+    assert model.decode_tile(1024, 1024, 1) is None
+    assert model.decode_tile(1024, 1024, 1, free_bytes=int(acts(None) * 1.05) + 1) is None
+    assert model.decode_tile(1024, 1024, 1, free_bytes=int(acts(None) * 1.05) - 1) == 512
+    assert model.decode_tile(1024, 1024, 1, free_bytes=int(acts(512) * 1.05) - 1) == 256

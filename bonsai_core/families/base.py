@@ -219,7 +219,11 @@ class Family:
         decode). ``retry_fp32``: a decode that overflows is done once more in fp32."""
         from ..guardrails import VAE_TILE_OVERLAP
 
-        tile = self.memory_model(cfg=False).decode_tile(width, height, z.shape[0])
+        free = None
+        if self.device.type == "cuda":  # what the card has now: free, and this process's cache not in use
+            free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) - \
+                torch.cuda.memory_allocated(self.device)
+        tile = self.memory_model(cfg=False).decode_tile(width, height, z.shape[0], free)
         self.last_vae_tile = tile
         vae = self.vae
 
