@@ -1,7 +1,7 @@
 """Train the full-precision teacher of the shipped model: VAE, then text encoder + UNet together.
 
     python training/train_teacher.py vae  --work W [--steps 3000] [--batch 32] [--max-seconds 540]
-    python training/train_teacher.py unet --work W [--steps 6000] [--batch 128] [--max-seconds 540]
+    python training/train_teacher.py unet --work W [--steps 6000] [--batch 128] [--max-seconds 540] [--resolution 256]
 
 Every call resumes from ``W``'s last checkpoint, stops at ``--steps`` or when ``--max-seconds`` is
 spent (whichever comes first), writes a checkpoint every ``--ckpt-every`` steps and at the end, and
@@ -21,6 +21,13 @@ stream is the same on every call, so resuming repeats nothing and skips nothing.
   background colours can be made); optionally pyramid noise (``--pyramid-noise``: coarse noise, so
   placement follows the caption); EMA of the weights (0.999). Latents come from a pool that is refreshed
   by ``--fresh`` newly rendered scenes a step, so the VAE encoder does not run on every sample.
+* ``--resolution N`` trains the UNet + text encoder on scenes rendered at N (latents N/8), e.g. 256
+  before 512 as Stable Diffusion itself was trained: a scene is the same at any size (positions and
+  sizes are fractions of the side; captions never depend on it) and the UNet and VAE are
+  convolutional, so a step at 256 costs about a quarter of one at 512. Any call may change N: the
+  pool is rendered anew at N every call anyway, the step counter and the optimizer carry on, and
+  every log record says its ``res``. The exported teacher stays a model of the config's resolution
+  (its UNet ``sample_size`` is the config's), whatever N its last steps used.
 
 Runs on a CPU too (``--device cpu --config tiny``: what the tests do for a few steps).
 """
@@ -203,9 +210,12 @@ def train_unet(args) -> dict:
     if not (work / "vae").is_dir():
         raise SystemExit(f"{work}/vae is missing: run the vae stage first")
     cfg = tiny_sd.CONFIGS[args.config]
-    res = cfg["resolution"]
+    res = training_resolution(args.resolution, cfg)
     vae = AutoencoderKL.from_pretrained(work / "vae").to(dev).eval().requires_grad_(False)
     sf = vae.config.scaling_factor
+    if res != cfg["resolution"]:
+        print(f"training at {res}x{res} (latents {res // 8}x{res // 8}); the exported teacher stays "
+              f"{cfg['resolution']}x{cfg['resolution']}", flush=True)
     tok_dir = tiny_sd.write_tokenizer(work / "tokenizer", tiny_sd.vocabulary())
     tok = CLIPTokenizer.from_pretrained(tok_dir)
     _, te, unet, _ = tiny_sd.build_components(args.config, seed=1, tokenizer_dir=work / "tokenizer")
@@ -242,7 +252,8 @@ def train_unet(args) -> dict:
             caps += c
         return torch.cat(zs), caps
 
-    # the pool holds scenes [cursor - pool_n, cursor); resuming rebuilds exactly that window
+    # the pool holds scenes [cursor - pool_n, cursor); resuming rebuilds exactly that window, rendered at
+    # this call's resolution (so a call at another --resolution never mixes latent sizes)
     cursor = pool_n + step * fresh
     pool_z, pool_c = encode_images(cursor - pool_n, pool_n)
     gen = torch.Generator().manual_seed(step)
@@ -287,16 +298,27 @@ def train_unet(args) -> dict:
         dt = time.perf_counter() - t_step
         per_step = dt if per_step is None else 0.9 * per_step + 0.1 * dt
         if step % args.log_every == 0 or step == args.steps:
-            log_line(work, {"stage": "unet", "step": step, "loss": round(loss.item(), 5), "lr": lr,
+            log_line(work, {"stage": "unet", "step": step, "res": res, "loss": round(loss.item(), 5), "lr": lr,
                             "s_per_step": round(per_step, 4), "elapsed": round(clock.elapsed(), 1)})
         if step % args.ckpt_every == 0:
             _save_unet(work, unet, te, ema_unet, ema_te, opt, step)
     _save_unet(work, unet, te, ema_unet, ema_te, opt, step)
     teacher = export_teacher(work, tok, ema_te, ema_unet)
-    out = {"stage": "unet", "step": step, "done": step >= args.steps, "teacher": str(teacher),
+    out = {"stage": "unet", "step": step, "res": res, "done": step >= args.steps, "teacher": str(teacher),
            "elapsed": round(clock.elapsed(), 1)}
     log_line(work, out)
     return out
+
+
+def training_resolution(asked: int | None, cfg: dict) -> int:
+    """The side scenes are rendered at: ``asked`` (``--resolution``), else the config's. A multiple of
+    the VAE's factor (8), so the latents are exactly N/8 (the UNet itself takes any latent size)."""
+    res = cfg["resolution"] if asked is None else asked
+    factor = 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
+    if res < factor or res % factor:
+        raise SystemExit(f"--resolution {res}: must be a positive multiple of {factor} (the VAE's downsampling), "
+                         f"e.g. {cfg['resolution'] // 2} or {cfg['resolution']}")
+    return res
 
 
 def min_snr_loss(pred: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -419,6 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "noise; 0 (default) is plain noise")
             s.add_argument("--init-from", metavar="TEACHER", help="with no checkpoint in --work: start from this "
                            "teacher folder's weights (fresh optimizer), e.g. one carried from an earlier machine")
+            s.add_argument("--resolution", type=int, default=None, metavar="N",
+                           help="render the training scenes at NxN (latents N/8), e.g. 256 to pretrain "
+                                "cheaply before the config's resolution; any call may change it (the "
+                                "checkpoint carries on); the exported teacher keeps the config's size. "
+                                "Default: the config's resolution (512; tiny 64)")
             s.add_argument("--ema", type=float, default=0.999)
             s.add_argument("--warmup", type=int, default=200)
     return p
