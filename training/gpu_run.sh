@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The shipped model's GPU runs, one stage a device call (each under 10 minutes); see training/GPU-RUNS.md.
-#   bash training/gpu_run.sh teacher|teacher-carried|teacher-resume|teacher-more|distill|more|ablate|retrain
+#   bash training/gpu_run.sh teacher|teacher-carried|teacher-resume|teacher-lowres|teacher-more|distill|more|ablate|retrain
+# RESOLUTION=N (teacher-resume, teacher-more) trains the UNet on scenes rendered at N (default: the config's, 512);
+# teacher-lowres is teacher-resume at LOWRES (256; 32 with SMOKE=1). The packed teacher is a 512² model either way.
 # Work folder: models/train (git-ignored, so it stays on a warm machine between calls); what must come
 # back goes to $OUT (at most 8 files, each under 16 MB).
 # SMOKE=1 runs every stage on the CPU with the tiny config and a few steps (checks the script itself).
 set -euo pipefail
-STAGE=${1:?stage: teacher, teacher-carried, teacher-resume, teacher-more, distill, more, ablate or retrain}
+STAGE=${1:?stage: teacher, teacher-carried, teacher-resume, teacher-lowres, teacher-more, distill, more, ablate or retrain}
 W=${BONSAI_TRAIN_DIR:-models/train}
 OUT=${OUT:-out}
 PY=${PYTHON:-python}
@@ -16,14 +18,17 @@ if [ "${SMOKE:-0}" = 1 ]; then
   DIST="--steps 2 --batch 2 --pool 2 --refresh 1 --sample-steps 2 --max-seconds 60"
   DIST_MORE="--steps 3 --batch 2 --pool 2 --refresh 1 --sample-steps 2 --max-seconds 60"
   CLF="--steps 2 --batch 4 --pool 8"; EVAL="--prompts 2 --steps 2 --size 64 --batch 2"; SAMPLE="--steps 2 --size 64"
+  LOWRES=${LOWRES:-32}  # the tiny config is 64²
 else
   C=""; DEV=""
   VAE="--steps 3000 --batch 32 --max-seconds ${VAE_SECONDS:-140}"
   UNET="--steps 6000 --batch 128 --pyramid-noise ${PYRAMID_NOISE:-0.6} --max-seconds ${UNET_SECONDS:-300}"
-  UNET_MORE="--steps 12000 --batch 128 --pyramid-noise ${PYRAMID_NOISE:-0.6} --max-seconds ${UNET_SECONDS:-450}"
+  UNET_MORE="--steps 60000 --batch 128 --pyramid-noise ${PYRAMID_NOISE:-0.6} --max-seconds ${UNET_SECONDS:-450}"
   DIST="--steps 10000 --batch 64 --max-seconds ${DISTILL_SECONDS:-270}"; DIST_MORE="--steps 30000 --batch 64 --max-seconds ${DISTILL_SECONDS:-360}"
   CLF="--steps 1500"; EVAL="--prompts 200"; SAMPLE=""
+  LOWRES=${LOWRES:-256}
 fi
+RES=${RESOLUTION:+--resolution $RESOLUTION}  # empty: the config's resolution
 mkdir -p "$W" "$OUT"
 exec > >(tee -a "$OUT/$STAGE.log") 2>&1
 echo "== $STAGE $(date -u +%FT%TZ) $(git rev-parse --short HEAD 2>/dev/null || true)"
@@ -50,6 +55,13 @@ new_unet_on_carried_vae() {  # a text encoder + UNet trained anew on the (carrie
   need_teacher
   rm -rf "$W/vae" "$W/unet.pt" "$W/log.jsonl"; cp -r "$W/teacher/vae" "$W/vae"
   $PY training/train_teacher.py unet --work "$W" $C $UNET
+}
+resume_carried_teacher() {  # the carried teacher trained on (fresh optimizer) at --resolution $1 (empty: the config's)
+  need_teacher
+  rm -rf "$W/vae" "$W/unet.pt"; cp -r "$W/teacher/vae" "$W/vae"
+  cp "$W/teacher/training_log.jsonl" "$W/log.jsonl" 2>/dev/null || true
+  $PY training/train_teacher.py unet --work "$W" $C $UNET_MORE --init-from "$W/teacher" $1
+  pack_teacher
 }
 pack_teacher_parts() {  # the teacher in fp16 parts (under 16 MB each) and its training log
   $PY training/pack.py teacher "$W/teacher" "$OUT"
@@ -82,14 +94,13 @@ case "$STAGE" in
     pack_teacher
     ;;
   teacher-resume)  # ~9 min: the carried teacher (gzip parts fit the carry) trained on, fresh optimizer, packed again
-    need_teacher
-    rm -rf "$W/vae" "$W/unet.pt"; cp -r "$W/teacher/vae" "$W/vae"
-    cp "$W/teacher/training_log.jsonl" "$W/log.jsonl" 2>/dev/null || true
-    $PY training/train_teacher.py unet --work "$W" $C $UNET_MORE --init-from "$W/teacher"
-    pack_teacher
+    resume_carried_teacher "$RES"
     ;;
-  teacher-more)  # ~9 min: the UNet stage resumed from its checkpoint, packed again
-    $PY training/train_teacher.py unet --work "$W" $C $UNET_MORE
+  teacher-lowres)  # ~9 min: teacher-resume at LOWRES² (256: about 4x the steps of 512²), packed again as a 512² model
+    resume_carried_teacher "--resolution $LOWRES"
+    ;;
+  teacher-more)  # ~9 min: the UNet stage resumed from its checkpoint (optimizer kept), at RESOLUTION if set, packed again
+    $PY training/train_teacher.py unet --work "$W" $C $UNET_MORE $RES
     pack_teacher
     ;;
   retrain)       # ~9.5 min: a new UNet + text encoder on the carried teacher's VAE, then 'distill' in the same call
