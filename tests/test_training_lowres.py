@@ -16,11 +16,14 @@ from training import tiny_sd, train_teacher
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def _colour(name: str) -> torch.Tensor:
+    return torch.tensor(S.PALETTE[name], dtype=torch.float32) / 255
+
+
 def _object_weight(img: torch.Tensor, background: str) -> torch.Tensor:
     """Each pixel's distance from the background colour (0 on the background, the object's contrast
     inside it, in between on an anti-aliased edge): where the objects are, and how much of them."""
-    bg = torch.tensor(S.PALETTE[background], dtype=img.dtype).view(3, 1, 1) / 255
-    return (img - bg).abs().amax(0)
+    return (img - _colour(background).view(3, 1, 1)).abs().amax(0)
 
 
 def test_a_scene_is_the_same_scene_at_256_and_512_and_its_caption_does_not_depend_on_size():
@@ -42,9 +45,9 @@ def test_a_scene_is_the_same_scene_at_256_and_512_and_its_caption_does_not_depen
             assert abs(ca - cb) < 1 / 512  # half a pixel at 256; positions jitter by 0.03
         # the same colours: the background's at the corner, the object's own at its centre (a ring's is hollow)
         for img in (a, b):
-            assert torch.allclose(img[:, 0, 0], S._rgb(s.background, "cpu", img.dtype).view(3), atol=1e-6)
+            assert torch.allclose(img[:, 0, 0], _colour(s.background), atol=1e-6)
         for o in s.objects:
-            want = S._rgb(o.colour, "cpu", a.dtype).view(3) if o.shape != "ring" else a[:, 0, 0]
+            want = _colour(o.colour if o.shape != "ring" else s.background)
             for img, n in ((a, 256), (b, 512)):
                 assert torch.allclose(img[:, int(o.cy * n), int(o.cx * n)], want, atol=1e-6), (o, n)
     # the training stream's captions (and the scene behind each) are the same whatever the size rendered
