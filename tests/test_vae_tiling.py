@@ -233,3 +233,34 @@ def test_the_memory_free_at_the_decode_tiles_it_without_a_budget():
     assert model.decode_tile(1024, 1024, 1, free_bytes=int(acts(None) * 1.05) + 1) is None
     assert model.decode_tile(1024, 1024, 1, free_bytes=int(acts(None) * 1.05) - 1) == 512
     assert model.decode_tile(1024, 1024, 1, free_bytes=int(acts(512) * 1.05) - 1) == 256
+
+
+def test_the_fp32_retry_chooses_its_tile_for_four_bytes_a_value(sd, monkeypatch):
+    """A decode that overflowed in 16 bits is done again in fp32, whose activations take twice the
+    bytes: a budget the 16-bit whole decode fits, but a 32-bit one does not, gets the retry tiled."""
+    from dataclasses import replace
+
+    fam = sd.family
+    monkeypatch.delenv(VAE_TILE_ENV, raising=False)
+    base = replace(fam.memory_model(cfg=False), dtype_bytes=2)
+    w = h = 512  # a 256² tile is smaller than the image
+    whole16 = base._decode_bytes(w, h, 1, None)
+    whole32 = replace(base, dtype_bytes=4)._decode_bytes(w, h, 1, None)
+    budget = int(ALLOCATOR_SLACK * (whole16 + whole32) / 2)
+    model = replace(base, decode_budget_bytes=budget)
+    assert model.decode_tile(w, h, 1) is None and replace(model, dtype_bytes=4).decode_tile(w, h, 1) is not None
+    monkeypatch.setattr(fam, "memory_model", lambda cfg=False, **k: model)
+    calls = []
+    decode, tiled = fam.vae.decode, fam.vae.tiled_decode
+
+    def overflowing(x, **k):  # the 16-bit whole decode overflows
+        calls.append(("whole", x.dtype))
+        out = decode(x, **k)
+        return (out[0] * float("inf"),) if len(calls) == 1 else out
+
+    monkeypatch.setattr(fam.vae, "decode", overflowing)
+    monkeypatch.setattr(fam.vae, "tiled_decode", lambda x, **k: (calls.append(("tiled", x.dtype)), tiled(x, **k))[1])
+    image = fam.vae_decode(torch.randn(1, 4, h // 8, w // 8, generator=torch.Generator().manual_seed(0)), w, h,
+                           retry_fp32=True)
+    assert calls[0][0] == "whole" and ("tiled", torch.float32) in calls
+    assert fam.last_vae_tile == replace(model, dtype_bytes=4).decode_tile(w, h, 1) and torch.isfinite(image).all()

@@ -217,17 +217,21 @@ class Family:
         tiles ``memory_model().decode_tile`` chooses (diffusers' ``tiled_decode``; the tiles overlap by
         ``guardrails.VAE_TILE_OVERLAP`` and are blended, so the pixels differ a little from a whole
         decode). ``retry_fp32``: a decode that overflows is done once more in fp32."""
+        from dataclasses import replace
+
         from ..guardrails import VAE_TILE_OVERLAP
 
-        free = None
-        if self.device.type == "cuda":  # what the card has now: free, and this process's cache not in use
-            free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) - \
-                torch.cuda.memory_allocated(self.device)
-        tile = self.memory_model(cfg=False).decode_tile(width, height, z.shape[0], free)
-        self.last_vae_tile = tile
-        vae = self.vae
+        vae, model = self.vae, self.memory_model(cfg=False)
 
-        def run(x: torch.Tensor) -> torch.Tensor:
+        def pick(dtype_bytes: int) -> int | None:
+            free = None
+            if self.device.type == "cuda":  # what the card has now: free, and this process's cache not in use
+                free = torch.cuda.mem_get_info(self.device)[0] + torch.cuda.memory_reserved(self.device) - \
+                    torch.cuda.memory_allocated(self.device)
+            self.last_vae_tile = replace(model, dtype_bytes=dtype_bytes).decode_tile(width, height, z.shape[0], free)
+            return self.last_vae_tile
+
+        def run(x: torch.Tensor, tile: int | None) -> torch.Tensor:
             if tile is None:
                 return vae.decode(x, return_dict=False)[0]
             saved = vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor
@@ -238,12 +242,13 @@ class Family:
             finally:
                 vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = saved
 
-        image = run(z.to(self.dtype)).float()
+        image = run(z.to(self.dtype), pick(model.dtype_bytes)).float()
         if retry_fp32 and not torch.isfinite(image).all():
-            # fp16 VAEs (SDXL's above all) can overflow on some latents: decode once more in fp32
+            # fp16 VAEs (SDXL's above all) can overflow on some latents: decode once more in fp32, whose
+            # activations take twice the bytes (the tile is chosen again for them)
             vae.to(torch.float32)
             try:
-                image = run(z.float())
+                image = run(z.float(), pick(4))
             finally:
                 vae.to(self.dtype)
         return (image / 2 + 0.5).clamp(0, 1).cpu()
