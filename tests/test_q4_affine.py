@@ -495,3 +495,18 @@ def test_pinning_a_packed_weight_keeps_it_packed_and_lending_puts_its_parts_on_t
     assert type(m.weight) is Q4Tensor and all(t.is_cuda for t in m.weight.parts)
     parked.park()
     assert all(t.device.type == "cpu" for t in m.weight.parts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_in_row_chunks_equals_the_affine_formula(monkeypatch, dtype):
+    """Dequantized a few rows at a time (uneven chunks, the last one short), every value is the
+    affine formula's, codes x scale + bias in float32 (as MLX and HQQ compute it), to the bit."""
+    g = torch.Generator().manual_seed(7)
+    rows, cols, group = 11, 256, 64
+    qs = torch.randint(0, 256, (rows, cols // 2), generator=g, dtype=torch.uint8)
+    scale = (torch.rand(rows, cols // group, generator=g) * 0.1).half()
+    bias = (torch.randn(rows, cols // group, generator=g) * 0.05).half()
+    codes = torch.stack([qs & 0x0F, qs >> 4], dim=-1).reshape(rows, cols).float()  # low nibble first
+    want = (codes.view(rows, -1, group) * scale.float()[..., None] + bias.float()[..., None]).reshape(rows, cols)
+    monkeypatch.setattr(q4_affine, "DEQUANT_CHUNK", 3 * cols)  # 3 rows a chunk: 4 chunks, the last of 2 rows
+    assert torch.equal(q4_affine.dequantize(qs, scale, bias, dtype), want.to(dtype))
