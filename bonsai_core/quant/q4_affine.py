@@ -95,7 +95,7 @@ def quantize(weight: torch.Tensor, group: int = GROUP_SIZE, dtype: torch.dtype =
     return pack_codes(q.reshape(rows, cols)), scale, bias
 
 
-DEQUANT_CHUNK = 1 << 22  # values dequantized at a time (16 MiB in float32)
+DEQUANT_CHUNK = 1 << 24  # values dequantized at a time (64 MiB in float32; a few kernel launches a weight on CUDA)
 
 
 def dequantize(qs: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
