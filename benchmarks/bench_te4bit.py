@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 
@@ -88,16 +89,8 @@ def write_q4_text_encoder(bf16_folder: Path, out: Path, device, embedding: str) 
 def run(folder: Path, device, size: int, steps: int, repeats: int, seed: int, max_vram_gb: float | None,
         env: dict[str, str] | None = None) -> dict:
     """``env``: environment variables set for this run only (``BONSAI_VAE_TILE``, ``BONSAI_CUDA_GRAPH``)."""
-    saved = {k: os.environ.get(k) for k in env or {}}
-    os.environ.update(env or {})
-    try:
+    with patch.dict(os.environ, env or {}):
         return _run(folder, device, size, steps, repeats, seed, max_vram_gb)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                del os.environ[k]
-            else:
-                os.environ[k] = v
 
 
 def _run(folder: Path, device, size: int, steps: int, repeats: int, seed: int, max_vram_gb: float | None) -> dict:
@@ -176,9 +169,9 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny config, 64/32 px, CPU: proves the script runs")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    big, small, tiles = 1024, 512, (512, 256)
+    big, small, tile_side = 1024, 512, 256
     if args.quick:
-        args.config, args.repeats, big, small, tiles = "tiny", 1, 64, 32, (32, 32)
+        args.config, args.repeats, big, small, tile_side = "tiny", 1, 64, 32, 32
         if args.device == "auto":
             args.device = "cpu"
     device = pick_device(args.device)
@@ -197,15 +190,15 @@ def main(argv=None) -> int:
         # the last three: the encoder resident (a budget of 3 GiB would park it: the denoise phase's estimate
         # with it is over 0.95 x 3 GiB) and the decode forced into tiles (an unconstrained budget never tiles);
         # then also without the CUDA graph, whose private pool holds a second step's activations
-        tile, eager = {VAE_TILE_ENV: str(tiles[1])}, {VAE_TILE_ENV: str(tiles[1]), GRAPH_ENV: "0"}
+        tile, eager = {VAE_TILE_ENV: str(tile_side)}, {VAE_TILE_ENV: str(tile_side), GRAPH_ENV: "0"}
         plan = [("bf16 TE, {0}", bf16_folder, big, None, None),
                 ("4-bit TE, {0}", q4_folder, big, None, None),
                 ("4-bit TE, {0}", q4_folder, small, None, None),
                 ("4-bit TE, {0}, --max-vram 4", q4_folder, big, 4.0, None),
                 (free, q4_folder, big, args.unconstrained_gb, None),
-                (free + f", {VAE_TILE_ENV}={tiles[1]}", q4_folder, big, args.unconstrained_gb, tile),
-                (free + f", {VAE_TILE_ENV}={tiles[1]}, {GRAPH_ENV}=0", q4_folder, big, args.unconstrained_gb, eager),
-                (free + f", {VAE_TILE_ENV}={tiles[1]}, {GRAPH_ENV}=0", q4_folder, small, args.unconstrained_gb, eager)]
+                (free + f", {VAE_TILE_ENV}={tile_side}", q4_folder, big, args.unconstrained_gb, tile),
+                (free + f", {VAE_TILE_ENV}={tile_side}, {GRAPH_ENV}=0", q4_folder, big, args.unconstrained_gb, eager),
+                (free + f", {VAE_TILE_ENV}={tile_side}, {GRAPH_ENV}=0", q4_folder, small, args.unconstrained_gb, eager)]
         runs = []
         for label, folder, size, budget, env in plan:
             label = label.format(f"{size}x{size}")
