@@ -39,7 +39,6 @@ class Family:
         self._prompt_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._graph = None  # cuda_graph.GraphedStep once a step ran on CUDA; False after a failed capture
         self._rgb = None  # (factors [C, 3], bias [3]) once fitted by latent_rgb()
-        self.max_device_bytes: int | None = None  # the memory budget (the engine sets it at load)
         self.decode_budget_bytes: int | None = None  # what an ``auto`` VAE decode must fit (engine, at load)
         self.last_vae_tile: int | None = None  # the tile side the last decode ran in; None: untiled
 

@@ -237,6 +237,7 @@ class Flux2KleinFamily(Family):
         self._te_offloaded = False
         self._te_parked: HostParked | None = None
         self.te_placement = None  # placement.Placement once place_text_encoder ran (CUDA)
+        self.max_device_bytes: int | None = None  # the budget the engine gives place_text_encoder
         self._te_device_bytes: int | None = None  # what the text encoder measured on the device
         self._te_demoted = False  # parked after a run measured over the budget: never promoted again
         self._te_promoted = False  # resident because a run measured room for it (the estimate said no)
@@ -272,8 +273,8 @@ class Flux2KleinFamily(Family):
 
     def memory_model(self, cfg: bool, text_encoder: bool = True):
         """On CUDA the text encoder is on the card for the whole run when placement kept it resident at
-        load, else only while it encodes (lent from host memory; a measured promotion keeps this count); elsewhere it shares the one memory with
-        everything else for the whole run. ``text_encoder=False``: a run without its weights, what
+        load, else only while it encodes (lent from host memory; a measured promotion keeps this count);
+        elsewhere it shares the one memory with everything else for the whole run. ``text_encoder=False``: a run without its weights, what
         placement sets the measured text encoder beside (its decode is tiled to fit beside the measured
         text encoder: the budget less it, within placement's headroom)."""
         from .. import cuda_graph
