@@ -199,10 +199,14 @@ def _available_memory(device: torch.device) -> int | None:
 
 def _decode_budget(config: BonsaiConfig, device: torch.device) -> int | None:
     """What an ``auto`` VAE decode's estimate must fit on CUDA: a budget the user set, never more than
-    the card has; None without one (then only the free memory read at the decode counts)."""
+    the card has, within placement's headroom (the share placement leaves for what the counts miss,
+    so the decode a run chooses is the one placement estimated); None without one (then only the
+    free memory read at the decode counts)."""
+    from .placement import HEADROOM
+
     if device.type != "cuda" or config.source("max_vram_gb") == "default":
         return None
-    return min(config.max_vram_bytes, _available_memory(device))
+    return int(HEADROOM * min(config.max_vram_bytes, _available_memory(device)))
 
 
 class BonsaiImageEngine:

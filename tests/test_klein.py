@@ -385,7 +385,10 @@ def test_encode_lends_the_text_encoder_to_cuda_from_host_memory_and_parks_it_aft
     monkeypatch.setattr(fam, "_te_parked", None)
     monkeypatch.setattr(fam, "_fits_on_device", lambda nbytes: True)
     fam._encode("anything")
-    assert FakePipe.seen == (fam.text_encoder.model, [("lend", cuda)], cuda, OUT_LAYERS, 512)  # lent during the forward; the decoder stack runs alone
+    stack, *rest = FakePipe.seen
+    # lent during the forward; the decoder stack runs alone, keeping the hidden states it reads
+    assert stack.stack is fam.text_encoder.model and stack.read == OUT_LAYERS
+    assert rest == [[("lend", cuda)], cuda, OUT_LAYERS, 512]
     assert len(Parked.made) == 1 and Parked.made[0].module is fam.text_encoder
     assert Parked.made[0].events == [("lend", cuda), "park"]
     fam._encode("another prompt")
@@ -417,7 +420,7 @@ def test_encode_moves_the_text_encoder_to_mps_and_back(eng, monkeypatch):
     class FakePipe:
         @staticmethod
         def _get_qwen3_prompt_embeds(te, tok, prompts, **kw):
-            FakePipe.seen = te.where
+            FakePipe.seen = te.stack.where
             return torch.zeros(1, 512, 192)
 
     fake = FakeTE()
@@ -534,7 +537,7 @@ def test_a_resident_text_encoder_is_used_in_place_and_parked_after_a_run_over_th
     class FakePipe:
         @staticmethod
         def _get_qwen3_prompt_embeds(te, tok, prompts, **kw):
-            seen.append(te)
+            seen.append(te.stack)
             return torch.zeros(1, 512, 192)
 
     def no_lending(module):
@@ -665,6 +668,44 @@ def test_unread_text_encoder_layers_are_dropped_and_the_embedding_is_unchanged(o
     assert len(te.model.layers) == te.config.num_hidden_layers == 6 - dropped
     assert isinstance(te.model.norm, torch.nn.Identity) == (dropped > 0)
     assert torch.equal(embed(te), want)
+
+
+@pytest.mark.parametrize("out_layers,drop", [((1, 3, 5), False), ((2, 4), True), ((0, 6), False), ((-1, 2, -7), False),
+                                            ((6, 3), True)])
+def test_reading_only_the_embedding_hidden_states_gives_diffusers_embedding(out_layers, drop):
+    """The encode keeps only the hidden states it reads (forward hooks) instead of asking transformers
+    for all of them; the prompt embedding equals diffusers' from the whole list, bit for bit: the token
+    embeddings (0), inner layers, the last (after the final norm), negative numbers, with the unread
+    layers dropped or not. The wrapper hands back just the states asked for, and a number past the
+    encoder is refused with the setting to change."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from bonsai_core.errors import BonsaiCheckpointError
+    from bonsai_core.families.flux2_klein import ReadHiddenStates, _pipeline, drop_unread_layers
+    from tests.klein_fixtures import TE_CONFIG, make_tokenizer
+
+    torch.manual_seed(0)
+    te = Qwen3ForCausalLM(Qwen3Config(**{**TE_CONFIG, "num_hidden_layers": 6})).eval()
+    with torch.no_grad():
+        te.model.norm.weight.uniform_(0.5, 1.5)  # a final norm that is not the identity
+    tok = make_tokenizer()
+
+    def embed(model):
+        with torch.no_grad():
+            return _pipeline()._get_qwen3_prompt_embeds(model, tok, ["a red cat on a mat"], dtype=torch.float32,
+                                                       device=torch.device("cpu"), max_sequence_length=32,
+                                                       hidden_states_layers=out_layers)
+
+    want = embed(te.model)
+    if drop:
+        drop_unread_layers(te, out_layers)
+    reader = ReadHiddenStates(te.model, out_layers)
+    assert torch.equal(embed(reader), want)
+    with torch.no_grad():
+        ids = torch.ones(1, 8, dtype=torch.long)
+        assert set(reader(input_ids=ids, attention_mask=torch.ones_like(ids)).hidden_states) == set(out_layers)
+        with pytest.raises(BonsaiCheckpointError, match=r"hidden states 0 to \d+.*text_encoder_out_layers"):
+            ReadHiddenStates(te.model, (2, 9))(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
 @pytest.mark.parametrize("packed", [False, True])

@@ -120,6 +120,55 @@ def drop_unread_layers(text_encoder: nn.Module, out_layers) -> int:
     return dropped
 
 
+class ReadHiddenStates(nn.Module):
+    """The text encoder's decoder stack as diffusers' ``_get_qwen3_prompt_embeds`` calls it, keeping
+    only the hidden states the prompt embedding reads.
+
+    Asked for ``output_hidden_states``, transformers keeps every layer's output until the forward
+    ends (28 of them for klein's 27 layers: 70 MiB at 512 tokens in bf16), at the point where the
+    encode's memory peaks; forward hooks keep the three it reads instead. Hidden state ``i`` is what
+    transformers numbers so: 0 the token embeddings, ``i`` the output of layer ``i``, the last the
+    final norm's output; negative numbers count from the end. (transformers' own layer selection,
+    ``output_hidden_states=[...]``, numbers the layers differently from one release to the next.)
+    The forward returns an object whose ``hidden_states[i]`` answers every number asked for."""
+
+    def __init__(self, stack: nn.Module, read):
+        super().__init__()
+        self.stack = stack
+        self.read = tuple(int(v) for v in read)
+
+    @property
+    def device(self) -> torch.device:
+        device = getattr(self.stack, "device", None)
+        return device if device is not None else next(self.stack.parameters()).device
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=True, use_cache=False):
+        from types import SimpleNamespace
+
+        model = getattr(self.stack, "model", self.stack)  # a streamed encoder runs whole (its hooks are on top)
+        n = len(model.layers)
+        points = {0: model.embed_tokens, n: model.norm, **{i: model.layers[i - 1] for i in range(1, n)}}
+        kept: dict[int, torch.Tensor] = {}
+
+        def keeper(i):
+            def hook(module, args, out):
+                kept[i] = out[0] if isinstance(out, tuple) else out
+            return hook
+
+        wanted = {v % (n + 1) for v in self.read if -(n + 1) <= v <= n}
+        if len(wanted) != len(set(self.read)):
+            raise BonsaiCheckpointError(
+                f"the prompt embedding reads hidden states {list(self.read)} but the text encoder has {n} layers "
+                f"(hidden states 0 to {n}); set text_encoder_out_layers in {SETTINGS_FILE}")
+        hooks = [points[i].register_forward_hook(keeper(i)) for i in wanted]
+        try:
+            self.stack(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        return SimpleNamespace(hidden_states={v: kept[v % (n + 1)] for v in self.read})
+
+
 class HostEmbedding(nn.Module):
     """A token-embedding table kept in host memory whatever device its module moves to: a lookup
     gathers the prompt's rows on the host and sends only those to the ids' device. The table is a
@@ -276,7 +325,7 @@ class Flux2KleinFamily(Family):
         load, else only while it encodes (lent from host memory; a measured promotion keeps this count);
         elsewhere it shares the one memory with everything else for the whole run. ``text_encoder=False``: a run without its weights, what
         placement sets the measured text encoder beside (its decode is tiled to fit beside the measured
-        text encoder: the budget less it, within placement's headroom)."""
+        text encoder: the decode budget less it, the tile the run itself then chooses)."""
         from .. import cuda_graph
         from ..guardrails import MemoryModel, flux_step_elements, text_encode_elements, vae_decode_elements
         from ..quant.layers import module_nbytes
@@ -290,9 +339,7 @@ class Flux2KleinFamily(Family):
         tcfg, vcfg, text = self.transformer.config, self.vae.config, self.max_sequence_length
         vae = self.vae_memory(cuda=self.device.type == "cuda")
         if not text_encoder and vae["decode_budget_bytes"] is not None and self._te_device_bytes is not None:
-            from ..placement import HEADROOM
-
-            vae["decode_budget_bytes"] = int(HEADROOM * vae["decode_budget_bytes"]) - self._te_device_bytes
+            vae["decode_budget_bytes"] -= self._te_device_bytes  # the budget (headroom taken) less the encoder
         return MemoryModel(
             resident_bytes=resident, dtype_bytes=torch.empty(0, dtype=self.dtype).element_size(),
             step_elements=lambda w, h: flux_step_elements(tcfg, w, h, text),
@@ -425,8 +472,9 @@ class Flux2KleinFamily(Family):
             # top module) it runs whole, as the hooks expect
             stack = te if self._te_offloaded else getattr(te, "model", te)
             return _pipeline()._get_qwen3_prompt_embeds(
-                stack, self._tokenizer, [prompt], dtype=self.dtype, device=self.device,
-                max_sequence_length=self.max_sequence_length, hidden_states_layers=self.out_layers)
+                ReadHiddenStates(stack, self.out_layers), self._tokenizer, [prompt], dtype=self.dtype,
+                device=self.device, max_sequence_length=self.max_sequence_length,
+                hidden_states_layers=self.out_layers)
         finally:
             if parked is not None:
                 parked.park()
