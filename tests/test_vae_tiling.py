@@ -266,3 +266,31 @@ def test_the_fp32_retry_chooses_its_tile_for_four_bytes_a_value(sd, monkeypatch)
                            retry_fp32=True)
     assert calls[0][0] == "whole" and ("tiled", torch.float32) in calls
     assert fam.last_vae_tile == replace(model, dtype_bytes=4).decode_tile(w, h, 1) and torch.isfinite(image).all()
+
+
+@pytest.mark.parametrize("which", ["klein", "sd"])
+def test_the_engine_keeps_the_vae_decoder_only(which, klein, sd):
+    """Text to image never encodes an image, so the engine keeps only the VAE's decoder: its module
+    holds exactly the file's tensors less ``encoder.*`` and ``quant_conv.*`` (counted from the file,
+    not from the module), the decode still equals diffusers' (the tests above), and calling the
+    encoder says what happened instead of failing on a missing module."""
+    from safetensors import safe_open
+
+    from bonsai_core.quant.layers import module_nbytes
+
+    eng = klein["engine"] if which == "klein" else sd
+    kept = dropped = 0
+    for path in sorted((eng.family.folder / "vae").glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                n = t.numel() * torch.empty(0, dtype=eng.family.dtype).element_size() if t.is_floating_point() \
+                    else t.numel() * t.element_size()
+                if name.startswith(("encoder.", "quant_conv.")):
+                    dropped += n
+                else:
+                    kept += n
+    assert dropped > 0.2 * kept  # the encoder is a real share of these tiny VAEs too
+    assert module_nbytes(eng.family.vae) == kept
+    with pytest.raises(BonsaiRequestError, match="decode only"):
+        eng.family.vae.encode(torch.zeros(1, 3, 64, 64))

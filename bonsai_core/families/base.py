@@ -27,6 +27,32 @@ from ..sampling import Schedule
 VAE_TILE_ENV = "BONSAI_VAE_TILE"
 
 
+class _DecodeOnly(nn.Module):
+    """Where a VAE's encoder was: text to image never encodes an image, so the encoder's weights are
+    not kept (``decode_only``); calling it says so instead of failing on a missing module."""
+
+    def forward(self, *args, **kwargs):
+        raise BonsaiRequestError("this model's VAE was loaded to decode only (text to image): its encoder was "
+                                 "left in the file. Encoding an image needs the VAE loaded with diffusers or ComfyUI")
+
+
+def decode_only(vae: nn.Module) -> int:
+    """Drop a diffusers KL VAE's encoder (and its ``quant_conv``): text to image only decodes, and
+    the encoder is 40 % of the weights (34 M of FLUX.2's and SD's 84 M: 66 MiB in 16-bit on the
+    device in every phase). The bytes it freed; 0 for a VAE without one."""
+    from ..quant.layers import module_nbytes
+
+    encoder = getattr(vae, "encoder", None)
+    if not isinstance(encoder, nn.Module) or isinstance(encoder, _DecodeOnly):
+        return 0
+    freed = module_nbytes(encoder)
+    vae.encoder = _DecodeOnly()
+    if isinstance(getattr(vae, "quant_conv", None), nn.Module):
+        freed += module_nbytes(vae.quant_conv)
+        vae.quant_conv = None  # diffusers' encode skips a None quant_conv
+    return freed
+
+
 class Family:
     name: str = ""
     defaults: FamilyDefaults

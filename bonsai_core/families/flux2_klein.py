@@ -42,7 +42,7 @@ from .. import sampling
 from ..config import FAMILY_DEFAULTS
 from ..loader import load_component
 from ..errors import BonsaiCheckpointError, BonsaiRequestError
-from .base import Family
+from .base import Family, decode_only
 from .sd_unet import load_tokenizer, read_scheduler_config
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,9 @@ class Flux2KleinFamily(Family):
         self.te_embedding_on_host = embedding_to_host(self.text_encoder) \
             if device.type == "cuda" and isinstance(self.text_encoder, nn.Module) else 0
         self.transformer = load_component(folder, "transformer", index["transformer"], dtype, device)
-        self.vae = load_component(folder, "vae", index["vae"], dtype, device)
+        self.vae = load_component(folder, "vae", index["vae"], dtype, "cpu")
+        decode_only(self.vae)  # before the move: the encoder never reaches the device
+        self.vae.to(device)
         if not hasattr(self.vae, "bn"):
             raise BonsaiCheckpointError(
                 f"{folder / 'vae'}: {type(self.vae).__name__} has no batch-norm statistics; FLUX.2 [klein] needs "
