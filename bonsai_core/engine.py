@@ -267,8 +267,8 @@ class BonsaiImageEngine:
                     f"{choice.device} ran out of memory loading {src}; close other programs, or use device cpu"
                 ) from exc
             raise
-        # what an ``auto`` VAE decode must fit (CUDA): a budget the user set (--max-vram, BONSAI_MAX_VRAM_GB),
-        # never more than the card has; without one (the default budget does not tile: a tiled decode blends
+        # what an ``auto`` VAE decode must fit (CUDA): 95 % of a budget the user set (--max-vram,
+        # BONSAI_MAX_VRAM_GB), never more than the card has; without one (the default budget does not tile: a tiled decode blends
         # overlapping tiles, so its pixels differ a little from a whole one) only the card's free memory,
         # read when the decode starts (Family.vae_decode)
         family.decode_budget_bytes = _decode_budget(config, choice.device)

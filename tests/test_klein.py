@@ -671,13 +671,13 @@ def test_unread_text_encoder_layers_are_dropped_and_the_embedding_is_unchanged(o
 
 
 @pytest.mark.parametrize("out_layers,drop", [((1, 3, 5), False), ((2, 4), True), ((0, 6), False), ((-1, 2, -7), False),
-                                            ((6, 3), True)])
+                                            ((6, 3), True), ((6, -1, 2), False)])
 def test_reading_only_the_embedding_hidden_states_gives_diffusers_embedding(out_layers, drop):
     """The encode keeps only the hidden states it reads (forward hooks) instead of asking transformers
     for all of them; the prompt embedding equals diffusers' from the whole list, bit for bit: the token
     embeddings (0), inner layers, the last (after the final norm), negative numbers, with the unread
-    layers dropped or not. The wrapper hands back just the states asked for, and a number past the
-    encoder is refused with the setting to change."""
+    layers dropped or not, two numbers for one state. The wrapper hands back just the states asked
+    for, and a number past the encoder is refused with the setting to change."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from bonsai_core.errors import BonsaiCheckpointError
@@ -704,8 +704,9 @@ def test_reading_only_the_embedding_hidden_states_gives_diffusers_embedding(out_
     with torch.no_grad():
         ids = torch.ones(1, 8, dtype=torch.long)
         assert set(reader(input_ids=ids, attention_mask=torch.ones_like(ids)).hidden_states) == set(out_layers)
-        with pytest.raises(BonsaiCheckpointError, match=r"hidden states 0 to \d+.*text_encoder_out_layers"):
-            ReadHiddenStates(te.model, (2, 9))(input_ids=ids, attention_mask=torch.ones_like(ids))
+        for bad in ((2, 9), (-9,)):
+            with pytest.raises(BonsaiCheckpointError, match=r"^/x/m: .*hidden states 0 to \d+.*text_encoder_out_layers"):
+                ReadHiddenStates(te.model, bad, "/x/m")(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
 @pytest.mark.parametrize("packed", [False, True])

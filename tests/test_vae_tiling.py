@@ -11,6 +11,8 @@ would not fit the memory budget.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -193,16 +195,39 @@ def test_a_run_that_fits_only_tiled_runs_tiled_and_a_roomy_one_is_unchanged(klei
 
 def test_placement_tiles_the_decode_to_fit_beside_the_measured_text_encoder(klein, monkeypatch):
     """The run placement sets the text encoder beside is estimated with a decode that must fit the
-    decode budget less the encoder; the run itself against the whole decode budget (both already
-    within placement's headroom, so the run chooses the tile placement estimated); off CUDA there is
-    no budget to tile for."""
+    decode budget less the encoder with the allocator's 5 % slack on it; the run itself (encoder
+    resident) against the whole decode budget, (rest + encoder) x 1.05: the same test, so the run
+    chooses the tile placement estimated (both budgets already within placement's headroom); off
+    CUDA there is no budget to tile for."""
     fam = klein["engine"].family
     assert fam.memory_model(cfg=False).decode_budget_bytes is None  # CPU
     monkeypatch.setattr(fam, "device", torch.device("cuda"))
     monkeypatch.setattr(fam, "decode_budget_bytes", 4 * GIB)
     monkeypatch.setattr(fam, "_te_device_bytes", GIB + 5)
     assert fam.memory_model(cfg=False).decode_budget_bytes == 4 * GIB
-    assert fam.memory_model(cfg=False, text_encoder=False).decode_budget_bytes == 4 * GIB - GIB - 5
+    assert fam.memory_model(cfg=False, text_encoder=False).decode_budget_bytes == 4 * GIB - int((GIB + 5) * 1.05)
+
+    # the resident run and placement's estimate choose the same tile at every budget, tried on each
+    # side of every budget where the run's choice changes (whole, and each tile)
+    from bonsai_core.placement import RESIDENT, Placement
+    from bonsai_core.quant.layers import module_nbytes
+
+    monkeypatch.setattr(fam, "_te_device_bytes", module_nbytes(fam.text_encoder))
+    monkeypatch.setattr(fam, "te_placement", Placement(RESIDENT, "fits"))
+    monkeypatch.setattr(fam, "_te_promoted", False)
+    run_model = fam.memory_model(cfg=False)
+    assert run_model.resident_bytes == fam.memory_model(cfg=False, text_encoder=False).resident_bytes + \
+        module_nbytes(fam.text_encoder)
+    tiles = set()
+    from bonsai_core.guardrails import VAE_TILES
+
+    edges = [math.ceil(run_model._decode_bytes(1024, 1024, 1, t) * ALLOCATOR_SLACK) for t in (None, *VAE_TILES)]
+    for budget in (e + d for e in edges for d in (-2, -1, 0, 1, 2)):
+        monkeypatch.setattr(fam, "decode_budget_bytes", budget)
+        run = fam.memory_model(cfg=False).decode_tile(1024, 1024, 1)
+        assert fam.memory_model(cfg=False, text_encoder=False).decode_tile(1024, 1024, 1) == run, budget
+        tiles.add(run)
+    assert None in tiles and len(tiles) > 2  # the sweep crossed whole decodes and more than one tile
 
 
 def test_only_a_budget_the_user_set_sizes_the_decode_and_never_above_the_card(monkeypatch):

@@ -132,10 +132,11 @@ class ReadHiddenStates(nn.Module):
     ``output_hidden_states=[...]``, numbers the layers differently from one release to the next.)
     The forward returns an object whose ``hidden_states[i]`` answers every number asked for."""
 
-    def __init__(self, stack: nn.Module, read):
+    def __init__(self, stack: nn.Module, read, where="the text encoder"):
         super().__init__()
         self.stack = stack
         self.read = tuple(int(v) for v in read)
+        self.where = where  # named in a refusal: the model folder
 
     @property
     def device(self) -> torch.device:
@@ -155,11 +156,13 @@ class ReadHiddenStates(nn.Module):
                 kept[i] = out[0] if isinstance(out, tuple) else out
             return hook
 
-        wanted = {v % (n + 1) for v in self.read if -(n + 1) <= v <= n}
-        if len(wanted) != len(set(self.read)):
+        outside = [v for v in self.read if not -(n + 1) <= v <= n]
+        if outside:
             raise BonsaiCheckpointError(
-                f"the prompt embedding reads hidden states {list(self.read)} but the text encoder has {n} layers "
-                f"(hidden states 0 to {n}); set text_encoder_out_layers in {SETTINGS_FILE}")
+                f"{self.where}: the prompt embedding reads hidden states {list(self.read)} but the text encoder has "
+                f"{n} layers (hidden states 0 to {n}, or -{n + 1} to -1); set text_encoder_out_layers in "
+                f"{SETTINGS_FILE}")
+        wanted = {v % (n + 1) for v in self.read}  # two numbers may name one state ((n, -1)): kept once
         hooks = [points[i].register_forward_hook(keeper(i)) for i in wanted]
         try:
             self.stack(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -291,7 +294,7 @@ class Flux2KleinFamily(Family):
         self._te_demoted = False  # parked after a run measured over the budget: never promoted again
         self._te_promoted = False  # resident because a run measured room for it (the estimate said no)
         n_layers = getattr(self.text_encoder.config, "num_hidden_layers", None)
-        if n_layers is not None and max(abs(v) for v in self.out_layers) > n_layers:
+        if n_layers is not None and any(not -(n_layers + 1) <= v <= n_layers for v in self.out_layers):
             raise BonsaiCheckpointError(
                 f"{folder}: the prompt embedding reads hidden states {list(self.out_layers)} but the text encoder "
                 f"has {n_layers} layers; set text_encoder_out_layers in {SETTINGS_FILE}")
@@ -329,7 +332,8 @@ class Flux2KleinFamily(Family):
         placement sets the measured text encoder beside (its decode is tiled to fit beside the measured
         text encoder: the decode budget less it, the tile the run itself then chooses)."""
         from .. import cuda_graph
-        from ..guardrails import MemoryModel, flux_step_elements, text_encode_elements, vae_decode_elements
+        from ..guardrails import (ALLOCATOR_SLACK, MemoryModel, flux_step_elements, text_encode_elements,
+                                  vae_decode_elements)
         from ..quant.layers import module_nbytes
 
         te_bytes = module_nbytes(self.text_encoder) if text_encoder and isinstance(self.text_encoder, nn.Module) else 0
@@ -341,7 +345,9 @@ class Flux2KleinFamily(Family):
         tcfg, vcfg, text = self.transformer.config, self.vae.config, self.max_sequence_length
         vae = self.vae_memory(cuda=self.device.type == "cuda")
         if not text_encoder and vae["decode_budget_bytes"] is not None and self._te_device_bytes is not None:
-            vae["decode_budget_bytes"] -= self._te_device_bytes  # the budget (headroom taken) less the encoder
+            # the budget (headroom taken) less the encoder with the run's allocator slack on it: the run,
+            # with the encoder resident, checks (rest + encoder) x slack against the whole budget
+            vae["decode_budget_bytes"] -= int(self._te_device_bytes * ALLOCATOR_SLACK)
         return MemoryModel(
             resident_bytes=resident, dtype_bytes=torch.empty(0, dtype=self.dtype).element_size(),
             step_elements=lambda w, h: flux_step_elements(tcfg, w, h, text),
@@ -474,7 +480,7 @@ class Flux2KleinFamily(Family):
             # top module) it runs whole, as the hooks expect
             stack = te if self._te_offloaded else getattr(te, "model", te)
             return _pipeline()._get_qwen3_prompt_embeds(
-                ReadHiddenStates(stack, self.out_layers), self._tokenizer, [prompt], dtype=self.dtype,
+                ReadHiddenStates(stack, self.out_layers, self.folder), self._tokenizer, [prompt], dtype=self.dtype,
                 device=self.device, max_sequence_length=self.max_sequence_length,
                 hidden_states_layers=self.out_layers)
         finally:
