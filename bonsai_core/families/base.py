@@ -36,21 +36,25 @@ class _DecodeOnly(nn.Module):
                                  "left in the file. Encoding an image needs the VAE loaded with diffusers or ComfyUI")
 
 
-def decode_only(vae: nn.Module) -> int:
+def decode_only(vae: nn.Module) -> None:
     """Drop a diffusers KL VAE's encoder (and its ``quant_conv``): text to image only decodes, and
     the encoder is 40 % of the weights (34 M of FLUX.2's and SD's 84 M: 66 MiB in 16-bit on the
-    device in every phase). The bytes it freed; 0 for a VAE without one."""
-    from ..quant.layers import module_nbytes
-
-    encoder = getattr(vae, "encoder", None)
-    if not isinstance(encoder, nn.Module) or isinstance(encoder, _DecodeOnly):
-        return 0
-    freed = module_nbytes(encoder)
+    device in every phase). A VAE without one is left as it is."""
+    if not isinstance(getattr(vae, "encoder", None), nn.Module):
+        return
     vae.encoder = _DecodeOnly()
     if isinstance(getattr(vae, "quant_conv", None), nn.Module):
-        freed += module_nbytes(vae.quant_conv)
         vae.quant_conv = None  # diffusers' encode skips a None quant_conv
-    return freed
+
+
+def load_vae_decoder(folder: Path, entry: list, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The pipeline's ``vae`` component for decoding on ``device``: loaded on the host, its encoder
+    dropped (``decode_only``), then moved, so the encoder never reaches the device."""
+    from ..loader import load_component
+
+    vae = load_component(folder, "vae", entry, dtype, "cpu")
+    decode_only(vae)
+    return vae.to(device)
 
 
 class Family:

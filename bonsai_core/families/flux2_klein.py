@@ -42,7 +42,7 @@ from .. import sampling
 from ..config import FAMILY_DEFAULTS
 from ..loader import load_component
 from ..errors import BonsaiCheckpointError, BonsaiRequestError
-from .base import Family, decode_only
+from .base import Family, load_vae_decoder
 from .sd_unet import load_tokenizer, read_scheduler_config
 
 log = logging.getLogger(__name__)
@@ -120,6 +120,12 @@ def drop_unread_layers(text_encoder: nn.Module, out_layers) -> int:
     return dropped
 
 
+def unreadable_layers(read, n_layers: int) -> list[int]:
+    """The numbers in ``read`` that name no hidden state of an ``n_layers``-layer text encoder, which
+    has ``n_layers + 1`` of them: 0 to ``n_layers``, or counted from the end, -1 to ``-(n_layers + 1)``."""
+    return [v for v in read if not -(n_layers + 1) <= v <= n_layers]
+
+
 class ReadHiddenStates(nn.Module):
     """The text encoder's decoder stack as diffusers' ``_get_qwen3_prompt_embeds`` calls it, keeping
     only the hidden states the prompt embedding reads.
@@ -156,8 +162,7 @@ class ReadHiddenStates(nn.Module):
                 kept[i] = out[0] if isinstance(out, tuple) else out
             return hook
 
-        outside = [v for v in self.read if not -(n + 1) <= v <= n]
-        if outside:
+        if unreadable_layers(self.read, n):
             raise BonsaiCheckpointError(
                 f"{self.where}: the prompt embedding reads hidden states {list(self.read)} but the text encoder has "
                 f"{n} layers (hidden states 0 to {n}, or -{n + 1} to -1); set text_encoder_out_layers in "
@@ -294,7 +299,7 @@ class Flux2KleinFamily(Family):
         self._te_demoted = False  # parked after a run measured over the budget: never promoted again
         self._te_promoted = False  # resident because a run measured room for it (the estimate said no)
         n_layers = getattr(self.text_encoder.config, "num_hidden_layers", None)
-        if n_layers is not None and any(not -(n_layers + 1) <= v <= n_layers for v in self.out_layers):
+        if n_layers is not None and unreadable_layers(self.out_layers, n_layers):
             raise BonsaiCheckpointError(
                 f"{folder}: the prompt embedding reads hidden states {list(self.out_layers)} but the text encoder "
                 f"has {n_layers} layers; set text_encoder_out_layers in {SETTINGS_FILE}")
@@ -303,9 +308,7 @@ class Flux2KleinFamily(Family):
         self.te_embedding_on_host = embedding_to_host(self.text_encoder) \
             if device.type == "cuda" and isinstance(self.text_encoder, nn.Module) else 0
         self.transformer = load_component(folder, "transformer", index["transformer"], dtype, device)
-        self.vae = load_component(folder, "vae", index["vae"], dtype, "cpu")
-        decode_only(self.vae)  # before the move: the encoder never reaches the device
-        self.vae.to(device)
+        self.vae = load_vae_decoder(folder, index["vae"], dtype, device)
         if not hasattr(self.vae, "bn"):
             raise BonsaiCheckpointError(
                 f"{folder / 'vae'}: {type(self.vae).__name__} has no batch-norm statistics; FLUX.2 [klein] needs "

@@ -28,7 +28,7 @@ from .. import sampling
 from ..config import FAMILY_DEFAULTS
 from ..loader import load_component
 from ..errors import BonsaiCheckpointError
-from .base import Family, decode_only
+from .base import Family, load_vae_decoder
 
 #: what the sampler's own diffusers scheduler is, for ``schedule="auto"``
 AUTO_SCHEDULE = {"euler": "euler", "dpmpp_2m": "dpm"}
@@ -92,9 +92,7 @@ class SDUNetFamily(Family):
         if self.xl:
             self._tokenizers.append(load_tokenizer(folder, index["tokenizer_2"], "tokenizer_2"))
             self.text_encoders.append(load_component(folder, "text_encoder_2", index["text_encoder_2"], dtype, device))
-        self.vae = load_component(folder, "vae", index["vae"], dtype, "cpu")
-        decode_only(self.vae)  # before the move: the encoder never reaches the device
-        self.vae.to(device)
+        self.vae = load_vae_decoder(folder, index["vae"], dtype, device)
         self.force_zeros_for_empty_prompt = bool(index.get("force_zeros_for_empty_prompt", self.xl))
         self.scheduler_config = read_scheduler_config(folder)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
