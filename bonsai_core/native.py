@@ -38,6 +38,10 @@ class NativeStateDict:
     tensors: dict[str, torch.Tensor]
     source: Path
     notes: list[str] = field(default_factory=list)
+    #: How the model was trained to be sampled, where that is not what a host assumes of the layout
+    #: (an SD1.5/SDXL UNet is taken as epsilon-predicting on SD's schedule): ``{"prediction_type":
+    #: "v_prediction", "zero_snr": bool}`` from a model folder's scheduler config; None otherwise.
+    sampling: dict | None = None
 
     @property
     def packed_nbytes(self) -> int:
@@ -73,15 +77,42 @@ def read_native(path) -> NativeStateDict:
 def _read_folder(folder: Path) -> NativeStateDict:
     from .loader import family_of, read_model_index
 
+    sampling = None
     if (folder / "model_index.json").exists():
         index = read_model_index(folder)
         _family, comp = family_of(index, folder)
+        sampling = sd_sampling(folder) if _family == "sd_unet" else None
         folder = folder / comp
     if not any(checkpoint.sniff_format(p) in ("bonsai", "broken-bonsai") for p in folder.glob("*.safetensors")):
         raise BonsaiCheckpointError(
             f"{folder}: no Bonsai weights file here (a Bonsai model folder has model_index.json and unet/ or "
             "transformer/ with a Bonsai .safetensors); convert the model with `bonsai convert`")
-    return _from_component(checkpoint.read_tensors(checkpoint.find_weights(folder)))
+    out = _from_component(checkpoint.read_tensors(checkpoint.find_weights(folder)))
+    out.sampling = sampling
+    return out
+
+
+def sd_sampling(folder: Path) -> dict | None:
+    """What an SD model folder's ``scheduler/scheduler_config.json`` says a host must do differently
+    from epsilon prediction on SD's schedule: ``{"prediction_type": "v_prediction", "zero_snr": ...}``,
+    or None where it says nothing of the kind (no config: SD's defaults). A config the engine would
+    refuse is refused here too, with the engine's message and the file."""
+    from .errors import BonsaiRequestError
+    from .sampling import _check_sd_config
+    from .validate import read_json_file
+
+    path = folder / "scheduler" / "scheduler_config.json"
+    if not path.exists():
+        return None
+    cfg = read_json_file(path, "scheduler config")
+    try:
+        prediction = _check_sd_config(cfg)
+    except BonsaiRequestError as e:
+        raise BonsaiCheckpointError(f"{path}: {e}") from None
+    zero_snr = bool(cfg.get("rescale_betas_zero_snr", False))
+    if prediction == "epsilon" and not zero_snr:
+        return None
+    return {"prediction_type": prediction, "zero_snr": zero_snr}
 
 
 def _from_component(cf: checkpoint.ComponentFile) -> NativeStateDict:

@@ -188,10 +188,12 @@ def _check_sd_config(cfg: dict) -> str:
             f"prediction_type {prediction!r} is not supported for SD-style models: choose "
             "'epsilon' or 'v_prediction'"
         )
-    if cfg.get("rescale_betas_zero_snr"):
+    if cfg.get("rescale_betas_zero_snr") and prediction != "v_prediction":
+        # with zero terminal SNR the noisiest input holds nothing of the image, so predicting the
+        # noise there tells nothing (Lin et al. 2024 train such models with v-prediction)
         raise BonsaiRequestError(
-            "scheduler config sets rescale_betas_zero_snr=True (zero terminal SNR), which Bonsai does not "
-            "implement; use a model trained with the standard schedule"
+            "scheduler config sets rescale_betas_zero_snr=True (zero terminal SNR) with prediction_type "
+            f"{prediction!r}: at zero SNR a noise prediction is empty; use prediction_type 'v_prediction'"
         )
     _refuse_flags(cfg, ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
                         "euler_at_final", "thresholding"), "SD")

@@ -70,12 +70,15 @@ def comfy_version() -> str:
 def require() -> None:
     """Raise a ``BonsaiError`` naming the ComfyUI version when an internal we use is missing."""
     import comfy.model_patcher
+    import comfy.model_sampling
     import comfy.ops
     import comfy.sd
 
     missing = []
     for owner, names in ((comfy.ops, ("manual_cast",)), (comfy.sd, ("load_diffusion_model_state_dict",)),
-                         (comfy.model_patcher.ModelPatcher, ("patch_weight_to_device", "unpatch_model", "clone"))):
+                         (comfy.model_patcher.ModelPatcher, ("patch_weight_to_device", "unpatch_model", "clone",
+                                                             "add_object_patch")),
+                         (comfy.model_sampling, ("ModelSamplingDiscrete", "V_PREDICTION"))):
         missing += [f"{owner.__name__}.{n}" for n in names if not hasattr(owner, n)]
     for cls in ("Linear", "Conv2d"):
         if not hasattr(getattr(comfy.ops, "manual_cast", None), cls):
@@ -460,10 +463,11 @@ def model_nbytes(model: torch.nn.Module) -> int:
     return module_nbytes(model)
 
 
-def load_native_model(sd: dict, source: str):
+def load_native_model(sd: dict, source: str, sampling: dict | None = None):
     """A ComfyUI ModelPatcher for a native state dict (``bonsai_core.native``) built by core's own
-    detection with ``BonsaiOps``. Refuses, naming ``source``, a dict core cannot detect or a model
-    that was left with unfilled weights."""
+    detection with ``BonsaiOps``; ``sampling`` (``NativeStateDict.sampling``): a v-prediction or
+    zero-terminal-SNR SD model is set up as core's ModelSamplingDiscrete node would. Refuses, naming
+    ``source``, a dict core cannot detect or a model that was left with unfilled weights."""
     require()
     import comfy.sd
 
@@ -489,7 +493,29 @@ def load_native_model(sd: dict, source: str):
     _skip_needless_casts(patcher.model)
     patcher.__class__ = _patcher_class(type(patcher))
     patcher.size = model_nbytes(patcher.model)
+    if sampling:
+        _set_sampling(patcher, sampling, source)
     return patcher
+
+
+def _set_sampling(patcher, sampling: dict, source: str) -> None:
+    """What core's ModelSamplingDiscrete node does for (v_prediction, zsnr): ComfyUI takes an SD1.5/SDXL
+    layout as epsilon on SD's schedule, so a model folder saying otherwise sets it here, where a
+    workflow would otherwise need that node. (ComfyUI clamps the zero-SNR end of the schedule to
+    alpha_bar 4.9e-8, diffusers to 2^-24: first sigmas 4518 and 4096, the same image to rounding.)"""
+    import comfy.model_sampling as ms
+
+    base = patcher.get_model_object("model_sampling")
+    if not isinstance(base, ms.ModelSamplingDiscrete):
+        raise BonsaiError(f"{source}: the model folder asks for {sampling} sampling, which ComfyUI's "
+                          f"{type(base).__name__} model sampling of this architecture cannot take")
+    kind = {"v_prediction": ms.V_PREDICTION, "epsilon": ms.EPS}[sampling["prediction_type"]]
+
+    class BonsaiModelSampling(ms.ModelSamplingDiscrete, kind):
+        pass
+
+    patcher.add_object_patch("model_sampling",
+                             BonsaiModelSampling(patcher.model.model_config, zsnr=bool(sampling["zero_snr"])))
 
 
 def _skip_needless_casts(model) -> int:

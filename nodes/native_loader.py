@@ -56,4 +56,4 @@ class BonsaiDiffusionModelLoader:
     def load(self, model_name):
         path = model_path(model_name)
         native = read_native(path)
-        return (comfy_native.load_native_model(native.tensors, path),)
+        return (comfy_native.load_native_model(native.tensors, path, native.sampling),)

@@ -294,6 +294,24 @@ def sd_case(work: Path, pack):
     RESULTS["sd_lora_rel"] = rel(sample(lm, latent, cond, sampler="euler", scheduler="normal"), want)
     RESULTS["sd_lora_effect"] = rel(want, base)
 
+    # a v-prediction, zero-terminal-SNR model (NativeStateDict.sampling from its folder's scheduler
+    # config) against core's own loader with core's ModelSamplingDiscrete node set the same way
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    RESULTS["sd_default_sigma_max"] = float(ours.get_model_object("model_sampling").sigma_max)
+    with torch.inference_mode():
+        vz = comfy_nodes_native.load_native_model(native, "tiny-sd-vz", {"prediction_type": "v_prediction",
+                                                                          "zero_snr": True})
+    vz_truth = ModelSamplingDiscrete().patch(truth, "v_prediction", True)[0]
+    RESULTS["sd_vz_sigma_max"] = [float(m.get_model_object("model_sampling").sigma_max) for m in (vz, vz_truth)]
+    import comfy.model_sampling
+
+    RESULTS["sd_vz_prediction"] = [isinstance(m.get_model_object("model_sampling"), comfy.model_sampling.V_PREDICTION)
+                                   for m in (vz, vz_truth, ours)]
+    vz_want = sample(vz_truth, latent, cond, sampler="euler", scheduler="normal")
+    RESULTS["sd_vz_rel"] = rel(sample(vz, latent, cond, sampler="euler", scheduler="normal"), vz_want)
+    RESULTS["sd_vz_effect"] = rel(vz_want, base)  # not the epsilon model's image
+
 
 # ------------------------------------------------------------------------------------------- VAE
 def vae_case():

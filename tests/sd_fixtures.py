@@ -171,10 +171,12 @@ def make_tiny_sdxl_pipeline(folder: Path, seed: int = 0, unet_config: dict | Non
     return folder
 
 
-def set_prediction_type(folder: Path, prediction: str) -> Path:
-    """Make the folder's scheduler config say ``prediction`` (epsilon or v_prediction)."""
+def set_prediction_type(folder: Path, prediction: str, **extra) -> Path:
+    """Make the folder's scheduler config say ``prediction`` (epsilon or v_prediction), and any
+    ``extra`` keys (e.g. ``rescale_betas_zero_snr=True``)."""
     path = Path(folder) / "scheduler" / "scheduler_config.json"
     cfg = json.loads(path.read_text())
     cfg["prediction_type"] = prediction
+    cfg.update(extra)
     path.write_text(json.dumps(cfg, indent=2))
     return folder

@@ -101,6 +101,28 @@ def test_read_native_gives_a_bonsai_sd_folder_in_ldm_names_with_the_packed_weigh
     assert isinstance(w, Q1Tensor) and torch.equal(w.qs, stored["down_blocks.0.attentions.0.proj_in.weight"].qs)
     assert torch.equal(native.tensors["out.2.weight"], stored["conv_out.weight"])
     assert read_native(folder / "unet" / "diffusion_pytorch_model.safetensors").tensors.keys() == native.tensors.keys()
+    assert native.sampling is None  # SD's own schedule, epsilon: what ComfyUI assumes of the layout
+
+
+def test_read_native_says_how_a_v_prediction_zero_snr_folder_samples_and_refuses_a_bad_config(tmp_path):
+    from bonsai_core.convert import convert_pipeline
+    from bonsai_core.errors import BonsaiCheckpointError
+    from bonsai_core.native import read_native
+    from tests.sd_fixtures import make_tiny_sd_pipeline, set_prediction_type
+
+    folder = tmp_path / "bonsai"
+    convert_pipeline(make_tiny_sd_pipeline(tmp_path / "src"), folder, log=lambda m: None)
+    set_prediction_type(folder, "v_prediction")
+    assert read_native(folder).sampling == {"prediction_type": "v_prediction", "zero_snr": False}
+    set_prediction_type(folder, "v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    assert read_native(folder).sampling == {"prediction_type": "v_prediction", "zero_snr": True}
+    assert read_native(folder / "unet").sampling is None  # a bare component has no scheduler to read
+    set_prediction_type(folder, "epsilon", rescale_betas_zero_snr=True)  # zero SNR cannot predict the noise
+    with pytest.raises(BonsaiCheckpointError, match=r"scheduler_config\.json.*v_prediction"):
+        read_native(folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text("{not json")
+    with pytest.raises(BonsaiCheckpointError, match="scheduler_config"):
+        read_native(folder)
 
 
 def test_read_native_gives_a_q1_gguf_in_bfl_names_with_fused_qkv(tmp_path):
@@ -164,6 +186,12 @@ def test_native_model_samples_as_comfyuis_own_loader_of_the_dequantized_weights(
     assert ours == packed < 0.4 * dense
     assert r["sd_rel"] < 1e-5 and r["sd_packed_params"] == r["sd_q1_tensors"]  # every packed weight kept packed
     assert r["sd_lora_patched_keys"] == 2 and r["sd_lora_rel"] < 1e-5 < 100 * 1e-5 < r["sd_lora_effect"]
+    # a folder that says v-prediction on a zero-terminal-SNR schedule is sampled as core's
+    # ModelSamplingDiscrete node (v_prediction, zsnr) makes ComfyUI's own model sample it
+    assert r["sd_default_sigma_max"] == pytest.approx(14.6, abs=0.05)
+    assert r["sd_vz_sigma_max"][0] == r["sd_vz_sigma_max"][1] > 4000
+    assert r["sd_vz_prediction"] == [True, True, False]
+    assert r["sd_vz_rel"] < 1e-5 and r["sd_vz_effect"] > 0.05
     # 16-bit layers already in the compute dtype call torch directly, as core's own loader builds them
     # (pick_operations), instead of ComfyUI's per-call cast: the rest of the eager step's overhead
     for fam in ("sd", "klein") if "klein_rel" in r else ("sd",):

@@ -552,12 +552,30 @@ def test_bad_requests_refused():
         sd_schedule(10, dict(beta_schedule="cosine_v9"))
     with pytest.raises(BonsaiRequestError, match="middle"):
         sd_schedule(10, dict(timestep_spacing="middle"))
+    with pytest.raises(BonsaiRequestError, match="'epsilon'.*v_prediction"):  # zero SNR needs v
+        sd_schedule(10, dict(rescale_betas_zero_snr=True))
     with pytest.raises(BonsaiRequestError, match="image_seq_len"):
         flow_schedule(4, 0)
     with pytest.raises(BonsaiRequestError, match="one value per step"):
         flow_schedule(4, 1024, KLEIN_CONFIG, sigmas=[1.0, 0.5])
     with pytest.raises(BonsaiRequestError, match="shift_terminal"):
         flow_schedule(4, 1024, dict(KLEIN_CONFIG, shift_terminal=0.1))
+
+
+def test_zero_terminal_snr_schedule_starts_where_diffusers_clamps_it():
+    """Zero terminal SNR (Lin et al. 2024): alpha_bar at t = 999 is 0, which diffusers' schedulers
+    clamp to 2^-24, so the first sigma is sqrt((1 - 2^-24) / 2^-24) ~ 4096 (against 14.6 on SD's own
+    schedule); the rest of the alphas follow Lin et al.'s Algorithm 1, written here from the paper."""
+    cfg = dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    sched = sd_schedule(10, cfg)
+    assert sched.timesteps[0].item() == 999
+    assert sched.sigmas[0].item() == pytest.approx(((1 - 2 ** -24) / 2 ** -24) ** 0.5, rel=1e-4)
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    s = torch.cumprod(1 - betas, 0).sqrt()
+    s = (s - s[-1]) * s[0] / (s[0] - s[-1])  # shift the last to 0, keep the first
+    t = int(sched.timesteps[1].item())  # trailing: a whole training timestep
+    assert sched.sigmas[1].item() == pytest.approx(((1 - s[t] ** 2) / s[t] ** 2).sqrt().item(), rel=1e-4)
+    assert sd_schedule(10).sigmas[0].item() == pytest.approx(14.6, abs=0.05)
 
 
 def test_half_precision_latent_comes_back_in_its_dtype():

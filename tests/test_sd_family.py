@@ -34,7 +34,10 @@ def sd(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd-family")
     eps = make_tiny_sd_pipeline(root / "sd-eps")
     v = set_prediction_type(shutil.copytree(eps, root / "sd-v"), "v_prediction")
-    return {"epsilon": eps, "v_prediction": v, "root": root, "loaded": {}}
+    # zero terminal SNR (Lin et al. 2024), as Lin et al. sample it: v-prediction, trailing timesteps
+    zsnr = set_prediction_type(shutil.copytree(eps, root / "sd-v-zsnr"), "v_prediction", rescale_betas_zero_snr=True,
+                               timestep_spacing="trailing")
+    return {"epsilon": eps, "v_prediction": v, "v_zero_snr": zsnr, "root": root, "loaded": {}}
 
 
 def engine_and_pipeline(sd, prediction):
@@ -79,7 +82,7 @@ def max_diff(result, reference) -> float:
 # ---------------------------------------------------------------------------------------------
 # SD1.5 layout
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "v_zero_snr"])
 @pytest.mark.parametrize("karras", [False, True])
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
 def test_sd_equals_stable_diffusion_pipeline(sd, sampler, karras, prediction):

@@ -33,7 +33,15 @@ asks; 32 / 64 / 128 took 0.95 s a step of 32 on the shared 2-core CPU, this 0.5 
 * ``g``: b still predicting epsilon (SD1.5's parameterization, what ComfyUI assumes of an SD1.5
   layout), weighted as ``f``: the x0 error counts min(SNR + 1, 5), so the epsilon MSE is weighted
   min(SNR + 1, 5) / SNR (213 at t = 999). Same optimum as b; only the weighting differs from b and
-  only the parameterization from f.
+  only the parameterization from f;
+* ``h``: f on SD's schedule rescaled to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise
+  Schedules and Sample Steps are Flawed", Algorithm 1: sqrt(alpha_bar) shifted so its last value is
+  0 and scaled so its first is kept), sampled with DDIM's trailing timesteps from t = 999. On SD's
+  own schedule sqrt(alpha_bar) at t = 999 is 0.068: in training the noisiest input still shows where
+  the object is (summed over an object's pixels, well above the noise), so the model can learn to
+  read the place from x_t instead of from the caption, and at sampling it reads it from the starting
+  noise: one cell per seed, whatever the words. With zero terminal SNR the noisiest input holds
+  nothing of the image and the place can only come from the caption.
 
 Measurement (no learnt model involved): for two prompts ("a red circle on a white background,
 <position>", "a blue square on a yellow background, <position>"), the 9 positions x 4 seeds are
@@ -78,7 +86,16 @@ VARIANTS = {
     "e": dict(pyramid=0.6, lr=1e-3),
     "f": dict(pyramid=0.6, prediction="v_prediction"),
     "g": dict(pyramid=0.6, x0_weight="snr+1"),
+    "h": dict(pyramid=0.6, prediction="v_prediction", zero_snr=True),
 }
+
+
+def zero_snr_alphas(alphas: torch.Tensor) -> torch.Tensor:
+    """alpha_bar rescaled to zero terminal SNR (Lin et al. 2024, Algorithm 1)."""
+    s = alphas.double().sqrt()
+    first, last = s[0].clone(), s[-1].clone()
+    s = (s - last) * first / (first - last)
+    return (s ** 2).to(alphas.dtype)
 
 
 def build(variant: dict, tok_dir: Path, seed: int):
@@ -191,12 +208,15 @@ def summarise(reads: list[dict], n_seeds: int) -> dict:
 
 @torch.no_grad()
 def sample(unet, te, tok, captions: list[str], seeds, steps: int = 25, cfg: float = 4.0,
-           prediction: str = "epsilon") -> torch.Tensor:
-    """DDIM with SD1.5's scheduler config and CFG; ordered seed-major (seed, caption). [0, 1] images."""
+           prediction: str = "epsilon", zero_snr: bool = False) -> torch.Tensor:
+    """DDIM with SD1.5's scheduler config and CFG (with ``zero_snr``: rescaled, trailing timesteps, as
+    Lin et al. sample); ordered seed-major (seed, caption). [0, 1] images."""
     from diffusers import DDIMScheduler
 
+    extra = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if zero_snr else {}
     sch = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction)
+                        clip_sample=False, set_alpha_to_one=False, steps_offset=0 if zero_snr else 1,
+                        prediction_type=prediction, **extra)
     sch.set_timesteps(steps)
     caps = [c for _ in seeds for c in captions]
     # one starting noise per seed, shared by all its captions: the same-seed test
@@ -215,13 +235,13 @@ def sample(unet, te, tok, captions: list[str], seeds, steps: int = 25, cfg: floa
     return ((x + 1) / 2).clamp(0, 1)
 
 
-def evaluate(unet, te, tok, prediction: str = "epsilon") -> dict:
+def evaluate(unet, te, tok, prediction: str = "epsilon", zero_snr: bool = False) -> dict:
     rows = eval_captions()
     n_pos = len(S.POSITIONS)
     imgs = []
     for p in range(len(EVAL_PAIRS)):  # order: pair, seed, position (summarise reads it so)
         imgs.append(sample(unet, te, tok, [r[0] for r in rows[p * n_pos:(p + 1) * n_pos]], EVAL_SEEDS,
-                           prediction=prediction))
+                           prediction=prediction, zero_snr=zero_snr))
     imgs = torch.cat(imgs)
     ordered = [rows[p * n_pos + i] for p in range(len(EVAL_PAIRS)) for _ in EVAL_SEEDS for i in range(n_pos)]
     res = summarise(read_images(imgs, ordered), len(EVAL_SEEDS))
@@ -294,6 +314,8 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
     opt = torch.optim.AdamW(params, lr=lr0, weight_decay=0.01)
     ema_u, ema_t = copy.deepcopy(unet).eval().requires_grad_(False), copy.deepcopy(te).eval().requires_grad_(False)
     alphas = T._sd_alphas("cpu")
+    if v.get("zero_snr"):
+        alphas = zero_snr_alphas(alphas)
     gen = torch.Generator().manual_seed(args.seed)  # same data order, timesteps and noise draws per variant
     t0 = time.perf_counter()
     losses, record = [], {"variant": name, "settings": v, "evals": []}
@@ -334,10 +356,11 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
         if step in args.eval_at or step == args.steps:
             te_e = time.perf_counter()
-            res, imgs = evaluate(ema_u, ema_t, tok, v.get("prediction", "epsilon"))
+            res, imgs = evaluate(ema_u, ema_t, tok, v.get("prediction", "epsilon"), v.get("zero_snr", False))
             res.update(step=step, weights="ema", eval_s=round(time.perf_counter() - te_e, 1))
             if step == args.steps:
-                raw, _ = evaluate(unet.eval(), te.eval(), tok, v.get("prediction", "epsilon"))
+                raw, _ = evaluate(unet.eval(), te.eval(), tok, v.get("prediction", "epsilon"),
+                                  v.get("zero_snr", False))
                 res["raw_weights"] = raw
                 save_grid(imgs, out / f"samples_{name}.png")
             print(f"[{name}] eval {json.dumps(res)}", flush=True)
