@@ -91,13 +91,14 @@ def make_tiny_sd_pipeline(folder: Path, seed: int = 0, unet_config: dict | None 
     return write_sd_scheduler_and_index(folder)
 
 
-def write_sd_scheduler_and_index(folder: Path) -> Path:
-    """The SD1.5 scheduler config and a StableDiffusionPipeline model_index.json beside the components."""
+def write_sd_scheduler_and_index(folder: Path, **changes) -> Path:
+    """The SD1.5 scheduler config (with ``changes``, e.g. ``prediction_type="v_prediction"``) and a
+    StableDiffusionPipeline model_index.json beside the components."""
     from diffusers import EulerDiscreteScheduler
 
-    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                           prediction_type="epsilon", timestep_spacing="leading", steps_offset=1
-                           ).save_pretrained(folder / "scheduler")
+    cfg = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type="epsilon",
+               timestep_spacing="leading", steps_offset=1)
+    EulerDiscreteScheduler(**{**cfg, **changes}).save_pretrained(folder / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.36.0",
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],

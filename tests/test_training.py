@@ -101,3 +101,45 @@ def test_pyramid_noise_adds_coarse_energy_at_unit_std():
     # the fine structure is still mostly white: neighbouring latents stay weakly correlated
     corr = torch.corrcoef(torch.stack([pyr[..., :-1].flatten(), pyr[..., 1:].flatten()]))[0, 1].item()
     assert 0.05 < corr < 0.5
+
+
+def test_zero_snr_alphas_are_diffusers_rescaled_schedule():
+    from diffusers import DDPMScheduler
+
+    ref = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        rescale_betas_zero_snr=True).alphas_cumprod
+    ours = train_teacher._sd_alphas("cpu", zero_snr=True)
+    assert ours[-1].item() == 0.0 and (ours - ref).abs().max().item() < 1e-6
+    assert ours[0].item() == pytest.approx(train_teacher._sd_alphas("cpu")[0].item(), rel=1e-6)  # first kept
+
+
+def test_v_loss_on_hand_worked_samples():
+    # a = 0 (zero SNR): v = -x0, weight 1; a = 0.8 (SNR 4): v = sqrt(.8) n - sqrt(.2) x0, weight min(5, 5) / 5 = 1;
+    # a = 0.9 (SNR 9): weight 5 / 10 = 0.5
+    x0, noise = torch.full((3, 1, 1, 2), 2.0), torch.full((3, 1, 1, 2), 1.0)
+    a = torch.tensor([0.0, 0.8, 0.9]).view(-1, 1, 1, 1)
+    pred = torch.zeros(3, 1, 1, 2)
+    v = [-2.0, 0.8 ** 0.5 - 2 * 0.2 ** 0.5, 0.9 ** 0.5 - 2 * 0.1 ** 0.5]
+    want = (v[0] ** 2 * 1 + v[1] ** 2 * 1 + v[2] ** 2 * 0.5) / 3
+    assert train_teacher.v_loss(pred, x0, noise, a, 5.0).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_v_prediction_zero_snr_teacher_exports_its_schedule_and_generates(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    work = str(tmp_path / "w")
+    common = ["--work", work, "--config", "tiny", "--device", "cpu", "--batch", "2", "--log-every", "1"]
+    train_teacher.main(["vae", *common, "--steps", "1"])
+    unet_args = [*common, "--pool", "4", "--fresh", "2", "--steps", "1"]
+    with pytest.raises(SystemExit, match="v_prediction"):
+        train_teacher.main(["unet", *unet_args, "--zero-snr"])
+    out = train_teacher.main(["unet", *unet_args, "--prediction", "v_prediction", "--zero-snr"])
+    log = [json.loads(ln) for ln in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
+    assert [(r["prediction"], r["zero_snr"]) for r in log if "loss" in r and r.get("stage") == "unet"] == \
+        [("v_prediction", True)]
+    teacher = tmp_path / "w" / "teacher"
+    cfg = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None).scheduler.config
+    assert (cfg.prediction_type, cfg.rescale_betas_zero_snr, cfg.timestep_spacing) == ("v_prediction", True, "trailing")
+    eng = BonsaiImageEngine.from_pretrained(teacher, device="cpu")
+    r = eng.generate("a small red star on a blue background, top left", seed=1, steps=2, width=64, height=64)
+    assert out["step"] == 1 and torch.isfinite(r.tensor).all()

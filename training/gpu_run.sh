@@ -3,6 +3,7 @@
 #   bash training/gpu_run.sh teacher|teacher-carried|teacher-resume|teacher-lowres|teacher-more|distill|more|ablate|retrain
 # RESOLUTION=N (teacher-resume, teacher-more) trains the UNet on scenes rendered at N (default: the config's, 512);
 # teacher-lowres is teacher-resume at LOWRES (256; 32 with SMOKE=1). The packed teacher is a 512² model either way.
+# TEACHER_RECIPE adds train_teacher.py unet options, e.g. "--prediction v_prediction --zero-snr".
 # Work folder: models/train (git-ignored, so it stays on a warm machine between calls); what must come
 # back goes to $OUT (at most 8 files, each under 16 MB).
 # SMOKE=1 runs every stage on the CPU with the tiny config and a few steps (checks the script itself).
@@ -22,8 +23,8 @@ if [ "${SMOKE:-0}" = 1 ]; then
 else
   C=""; DEV=""
   VAE="--steps 3000 --batch 32 --max-seconds ${VAE_SECONDS:-140}"
-  UNET="--steps 6000 --batch 128 --pyramid-noise ${PYRAMID_NOISE:-0.6} --max-seconds ${UNET_SECONDS:-300}"
-  UNET_MORE="--steps 60000 --batch 128 --pyramid-noise ${PYRAMID_NOISE:-0.6} --max-seconds ${UNET_SECONDS:-450}"
+  UNET="--steps 6000 --batch 128 --pyramid-noise ${PYRAMID_NOISE:-0.6} --max-seconds ${UNET_SECONDS:-300} ${TEACHER_RECIPE:-}"
+  UNET_MORE="--steps 60000 --batch 128 --pyramid-noise ${PYRAMID_NOISE:-0.6} --max-seconds ${UNET_SECONDS:-450} ${TEACHER_RECIPE:-}"
   DIST="--steps 10000 --batch 64 --max-seconds ${DISTILL_SECONDS:-270}"; DIST_MORE="--steps 30000 --batch 64 --max-seconds ${DISTILL_SECONDS:-360}"
   CLF="--steps 1500"; EVAL="--prompts 200"; SAMPLE=""
   LOWRES=${LOWRES:-256}

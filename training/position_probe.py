@@ -90,14 +90,6 @@ VARIANTS = {
 }
 
 
-def zero_snr_alphas(alphas: torch.Tensor) -> torch.Tensor:
-    """alpha_bar rescaled to zero terminal SNR (Lin et al. 2024, Algorithm 1)."""
-    s = alphas.double().sqrt()
-    first, last = s[0].clone(), s[-1].clone()
-    s = (s - last) * first / (first - last)
-    return (s ** 2).to(alphas.dtype)
-
-
 def build(variant: dict, tok_dir: Path, seed: int):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -288,15 +280,6 @@ def reread(paths: list[str], smooth: int) -> None:
             print(path, f"{by}:", json.dumps(summarise(read_images(imgs, ordered, by=by), len(EVAL_SEEDS))))
 
 
-def v_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, gamma: float) -> torch.Tensor:
-    """The v-prediction MSE, each sample weighted min(SNR + 1, gamma) / (SNR + 1): its x0 error then
-    counts min(SNR + 1, gamma) (the v error is (SNR + 1) x the x0 error's square, per unit of a)."""
-    target = a.sqrt() * noise - (1 - a).sqrt() * x0
-    snr1 = a.view(-1) / (1 - a.view(-1)) + 1
-    w = torch.clamp(snr1, max=gamma) / snr1
-    return ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).mul(w).mean()
-
-
 def eps_loss_x0_weighted(pred: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, gamma: float) -> torch.Tensor:
     """The epsilon MSE weighted min(SNR + 1, gamma) / SNR: its x0 error counts min(SNR + 1, gamma), as
     ``v_loss``'s does (the epsilon error is SNR x the x0 error's square)."""
@@ -315,7 +298,7 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
     ema_u, ema_t = copy.deepcopy(unet).eval().requires_grad_(False), copy.deepcopy(te).eval().requires_grad_(False)
     alphas = T._sd_alphas("cpu")
     if v.get("zero_snr"):
-        alphas = zero_snr_alphas(alphas)
+        alphas = T.zero_snr_alphas(alphas)
     gen = torch.Generator().manual_seed(args.seed)  # same data order, timesteps and noise draws per variant
     t0 = time.perf_counter()
     losses, record = [], {"variant": name, "settings": v, "evals": []}
@@ -338,7 +321,7 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(xt, t, te(ids)[0]).sample
         if v.get("prediction") == "v_prediction":
-            loss = v_loss(pred, x0, noise, a, 5.0)
+            loss = T.v_loss(pred, x0, noise, a, 5.0)
         elif v.get("x0_weight") == "snr+1":
             loss = eps_loss_x0_weighted(pred, noise, a, 5.0)
         else:

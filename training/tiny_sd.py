@@ -164,8 +164,10 @@ def build_components(config: str = "shipped", seed: int = 0, tokenizer_dir: Path
     return tok, te, unet, vae
 
 
-def save_pipeline(folder: Path, tok, te, unet, vae, extra_files: dict[str, str] | None = None) -> Path:
-    """Write a full-precision diffusers StableDiffusionPipeline folder (safetensors, SD1.5 scheduler)."""
+def save_pipeline(folder: Path, tok, te, unet, vae, extra_files: dict[str, str] | None = None,
+                  scheduler: dict | None = None) -> Path:
+    """Write a full-precision diffusers StableDiffusionPipeline folder (safetensors, SD1.5 scheduler
+    with ``scheduler``'s changes)."""
     from tests.sd_fixtures import write_sd_scheduler_and_index
 
     folder = Path(folder)
@@ -176,7 +178,7 @@ def save_pipeline(folder: Path, tok, te, unet, vae, extra_files: dict[str, str] 
     vae.save_pretrained(folder / "vae", safe_serialization=True)
     for name, text in (extra_files or {}).items():
         (folder / name).write_text(text)
-    return write_sd_scheduler_and_index(folder)
+    return write_sd_scheduler_and_index(folder, **(scheduler or {}))
 
 
 def make_pipeline(folder: Path, config: str = "shipped", seed: int = 0) -> Path:

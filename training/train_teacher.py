@@ -196,9 +196,24 @@ def _drop(captions: list[str], gen: torch.Generator, p: float) -> list[str]:
     return out
 
 
-def _sd_alphas(device) -> torch.Tensor:
+def _sd_alphas(device, zero_snr: bool = False) -> torch.Tensor:
+    """alpha_bar of SD's schedule (scaled_linear 0.00085..0.012, 1000 steps); ``zero_snr``: rescaled
+    to zero terminal SNR (``zero_snr_alphas``)."""
     betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2  # scaled_linear
-    return torch.cumprod(1 - betas, 0).float().to(device)
+    alphas = torch.cumprod(1 - betas, 0)
+    return (zero_snr_alphas(alphas) if zero_snr else alphas).float().to(device)
+
+
+def zero_snr_alphas(alphas: torch.Tensor) -> torch.Tensor:
+    """alpha_bar rescaled to zero terminal SNR (Lin et al. 2024, "Common Diffusion Noise Schedules and
+    Sample Steps are Flawed", Algorithm 1): sqrt(alpha_bar) shifted so that its last value is 0 and
+    scaled so that its first is kept. On SD's own schedule sqrt(alpha_bar) at t = 999 is 0.068: the
+    noisiest training input still shows where an object is, so a model can learn to read the place
+    from x_t rather than from the caption, and at sampling reads it from the starting noise."""
+    s = alphas.double().sqrt()
+    first, last = s[0].clone(), s[-1].clone()
+    s = (s - last) * first / (first - last)
+    return (s ** 2).to(alphas.dtype)
 
 
 def train_unet(args) -> dict:
@@ -238,7 +253,9 @@ def train_unet(args) -> dict:
     elif args.init_from:
         step = init_from_teacher(Path(args.init_from), unet, te, ema_unet, ema_te)
     start = 0 if ck else step  # the learning-rate warm-up counts from a fresh optimizer's first step
-    alphas = _sd_alphas(dev)
+    if args.zero_snr and args.prediction != "v_prediction":
+        raise SystemExit("--zero-snr needs --prediction v_prediction: at zero SNR a noise prediction is empty")
+    alphas = _sd_alphas(dev, args.zero_snr)
     pool_n = max(args.pool, args.batch)
     fresh = max(1, min(args.fresh, pool_n))
 
@@ -285,7 +302,10 @@ def train_unet(args) -> dict:
         with autocast(dev):
             ctx = te(ids)[0]
             pred = unet(zt, t, ctx).sample
-        loss = min_snr_loss(pred, noise, a, args.min_snr)
+        if args.prediction == "v_prediction":
+            loss = v_loss(pred, z0, noise, a, args.min_snr)
+        else:
+            loss = min_snr_loss(pred, noise, a, args.min_snr)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -298,12 +318,13 @@ def train_unet(args) -> dict:
         dt = time.perf_counter() - t_step
         per_step = dt if per_step is None else 0.9 * per_step + 0.1 * dt
         if step % args.log_every == 0 or step == args.steps:
-            log_line(work, {"stage": "unet", "step": step, "res": res, "loss": round(loss.item(), 5), "lr": lr,
+            log_line(work, {"stage": "unet", "step": step, "res": res, "prediction": args.prediction,
+                            "zero_snr": args.zero_snr, "loss": round(loss.item(), 5), "lr": lr,
                             "s_per_step": round(per_step, 4), "elapsed": round(clock.elapsed(), 1)})
         if step % args.ckpt_every == 0:
             _save_unet(work, unet, te, ema_unet, ema_te, opt, step)
     _save_unet(work, unet, te, ema_unet, ema_te, opt, step)
-    teacher = export_teacher(work, tok, ema_te, ema_unet)
+    teacher = export_teacher(work, tok, ema_te, ema_unet, scheduler_for(args))
     out = {"stage": "unet", "step": step, "res": res, "done": step >= args.steps, "teacher": str(teacher),
            "elapsed": round(clock.elapsed(), 1)}
     log_line(work, out)
@@ -319,6 +340,16 @@ def training_resolution(asked: int | None, cfg: dict) -> int:
         raise SystemExit(f"--resolution {res}: must be a positive multiple of {factor} (the VAE's downsampling), "
                          f"e.g. {cfg['resolution'] // 2} or {cfg['resolution']}")
     return res
+
+
+def v_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, gamma: float) -> torch.Tensor:
+    """The v-prediction MSE (``v = sqrt(a) noise - sqrt(1 - a) x0``, SD 2's parameterization), each
+    sample weighted min(SNR + 1, gamma) / (SNR + 1), so that its error on x0 counts min(SNR + 1, gamma)
+    (min-SNR-gamma for v, Hang et al. 2023); finite at zero SNR (weight 1 there)."""
+    target = a.sqrt() * noise - (1 - a).sqrt() * x0
+    snr1 = a.view(-1) / (1 - a.view(-1)) + 1
+    w = torch.clamp(snr1, max=gamma) / snr1
+    return ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).mul(w).mean()
 
 
 def min_snr_loss(pred: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -389,8 +420,20 @@ def _save_unet(work, unet, te, ema_unet, ema_te, opt, step):
                                  "ema_te": ema_te.state_dict(), "opt": opt.state_dict(), "step": step})
 
 
-def export_teacher(work: Path, tok, te, unet) -> Path:
-    """Write ``work/teacher`` (a full-precision diffusers folder), replacing an older one whole."""
+def scheduler_for(args) -> dict:
+    """The exported scheduler config's changes from SD1.5's for this recipe: v-prediction, and with
+    zero terminal SNR the rescaled schedule sampled from t = 999 (trailing timesteps, as Lin et al.)."""
+    if args.prediction != "v_prediction":
+        return {}
+    out = {"prediction_type": "v_prediction"}
+    if args.zero_snr:
+        out.update(rescale_betas_zero_snr=True, timestep_spacing="trailing", steps_offset=0)
+    return out
+
+
+def export_teacher(work: Path, tok, te, unet, scheduler: dict | None = None) -> Path:
+    """Write ``work/teacher`` (a full-precision diffusers folder), replacing an older one whole;
+    ``scheduler``: changes to SD1.5's scheduler config (``scheduler_for``)."""
     import shutil
 
     from diffusers import AutoencoderKL
@@ -400,7 +443,7 @@ def export_teacher(work: Path, tok, te, unet) -> Path:
     vae = AutoencoderKL.from_pretrained(work / "vae")
     te_cpu, unet_cpu = copy.deepcopy(te).float().cpu(), copy.deepcopy(unet).float().cpu()
     with staged_dir(work / "teacher") as tmp:
-        tiny_sd.save_pipeline(tmp, tok, te_cpu, unet_cpu, vae)
+        tiny_sd.save_pipeline(tmp, tok, te_cpu, unet_cpu, vae, scheduler=scheduler)
         if (work / "log.jsonl").is_file():  # a call that logged nothing yet (started from a teacher) has none
             shutil.copy2(work / "log.jsonl", tmp / "training_log.jsonl")
     return work / "teacher"
@@ -446,6 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 "cheaply before the config's resolution; any call may change it (the "
                                 "checkpoint carries on); the exported teacher keeps the config's size. "
                                 "Default: the config's resolution (512; tiny 64)")
+            s.add_argument("--prediction", default="epsilon", choices=("epsilon", "v_prediction"),
+                           help="what the UNet predicts: epsilon (SD1.5's; min-SNR weighted) or v (SD 2's; its x0 "
+                                "error weighted min(SNR + 1, --min-snr)); the exported scheduler config says which. "
+                                "A run may switch (SD 2 was fine-tuned from epsilon to v)")
+            s.add_argument("--zero-snr", action="store_true",
+                           help="train on SD's schedule rescaled to zero terminal SNR (needs --prediction "
+                                "v_prediction), so that the noisiest input holds nothing of the image and object "
+                                "placement must come from the caption; the exported config says "
+                                "rescale_betas_zero_snr and trailing timesteps")
             s.add_argument("--ema", type=float, default=0.999)
             s.add_argument("--warmup", type=int, default=200)
     return p
