@@ -14,8 +14,8 @@ OUT=${OUT:-out}
 PY=${PYTHON:-python}
 if [ "${SMOKE:-0}" = 1 ]; then
   C="--config tiny --device cpu"; DEV="--device cpu"
-  VAE="--steps 2 --batch 2 --max-seconds 60"; UNET="--steps 2 --batch 2 --pool 4 --fresh 2 --max-seconds 60"
-  UNET_MORE="--steps 3 --batch 2 --pool 4 --fresh 2 --max-seconds 60"
+  VAE="--steps 2 --batch 2 --max-seconds 60"; UNET="--steps 2 --batch 2 --pool 4 --fresh 2 --max-seconds 60 ${TEACHER_RECIPE:-}"
+  UNET_MORE="--steps 3 --batch 2 --pool 4 --fresh 2 --max-seconds 60 ${TEACHER_RECIPE:-}"
   DIST="--steps 2 --batch 2 --pool 2 --refresh 1 --sample-steps 2 --max-seconds 60"
   DIST_MORE="--steps 3 --batch 2 --pool 2 --refresh 1 --sample-steps 2 --max-seconds 60"
   CLF="--steps 2 --batch 4 --pool 8"; EVAL="--prompts 2 --steps 2 --size 64 --batch 2"; SAMPLE="--steps 2 --size 64"

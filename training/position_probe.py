@@ -41,7 +41,9 @@ asks; 32 / 64 / 128 took 0.95 s a step of 32 on the shared 2-core CPU, this 0.5 
   the object is (summed over an object's pixels, well above the noise), so the model can learn to
   read the place from x_t instead of from the caption, and at sampling it reads it from the starting
   noise: one cell per seed, whatever the words. With zero terminal SNR the noisiest input holds
-  nothing of the image and the place can only come from the caption.
+  nothing of the image and the place can only come from the caption;
+* ``i``: h without pyramid noise (a zero-SNR schedule no longer needs coarse noise to hide the image's
+  coarse signal; the offset noise of every variant stays).
 
 Measurement (no learnt model involved): for two prompts ("a red circle on a white background,
 <position>", "a blue square on a yellow background, <position>"), the 9 positions x 4 seeds are
@@ -78,6 +80,7 @@ from training import train_teacher as T  # noqa: E402
 RES, RENDER = 32, 128
 EVAL_PAIRS = (("circle", "red", "white"), ("square", "blue", "yellow"))
 EVAL_SEEDS = (0, 1, 2, 3)
+DEV = torch.device("cpu")  # --device: where the variants train and sample (draws stay on the CPU generator)
 VARIANTS = {
     "a": dict(pyramid=0.0),
     "b": dict(pyramid=0.6),
@@ -87,6 +90,7 @@ VARIANTS = {
     "f": dict(pyramid=0.6, prediction="v_prediction"),
     "g": dict(pyramid=0.6, x0_weight="snr+1"),
     "h": dict(pyramid=0.6, prediction="v_prediction", zero_snr=True),
+    "i": dict(pyramid=0.0, prediction="v_prediction", zero_snr=True),
 }
 
 
@@ -213,18 +217,18 @@ def sample(unet, te, tok, captions: list[str], seeds, steps: int = 25, cfg: floa
     caps = [c for _ in seeds for c in captions]
     # one starting noise per seed, shared by all its captions: the same-seed test
     x = torch.cat([torch.randn(1, 3, RES, RES, generator=torch.Generator().manual_seed(s)).expand(len(captions), -1, -1, -1)
-                   for s in seeds]).contiguous()
+                   for s in seeds]).contiguous().to(DEV)
 
     def encode(texts):
         ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
-        return te(ids)[0]
+        return te(ids.to(DEV))[0]
 
     ctx = torch.cat([encode([""] * len(caps)), encode(caps)])
     for t in sch.timesteps:
         e_u, e_c = unet(torch.cat([x, x]), t, ctx).sample.chunk(2)
         x = sch.step(e_u + cfg * (e_c - e_u), t, x).prev_sample
-    return ((x + 1) / 2).clamp(0, 1)
+    return ((x + 1) / 2).clamp(0, 1).cpu()
 
 
 def evaluate(unet, te, tok, prediction: str = "epsilon", zero_snr: bool = False) -> dict:
@@ -291,7 +295,7 @@ def eps_loss_x0_weighted(pred: torch.Tensor, noise: torch.Tensor, a: torch.Tenso
 def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> dict:
     v = VARIANTS[name]
     tok, te, unet = build(v, tok_dir, seed=1)
-    te.train(), unet.train()
+    te, unet = te.to(DEV).train(), unet.to(DEV).train()
     params = list(unet.parameters()) + list(te.parameters())
     lr0 = v.get("lr", args.lr)
     opt = torch.optim.AdamW(params, lr=lr0, weight_decay=0.01)
@@ -317,9 +321,10 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
         # so the offset draw below comes from a generator of its own
         noise = T.pyramid_noise(noise, torch.Generator().manual_seed(args.seed * 100003 + step), v["pyramid"])
         noise = noise + 0.1 * torch.randn(x0.shape[0], x0.shape[1], 1, 1, generator=gen)
-        a = alphas[t].view(-1, 1, 1, 1)
+        a = alphas[t].view(-1, 1, 1, 1).to(DEV)
+        x0, noise = x0.to(DEV), noise.to(DEV)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = unet(xt, t, te(ids)[0]).sample
+        pred = unet(xt, t.to(DEV), te(ids.to(DEV))[0]).sample
         if v.get("prediction") == "v_prediction":
             loss = T.v_loss(pred, x0, noise, a, 5.0)
         elif v.get("x0_weight") == "snr+1":
@@ -341,6 +346,7 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
             te_e = time.perf_counter()
             res, imgs = evaluate(ema_u, ema_t, tok, v.get("prediction", "epsilon"), v.get("zero_snr", False))
             res.update(step=step, weights="ema", eval_s=round(time.perf_counter() - te_e, 1))
+            save_grid(imgs, out / f"samples_{name}_{step}.png")
             if step == args.steps:
                 raw, _ = evaluate(unet.eval(), te.eval(), tok, v.get("prediction", "epsilon"),
                                   v.get("zero_snr", False))
@@ -375,6 +381,7 @@ def main(argv=None) -> dict:
     p.add_argument("--pool", type=int, default=8192)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda to answer with more steps in minutes")
     p.add_argument("--out", default="benchmarks/results/cpu/position_probe")
     p.add_argument("--reread", nargs="+", metavar="PNG", help="only read saved sample grids again (no training)")
     p.add_argument("--smooth", type=int, default=3, help="with --reread: box filter before reading")
@@ -382,6 +389,8 @@ def main(argv=None) -> dict:
     if args.reread:
         return reread(args.reread, args.smooth)
     torch.set_num_threads(args.threads)
+    global DEV
+    DEV = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     print("measurement on ground-truth renders:", check_measurement(), flush=True)
