@@ -10,7 +10,7 @@ OUT=${OUT:-out}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 mkdir -p "$OUT/probe"
-for v in ${PROBE_VARIANTS:-b h i}; do
+for v in ${PROBE_VARIANTS:-b h i j}; do
   timeout "${PROBE_SECONDS:-520}" python3 training/position_probe.py --device cuda --steps "${PROBE_STEPS:-8000}" \
       --eval-at 1000 2000 4000 6000 --variants "$v" --out "$OUT/probe/$v" > "$OUT/probe/$v.log" 2>&1 &
 done

@@ -43,7 +43,10 @@ asks; 32 / 64 / 128 took 0.95 s a step of 32 on the shared 2-core CPU, this 0.5 
   noise: one cell per seed, whatever the words. With zero terminal SNR the noisiest input holds
   nothing of the image and the place can only come from the caption;
 * ``i``: h without pyramid noise (a zero-SNR schedule no longer needs coarse noise to hide the image's
-  coarse signal; the offset noise of every variant stays).
+  coarse signal; the offset noise of every variant stays);
+* ``j``: h with two coordinate channels (x and y in [-1, 1]) joined to the UNet's input: a
+  diagnostic only (an SD layout takes 4 latent channels, so no shipped model can do this). If it
+  learns position where h does not, what h lacks is absolute position in its features.
 
 Measurement (no learnt model involved): for two prompts ("a red circle on a white background,
 <position>", "a blue square on a yellow background, <position>"), the 9 positions x 4 seeds are
@@ -91,7 +94,18 @@ VARIANTS = {
     "g": dict(pyramid=0.6, x0_weight="snr+1"),
     "h": dict(pyramid=0.6, prediction="v_prediction", zero_snr=True),
     "i": dict(pyramid=0.0, prediction="v_prediction", zero_snr=True),
+    "j": dict(pyramid=0.6, prediction="v_prediction", zero_snr=True, coords=True),
 }
+
+
+def with_coords(x: torch.Tensor, on: bool) -> torch.Tensor:
+    """``x`` with two channels of its pixels' x and y in [-1, 1] joined (variant j), else ``x``."""
+    if not on:
+        return x
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, x.shape[-2], device=x.device),
+                            torch.linspace(-1, 1, x.shape[-1], device=x.device), indexing="ij")
+    grid = torch.stack([xs, ys]).to(x.dtype).expand(x.shape[0], -1, -1, -1)
+    return torch.cat([x, grid], 1)
 
 
 def build(variant: dict, tok_dir: Path, seed: int):
@@ -106,7 +120,7 @@ def build(variant: dict, tok_dir: Path, seed: int):
                                       num_attention_heads=4, max_position_embeddings=77, projection_dim=128))
     top = "CrossAttn" if variant.get("full_res_attention") else ""
     unet = UNet2DConditionModel(
-        sample_size=RES, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32, 64),
+        sample_size=RES, in_channels=5 if variant.get("coords") else 3, out_channels=3, layers_per_block=1, block_out_channels=(16, 32, 64),
         norm_num_groups=4, cross_attention_dim=128, attention_head_dim=4,
         down_block_types=(f"{top}DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", f"{top}UpBlock2D"))
@@ -204,7 +218,7 @@ def summarise(reads: list[dict], n_seeds: int) -> dict:
 
 @torch.no_grad()
 def sample(unet, te, tok, captions: list[str], seeds, steps: int = 25, cfg: float = 4.0,
-           prediction: str = "epsilon", zero_snr: bool = False) -> torch.Tensor:
+           prediction: str = "epsilon", zero_snr: bool = False, coords: bool = False) -> torch.Tensor:
     """DDIM with SD1.5's scheduler config and CFG (with ``zero_snr``: rescaled, trailing timesteps, as
     Lin et al. sample); ordered seed-major (seed, caption). [0, 1] images."""
     from diffusers import DDIMScheduler
@@ -226,18 +240,18 @@ def sample(unet, te, tok, captions: list[str], seeds, steps: int = 25, cfg: floa
 
     ctx = torch.cat([encode([""] * len(caps)), encode(caps)])
     for t in sch.timesteps:
-        e_u, e_c = unet(torch.cat([x, x]), t, ctx).sample.chunk(2)
+        e_u, e_c = unet(with_coords(torch.cat([x, x]), coords), t, ctx).sample.chunk(2)
         x = sch.step(e_u + cfg * (e_c - e_u), t, x).prev_sample
     return ((x + 1) / 2).clamp(0, 1).cpu()
 
 
-def evaluate(unet, te, tok, prediction: str = "epsilon", zero_snr: bool = False) -> dict:
+def evaluate(unet, te, tok, prediction: str = "epsilon", zero_snr: bool = False, coords: bool = False) -> dict:
     rows = eval_captions()
     n_pos = len(S.POSITIONS)
     imgs = []
     for p in range(len(EVAL_PAIRS)):  # order: pair, seed, position (summarise reads it so)
         imgs.append(sample(unet, te, tok, [r[0] for r in rows[p * n_pos:(p + 1) * n_pos]], EVAL_SEEDS,
-                           prediction=prediction, zero_snr=zero_snr))
+                           prediction=prediction, zero_snr=zero_snr, coords=coords))
     imgs = torch.cat(imgs)
     ordered = [rows[p * n_pos + i] for p in range(len(EVAL_PAIRS)) for _ in EVAL_SEEDS for i in range(n_pos)]
     res = summarise(read_images(imgs, ordered), len(EVAL_SEEDS))
@@ -324,7 +338,7 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
         a = alphas[t].view(-1, 1, 1, 1).to(DEV)
         x0, noise = x0.to(DEV), noise.to(DEV)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = unet(xt, t.to(DEV), te(ids.to(DEV))[0]).sample
+        pred = unet(with_coords(xt, v.get("coords", False)), t.to(DEV), te(ids.to(DEV))[0]).sample
         if v.get("prediction") == "v_prediction":
             loss = T.v_loss(pred, x0, noise, a, 5.0)
         elif v.get("x0_weight") == "snr+1":
@@ -344,12 +358,13 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
         if step in args.eval_at or step == args.steps:
             te_e = time.perf_counter()
-            res, imgs = evaluate(ema_u, ema_t, tok, v.get("prediction", "epsilon"), v.get("zero_snr", False))
+            res, imgs = evaluate(ema_u, ema_t, tok, v.get("prediction", "epsilon"), v.get("zero_snr", False),
+                                v.get("coords", False))
             res.update(step=step, weights="ema", eval_s=round(time.perf_counter() - te_e, 1))
             save_grid(imgs, out / f"samples_{name}_{step}.png")
             if step == args.steps:
                 raw, _ = evaluate(unet.eval(), te.eval(), tok, v.get("prediction", "epsilon"),
-                                  v.get("zero_snr", False))
+                                  v.get("zero_snr", False), v.get("coords", False))
                 res["raw_weights"] = raw
                 save_grid(imgs, out / f"samples_{name}.png")
             print(f"[{name}] eval {json.dumps(res)}", flush=True)
