@@ -142,6 +142,8 @@ def time_step(fn, kwargs, device, args, graph: bool, profile: bool = False) -> d
             out = {"step_ms": r["median_s"] * 1e3}
             if profile and args.profile:
                 out["profile"] = profile_steps(fn, kwargs, device, args.profile)
+            if profile and args.torch_profile and device.type == "cuda":
+                out["torch_profile"] = torch_profile_steps(fn, kwargs, args.torch_profile)
             return out
         from bonsai_core.cuda_graph import GraphedStep
 
@@ -152,6 +154,46 @@ def time_step(fn, kwargs, device, args, graph: bool, profile: bool = False) -> d
             return {"step_ms": None, "error": f"{type(exc).__name__}: {str(exc)[:160]}"}
         r = time_fn(lambda: g(**kwargs), device, warmup=args.warmup, repeats=args.repeats)
         return {"step_ms": r["median_s"] * 1e3}
+
+
+def torch_profile_steps(fn, kwargs, steps: int, top: int = 20) -> dict:
+    """Host and GPU time of ``steps`` eager steps under torch.profiler: the GPU's busy share of the
+    wall time (an eager step bound by the host leaves the GPU idle between launches), the ops with the
+    most host time of their own, the kernels with the most GPU time, and every call that waits for the
+    GPU (synchronize, blocking copies), which would serialise host and GPU."""
+    import time as _time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = _time.perf_counter()
+        for _ in range(steps):
+            fn(**kwargs)
+        torch.cuda.synchronize()
+        wall = _time.perf_counter() - t0
+    events = prof.key_averages()
+
+    def dev_us(e):
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    kernels = [e for e in events if dev_us(e) > 0 and e.self_cpu_time_total == 0]
+    gpu_us = sum(dev_us(e) for e in kernels)
+    waits = [e for e in events if any(w in e.key for w in ("Synchronize", "cudaMemcpy", "StreamWait", "item",
+                                                               "_local_scalar_dense"))]
+    return {
+        "steps": steps, "wall_ms_per_step": round(wall / steps * 1e3, 3),
+        "gpu_kernel_ms_per_step": round(gpu_us / steps / 1e3, 3),
+        "gpu_busy_share": round(gpu_us / 1e6 / wall, 3),
+        "host_ops": [{"op": e.key, "calls_per_step": round(e.count / steps, 1),
+                      "self_cpu_ms_per_step": round(e.self_cpu_time_total / steps / 1e3, 3)}
+                     for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]],
+        "gpu_kernels": [{"kernel": e.key[:120], "calls_per_step": round(e.count / steps, 1),
+                         "gpu_ms_per_step": round(dev_us(e) / steps / 1e3, 3)}
+                        for e in sorted(kernels, key=lambda e: -dev_us(e))[:top]],
+        "waits": [{"op": e.key, "calls_per_step": round(e.count / steps, 2),
+                   "self_cpu_ms_per_step": round(e.self_cpu_time_total / steps / 1e3, 3)} for e in waits],
+    }
 
 
 def profile_steps(fn, kwargs, device, steps: int, top: int = 25) -> list[dict]:
@@ -315,6 +357,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="also profile the eager steps' host time (cProfile over STEPS calls; top functions in the JSON)")
+    p.add_argument("--torch-profile", type=int, default=0, metavar="STEPS",
+                   help="also run STEPS eager steps under torch.profiler (CUDA only): GPU busy share, host ops, "
+                        "kernels, and calls that wait for the GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--gguf-read", metavar="DIR", help="only time reading a klein-4B-shaped Q1_0 GGUF written in DIR "

@@ -16,6 +16,7 @@
 #
 #   run(command="BENCH_GIT_COMMIT=<commit> bash benchmarks/gpu_everything.sh", carry=[".whl", ".comfy_carry"], timeout_s=595)
 #
+# EVERYTHING_ONLY=REGEX runs only the parts whose name matches (grep -E), e.g. "profile|mma".
 # EVERYTHING_DRY=1 prints each part with the limit it would get if every part before it used its whole limit,
 # and runs nothing (checked on a CPU).
 set -uo pipefail
@@ -31,6 +32,10 @@ export BENCH_GIT_COMMIT=${BENCH_GIT_COMMIT:-unknown} PYTHONUNBUFFERED=1
 part() {
   local name=$1 cap=$2 least=$3
   shift 3
+  if [ -n "${EVERYTHING_ONLY:-}" ] && ! echo "$name" | grep -qE "$EVERYTHING_ONLY"; then
+    echo "=== $name: not asked for (EVERYTHING_ONLY=$EVERYTHING_ONLY)" | tee -a "$LOG"
+    return 0
+  fi
   local left=$((DEADLINE - SECONDS))
   local limit=$((cap < left ? cap : left))
   if [ "$limit" -lt "$least" ]; then
@@ -72,6 +77,9 @@ part "issue 23: bench_te4bit" 160 60 \
 part "issue 22: bench_comfy_native" 180 60 \
   env COMFYUI_PATH="$PWD/.comfy_carry/ComfyUI" python3 benchmarks/bench_comfy_native.py --profile 5 \
   --json "$OUT/comfy_native.json"
+part "issue 22: torch profile of the eager steps" 90 40 \
+  env COMFYUI_PATH="$PWD/.comfy_carry/ComfyUI" python3 benchmarks/bench_comfy_native.py --sizes 512 --loras 0 \
+  --no-graph --torch-profile 5 --json "$OUT/comfy_profile.json"
 part "issue 22: comfy_dynamic_vram_check" 100 40 \
   env COMFYUI_PATH="$PWD/.comfy_carry/ComfyUI" python3 benchmarks/comfy_dynamic_vram_check.py \
   --json "$OUT/comfy_dynamic_vram.json"
