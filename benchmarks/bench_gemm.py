@@ -10,7 +10,9 @@ M = 1, 16, 256, 1536, 4096, 8192. Paths:
   fused    the first tiled kernel reading packed bits (klein shapes only: its autotuning is slow)
   fp8blk   fp8_blockwise: activations to e4m3 per (token, 128), signs to e4m3, cuBLAS's (1x128, 1x128) fp8 GEMM
   mma      cuda_w1's CUDA C++ W1A16 on tensor cores (mma.sync; split-K with an in-kernel reduction),
-           mma_wide the same with each lane taking whole groups (16-byte loads of bits; up to 32 tokens)
+           mma_wide the same with each lane taking whole groups (16-byte loads of bits; up to 32 tokens);
+           mma_nt4 with four n8 tiles a warp on every layer (each activation fragment feeds four mmas;
+           the engine's plan gives narrow layers one), mma_nt4x that with 4x more room for split-K partials
   w1a16    triton_w1's fused W1A16 (split-K below M = 65, tiled above; EXPAND 0), w1a16x1 with EXPAND 1
   fp8      triton_w1's W1A8 with e4m3 activations, activation quantization included; int8 likewise
   fp8_gemm the same kernel on activations quantized beforehand (int8_gemm likewise): like with like
@@ -146,6 +148,8 @@ def main() -> int:
                      "w1a16x1": lambda: triton_w1.linear(x, qs, d, k, None, None, 1),
                      "mma": lambda: cuda_w1.linear(x, qs, d, k, None, wide=False),
                      "mma_wide": lambda: cuda_w1.linear(x, qs, d, k, None, wide=True),
+                     "mma_nt4": lambda: cuda_w1.linear(x, qs, d, k, None, wide=False, four=True),
+                     "mma_nt4x": lambda: cuda_w1.linear(x, qs, d, k, None, wide=False, four=True, partial_ratio=8),
                      "fp8blk": lambda: fp8_blockwise.linear(x, qs, d, k, None),
                      "fp8": lambda: triton_w1.linear(x, qs, d, k, None, "fp8"),
                      "int8": lambda: triton_w1.linear(x, qs, d, k, None, "int8"),

@@ -67,6 +67,21 @@ def test_mma_matches_the_reference_on_every_layer_shape(n, k, m, wide):
 
 
 @needs_gpu
+@pytest.mark.parametrize("n,k", [(3072, 3072), (3072, 12288), (320, 320), (1280, 5120), (300, 1000)])
+@pytest.mark.parametrize("m", [1, 7, 16])
+@pytest.mark.parametrize("ratio", [2, 8])
+def test_mma_four_tiles_a_warp_on_narrow_layers_matches_the_reference(n, k, m, ratio):
+    """``four`` (bench_gemm's mma_nt4 / mma_nt4x): narrow layers on four n8 tiles a warp, K split more."""
+    qs, d = _weights(n, k, 2)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    _poison()
+    got = cuda_w1.linear(x, qs, d, k, bias, wide=False, four=True, partial_ratio=ratio)
+    _close(got, _reference(x, qs, d, k, bias, torch.bfloat16), torch.bfloat16)
+    assert torch.equal(got, cuda_w1.linear(x, qs, d, k, bias, wide=False, four=True, partial_ratio=ratio))
+
+
+@needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", [(1, 256, 384), (5, 300, 1000), (3, 301, 136), (64, 64, 128), (65, 130, 320),
                                    (300, 700, 1280), (33, 18432, 3072)])
@@ -194,6 +209,15 @@ def test_the_plan_splits_k_only_while_blocks_are_few():
         units = -(-groups // 4)  # wide lanes: K is split in units of four groups
         mt, nt, splits, per = cuda_w1.plan(m, n, groups, sms=132, wide=True)
         assert 1 <= splits <= cuda_w1.MAX_SPLITS and (splits - 1) * per < units <= splits * per
+
+
+def test_the_plan_takes_four_tiles_and_more_partials_when_asked():
+    assert cuda_w1.plan(16, 3072, 24, sms=132) == (1, 1, 6, 4)  # the engine's default: narrow blocks
+    mt, nt, splits, per = cuda_w1.plan(16, 3072, 24, sms=132, four=True)
+    assert (mt, nt) == (1, 4) and splits * 16 * 3072 * 8 <= 2 * 3072 * 24 * 16
+    mt, nt, splits8, per = cuda_w1.plan(16, 3072, 24, sms=132, four=True, partial_ratio=8)
+    assert nt == 4 and splits8 > splits and splits8 * 16 * 3072 * 8 <= 8 * 3072 * 24 * 16
+    assert (splits8 - 1) * per < 24 <= splits8 * per
 
 
 def _fake_nvcc(tmp_path, body):

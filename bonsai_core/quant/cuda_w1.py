@@ -150,20 +150,26 @@ def why_not(device: torch.device) -> str | None:
     return lib if isinstance(lib, str) else None
 
 
-def plan(m: int, n: int, groups: int, sms: int, wide: bool = False) -> tuple[int, int, int, int]:
+def plan(m: int, n: int, groups: int, sms: int, wide: bool = False, four: bool | None = None,
+         partial_ratio: int = 2) -> tuple[int, int, int, int]:
     """``(mt, nt, splits, units per split)``: m16 tiles per warp, n8 tiles per warp (a block is 4
     warps: 32 ``nt`` columns), and how K is split so that a launch has about ``TARGET_CTAS_PER_SM``
-    blocks per multiprocessor, while the fp32 partials cost less than twice the weight's bits. Narrow
-    layers take narrow blocks (``nt`` 1) before K is split. K is split in units: a group, or with
-    ``wide`` lanes four groups."""
+    blocks per multiprocessor, while the fp32 partials cost less than ``partial_ratio`` times the
+    weight's bits. Narrow layers take narrow blocks (``nt`` 1) before K is split, unless ``four``
+    (True: four n8 tiles a warp whatever the width, so that each activation fragment a warp loads
+    feeds four mmas instead of one; an A/B in bench_gemm, path mma_nt4). K is split in units: a
+    group, or with ``wide`` lanes four groups."""
     mt = 1 if m <= 16 else (2 if m <= 32 else 4)
     m_tiles = -(-m // (16 * mt))
-    nt = 4 if -(-n // 128) * m_tiles >= sms else 1
+    if four is None:
+        four = -(-n // 128) * m_tiles >= sms
+    nt = 4 if four else 1
     tiles = -(-n // (32 * nt)) * m_tiles
     units = -(-groups // 4) if wide else groups
     splits = min(MAX_SPLITS, max(1, units // MIN_GROUPS_PER_SPLIT), max(1, -(-TARGET_CTAS_PER_SM * sms // tiles)),
-                 max(1, groups * 128 // (32 * m)))  # partials written and read (8 m bytes a column a split)
-    #                                                 stay within twice the packed weight (k / 8 a column)
+                 max(1, partial_ratio * groups * 64 // (32 * m)))  # partials written and read (8 m bytes a
+    #                                                  column a split) stay within partial_ratio x the packed
+    #                                                  weight (k / 8 = 16 groups bytes a column)
     if tiles > COUNTERS:
         splits = 1
     per = -(-units // splits)
@@ -174,9 +180,10 @@ _PLANS: dict[tuple, tuple] = {}
 
 
 def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int, bias,
-           wide: bool | None = None) -> torch.Tensor:
+           wide: bool | None = None, four: bool | None = None, partial_ratio: int = 2) -> torch.Tensor:
     """``x @ W.T + bias`` for a Q1_0 weight (``qs`` uint8 [N, NG*16], ``d`` fp16 [N, NG]) and 16-bit ``x``;
-    ``wide``: lanes take whole groups (up to ``WIDE_MAX_M`` tokens; default ``WIDE``)."""
+    ``wide``: lanes take whole groups (up to ``WIDE_MAX_M`` tokens; default ``WIDE``); ``four`` and
+    ``partial_ratio``: ``plan``'s (benchmarks' A/B; the defaults are the engine's)."""
     cap, sms = device_props(x.device)
     lib = _load(cap)
     if isinstance(lib, str):
@@ -202,10 +209,10 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, in_features: int,
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*shape[:-1], n)
-    key = (m, n, groups, sms, wide)
+    key = (m, n, groups, sms, wide, four, partial_ratio)
     p = _PLANS.get(key)
     if p is None:
-        p = _PLANS[key] = plan(m, n, groups, sms, wide)
+        p = _PLANS[key] = plan(m, n, groups, sms, wide, four, partial_ratio)
     mt, nt, splits, per = p
     if bias is not None and (bias.dtype != x.dtype or not bias.is_contiguous()):
         bias = bias.to(x.dtype).contiguous()
