@@ -83,8 +83,8 @@ part "issue 22: torch profile of the eager steps" 90 40 \
 part "issue 22: comfy_dynamic_vram_check" 100 40 \
   env COMFYUI_PATH="$PWD/.comfy_carry/ComfyUI" python3 benchmarks/comfy_dynamic_vram_check.py \
   --json "$OUT/comfy_dynamic_vram.json"
-part "issue 20: GEMM rows of mma at M = 1, 16" 60 30 \
-  python3 benchmarks/bench_gemm.py --families klein-4B,SD1.5/SDXL --ms 1,16 --paths dense,mma,mma_wide \
+part "issue 20: GEMM rows of mma at M = 1, 16" 100 30 \
+  python3 benchmarks/bench_gemm.py --families klein-4B,SD1.5/SDXL --ms 1,16 --paths dense,mma,mma_wide,mma_nt4,mma_nt4x \
   --json "$OUT/gemm_mma.json"
 part "issue 20: GEMM rows of fp8blk at M = 1536, 4096" 45 25 \
   python3 benchmarks/bench_gemm.py --families klein-4B --ms 1536,4096 --paths dense,fp8blk,scaled_mm \
