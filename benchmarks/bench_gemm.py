@@ -8,7 +8,8 @@ M = 1, 16, 256, 1536, 4096, 8192. Paths:
   dequant  one Triton dequantize pass into a dense weight, then cuBLAS
   gemv     the split-K GEMV on tensor cores (M <= 16 only)
   fused    the first tiled kernel reading packed bits (klein shapes only: its autotuning is slow)
-  fp8blk   fp8_blockwise: activations to e4m3 per (token, 128), signs to e4m3, cuBLAS's (1x128, 1x128) fp8 GEMM
+  fp8blk   fp8_blockwise: activations to e4m3 per (token, 128), signs to e4m3, cuBLAS's (1x128, 1x128) fp8 GEMM;
+           fp8blk_gemm that GEMM alone on operands made beforehand (what fusing the two passes away could reach)
   mma      cuda_w1's CUDA C++ W1A16 on tensor cores (mma.sync; split-K with an in-kernel reduction),
            mma_wide the same with each lane taking whole groups (16-byte loads of bits; up to 32 tokens);
            mma_nt4 with four n8 tiles a warp on every layer (each activation fragment feeds four mmas;
@@ -158,6 +159,11 @@ def main() -> int:
             if "scaled_mm" in want:
                 paths["scaled_mm"] = lambda: torch._scaled_mm(xq8, w8.t(), scale_a=xs8[:, None], scale_b=ws8[None, :],
                                                               out_dtype=dtype)
+            if "fp8blk_gemm" in want and fp8_blockwise.available(x.device) is None:
+                a_major, b_major = fp8_blockwise._STATE[x.device][0]
+                pa, psa = fp8_blockwise.quantize_blocks(x, m_major=a_major, rows=-(-m // 16) * 16)
+                psg, psb = fp8_blockwise._signs(qs, d, k), fp8_blockwise._weight_scales(d, b_major)
+                paths["fp8blk_gemm"] = lambda: fp8_blockwise._gemm(pa, psa, psg, psb, dtype)
             if "int_mm" in want and m > 16:
                 paths["int_mm"] = lambda: torch._int_mm(xqi, wi.t())
             if m <= triton_q1.GEMV_MAX_M:

@@ -86,8 +86,8 @@ part "issue 22: comfy_dynamic_vram_check" 100 40 \
 part "issue 20: GEMM rows of mma at M = 1, 16" 100 30 \
   python3 benchmarks/bench_gemm.py --families klein-4B,SD1.5/SDXL --ms 1,16 --paths dense,mma,mma_wide,mma_nt4,mma_nt4x \
   --json "$OUT/gemm_mma.json"
-part "issue 20: GEMM rows of fp8blk at M = 1536, 4096" 45 25 \
-  python3 benchmarks/bench_gemm.py --families klein-4B --ms 1536,4096 --paths dense,fp8blk,scaled_mm \
+part "issue 20: GEMM rows of fp8blk at M = 1536, 4096" 60 25 \
+  python3 benchmarks/bench_gemm.py --families klein-4B --ms 1536,4096 --paths dense,fp8blk,fp8blk_gemm,scaled_mm \
   --json "$OUT/gemm_fp8blk.json"
 part "issues 23, 22: the CUDA engine tests (klein's encode against diffusers', pinning, lending, placement)" 60 20 \
   python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_engine.py tests/test_q4_affine.py \
