@@ -162,7 +162,7 @@ def run_family(family: str, args, device, dynamic: bool) -> None:
         if variant == "classic":
             os.environ["BONSAI_KITCHEN"] = "off"
         elif dynamic:
-            os.environ["BONSAI_KITCHEN"] = "auto"  # the kitchen form because dynamic VRAM is on (the default is off)
+            os.environ["BONSAI_KITCHEN"] = "auto"  # the kitchen form because dynamic VRAM is on (the default)
         else:
             os.environ["BONSAI_KITCHEN"] = "on"
         with torch.inference_mode():

@@ -37,8 +37,9 @@ def test_without_dynamic_vram_auto_and_off_keep_the_classic_form(pack, monkeypat
         assert pack.nodes.comfy_native.kitchen_form() is False
 
 
-def test_by_default_the_classic_form_even_with_dynamic_vram_on(pack, monkeypatch):
-    """The kitchen form is opt-in until it has run under CUDA dynamic VRAM."""
+def test_by_default_the_kitchen_form_where_dynamic_vram_is_on_and_classic_where_it_is_off(pack, monkeypatch):
+    """The kitchen form is the default under dynamic VRAM (it has run under CUDA dynamic VRAM: same images,
+    0.39x the classic form's peak); BONSAI_KITCHEN=off keeps the classic form."""
     import types
 
     monkeypatch.delenv("BONSAI_KITCHEN", raising=False)
@@ -51,9 +52,14 @@ def test_by_default_the_classic_form_even_with_dynamic_vram_on(pack, monkeypatch
     native = pack.nodes.comfy_native
     monkeypatch.setattr(native, "_dynamic_vram_problem", lambda: None)  # as if every internal were there
     monkeypatch.setattr(native.kitchen_layout, "problem", lambda: None)
+    assert native.kitchen_form() is True
+    monkeypatch.setenv("BONSAI_KITCHEN", "off")
     assert native.kitchen_form() is False
     monkeypatch.setenv("BONSAI_KITCHEN", "auto")
     assert native.kitchen_form() is True
+    monkeypatch.delenv("BONSAI_KITCHEN")
+    fake.aimdo_enabled = False  # dynamic VRAM off (--disable-dynamic-vram, the CPU): the classic form
+    assert native.kitchen_form() is False
 
 
 def test_asking_for_the_kitchen_form_where_comfyui_has_none_says_why(pack, monkeypatch):
