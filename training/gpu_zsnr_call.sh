@@ -4,7 +4,7 @@
 # teacher on at 256² with the v-prediction, zero-terminal-SNR recipe (see training/GPU-RUNS.md).
 #   run(command="bash training/gpu_zsnr_call.sh", carry=[".whl", "training_carry_run4_gz"], timeout_s=600)
 # Returns teacher-lowres's files (log, teacher_log.jsonl, teacher_grid.png/.txt, teacher-fp16.tar.part*)
-# and probe.tar (every variant's log, results and grids): 8 files at most.
+# and probe.tar (every variant's log, results and grids): 8 files at most. TEACHER=0 runs the probes only.
 set -uo pipefail
 OUT=${OUT:-out}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -14,8 +14,10 @@ for v in ${PROBE_VARIANTS:-b h i j}; do
   timeout "${PROBE_SECONDS:-520}" python3 training/position_probe.py --device cuda --steps "${PROBE_STEPS:-8000}" \
       --eval-at 1000 2000 4000 6000 --variants "$v" --out "$OUT/probe/$v" > "$OUT/probe/$v.log" 2>&1 &
 done
-PYTHON=python3 UNET_SECONDS=${UNET_SECONDS:-420} TEACHER_CARRY=${TEACHER_CARRY:-training_carry_run4_gz} \
-    TEACHER_RECIPE="--prediction v_prediction --zero-snr" bash training/gpu_run.sh teacher-lowres
+if [ "${TEACHER:-1}" = 1 ]; then  # TEACHER=0: the probes only (a short call)
+  PYTHON=python3 UNET_SECONDS=${UNET_SECONDS:-420} TEACHER_CARRY=${TEACHER_CARRY:-training_carry_run4_gz} \
+      TEACHER_RECIPE="--prediction v_prediction --zero-snr" bash training/gpu_run.sh teacher-lowres
+fi
 wait
 tar -C "$OUT" -cf "$OUT/probe.tar" probe && rm -rf "$OUT/probe"
 ls -la "$OUT"
