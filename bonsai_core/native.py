@@ -80,8 +80,8 @@ def _read_folder(folder: Path) -> NativeStateDict:
     sampling = None
     if (folder / "model_index.json").exists():
         index = read_model_index(folder)
-        _family, comp = family_of(index, folder)
-        sampling = sd_sampling(folder) if _family == "sd_unet" else None
+        family, comp = family_of(index, folder)
+        sampling = sd_sampling(folder) if family == "sd_unet" else None
         folder = folder / comp
     if not any(checkpoint.sniff_format(p) in ("bonsai", "broken-bonsai") for p in folder.glob("*.safetensors")):
         raise BonsaiCheckpointError(

@@ -502,7 +502,8 @@ def _set_sampling(patcher, sampling: dict, source: str) -> None:
     """What core's ModelSamplingDiscrete node does for (v_prediction, zsnr): ComfyUI takes an SD1.5/SDXL
     layout as epsilon on SD's schedule, so a model folder saying otherwise sets it here, where a
     workflow would otherwise need that node. (ComfyUI clamps the zero-SNR end of the schedule to
-    alpha_bar 4.9e-8, diffusers to 2^-24: first sigmas 4518 and 4096, the same image to rounding.)"""
+    alpha_bar 4.9e-8, diffusers to 2^-24: first sigmas 4518 and 4096; at either a v-prediction
+    model's first denoised estimate is -v plus 2.2e-4 or 2.4e-4 of the unit starting noise.)"""
     import comfy.model_sampling as ms
 
     base = patcher.get_model_object("model_sampling")
