@@ -98,13 +98,13 @@ def sd_sampling(folder: Path) -> dict | None:
     or None where it says nothing of the kind (no config: SD's defaults). A config the engine would
     refuse is refused here too, with the engine's message and the file."""
     from .errors import BonsaiRequestError
+    from .families.sd_unet import read_scheduler_config
     from .sampling import _check_sd_config
-    from .validate import read_json_file
 
-    path = folder / "scheduler" / "scheduler_config.json"
-    if not path.exists():
+    cfg = read_scheduler_config(folder)  # the engine's reader: both refuse the same files
+    if not cfg:
         return None
-    cfg = read_json_file(path, "scheduler config")
+    path = folder / "scheduler" / "scheduler_config.json"
     try:
         prediction = _check_sd_config(cfg)
     except BonsaiRequestError as e:

@@ -136,13 +136,15 @@ def build(variant: dict, tok_dir: Path, seed: int):
     return tok, te, unet.to(memory_format=torch.channels_last)  # mkldnn's convolutions run faster so
 
 
+def pixels(scenes_) -> torch.Tensor:
+    """Scenes rendered at RENDER, averaged down to RES, in [-1, 1] (256 at a time)."""
+    return torch.cat([F.avg_pool2d(S.render_batch(scenes_[k:k + 256], RENDER, "cpu"), RENDER // RES) * 2 - 1
+                      for k in range(0, len(scenes_), 256)])
+
+
 def render_pool(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
-    xs, caps = [], []
-    for k in range(0, n, 256):
-        sc = S.scenes(seed, min(256, n - k), "train", start=k, two_objects=0.0)
-        xs.append(F.avg_pool2d(S.render_batch(sc, RENDER, "cpu"), RENDER // RES) * 2 - 1)
-        caps += [s.caption for s in sc]
-    return torch.cat(xs), caps
+    sc = S.scenes(seed, n, "train", two_objects=0.0)
+    return pixels(sc), [s.caption for s in sc]
 
 
 def position_only_pool(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -153,9 +155,7 @@ def position_only_pool(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     for _ in range(n):
         o = S._place(rng, "circle", "red", "medium", str(rng.choice(list(S.POSITIONS))))
         scenes_.append(S.Scene((o,), "white", S.caption_of((o,), "white", rng)))
-    xs = [F.avg_pool2d(S.render_batch(scenes_[k:k + 256], RENDER, "cpu"), RENDER // RES) * 2 - 1
-          for k in range(0, n, 256)]
-    return torch.cat(xs), [sc.caption for sc in scenes_]
+    return pixels(scenes_), [sc.caption for sc in scenes_]
 
 
 def eval_captions() -> list[tuple[str, str, str, str]]:
@@ -239,12 +239,12 @@ def summarise(reads: list[dict], n_seeds: int) -> dict:
 
 
 @torch.no_grad()
-def sample(unet, te, tok, captions: list[str], seeds, steps: int = 25, cfg: float = 4.0,
-           prediction: str = "epsilon", zero_snr: bool = False, coords: bool = False) -> torch.Tensor:
-    """DDIM with SD1.5's scheduler config and CFG (with ``zero_snr``: rescaled, trailing timesteps, as
-    Lin et al. sample); ordered seed-major (seed, caption). [0, 1] images."""
+def sample(unet, te, tok, captions: list[str], seeds, variant: dict, steps: int = 25, cfg: float = 4.0) -> torch.Tensor:
+    """DDIM with SD1.5's scheduler config and CFG, as ``variant`` predicts (with ``zero_snr``: rescaled,
+    trailing timesteps, as Lin et al. sample); ordered seed-major (seed, caption). [0, 1] images."""
     from diffusers import DDIMScheduler
 
+    prediction, zero_snr = variant.get("prediction", "epsilon"), variant.get("zero_snr", False)
     extra = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing") if zero_snr else {}
     sch = DDIMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                         clip_sample=False, set_alpha_to_one=False, steps_offset=0 if zero_snr else 1,
@@ -262,18 +262,17 @@ def sample(unet, te, tok, captions: list[str], seeds, steps: int = 25, cfg: floa
 
     ctx = torch.cat([encode([""] * len(caps)), encode(caps)])
     for t in sch.timesteps:
-        e_u, e_c = unet(with_coords(torch.cat([x, x]), coords), t, ctx).sample.chunk(2)
+        e_u, e_c = unet(with_coords(torch.cat([x, x]), variant.get("coords", False)), t, ctx).sample.chunk(2)
         x = sch.step(e_u + cfg * (e_c - e_u), t, x).prev_sample
     return ((x + 1) / 2).clamp(0, 1).cpu()
 
 
-def evaluate(unet, te, tok, prediction: str = "epsilon", zero_snr: bool = False, coords: bool = False) -> dict:
+def evaluate(unet, te, tok, variant: dict) -> dict:
     rows = eval_captions()
     n_pos = len(S.POSITIONS)
     imgs = []
     for p in range(len(EVAL_PAIRS)):  # order: pair, seed, position (summarise reads it so)
-        imgs.append(sample(unet, te, tok, [r[0] for r in rows[p * n_pos:(p + 1) * n_pos]], EVAL_SEEDS,
-                           prediction=prediction, zero_snr=zero_snr, coords=coords))
+        imgs.append(sample(unet, te, tok, [r[0] for r in rows[p * n_pos:(p + 1) * n_pos]], EVAL_SEEDS, variant))
     imgs = torch.cat(imgs)
     ordered = [rows[p * n_pos + i] for p in range(len(EVAL_PAIRS)) for _ in EVAL_SEEDS for i in range(n_pos)]
     res = summarise(read_images(imgs, ordered), len(EVAL_SEEDS))
@@ -338,9 +337,7 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
     lr0 = v.get("lr", args.lr)
     opt = torch.optim.AdamW(params, lr=lr0, weight_decay=0.01)
     ema_u, ema_t = copy.deepcopy(unet).eval().requires_grad_(False), copy.deepcopy(te).eval().requires_grad_(False)
-    alphas = T._sd_alphas("cpu")
-    if v.get("zero_snr"):
-        alphas = T.zero_snr_alphas(alphas)
+    alphas = T._sd_alphas("cpu", v.get("zero_snr", False))
     gen = torch.Generator().manual_seed(args.seed)  # same data order, timesteps and noise draws per variant
     t0 = time.perf_counter()
     losses, record = [], {"variant": name, "settings": v, "evals": []}
@@ -382,13 +379,11 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
         if step in args.eval_at or step == args.steps:
             te_e = time.perf_counter()
-            res, imgs = evaluate(ema_u, ema_t, tok, v.get("prediction", "epsilon"), v.get("zero_snr", False),
-                                v.get("coords", False))
+            res, imgs = evaluate(ema_u, ema_t, tok, v)
             res.update(step=step, weights="ema", eval_s=round(time.perf_counter() - te_e, 1))
             save_grid(imgs, out / f"samples_{name}_{step}.png")
             if step == args.steps:
-                raw, _ = evaluate(unet.eval(), te.eval(), tok, v.get("prediction", "epsilon"),
-                                  v.get("zero_snr", False), v.get("coords", False))
+                raw, _ = evaluate(unet.eval(), te.eval(), tok, v)
                 res["raw_weights"] = raw
                 save_grid(imgs, out / f"samples_{name}.png")
             print(f"[{name}] eval {json.dumps(res)}", flush=True)

@@ -45,13 +45,14 @@ def load_tokenizer(folder: Path, entry: list, name: str = "tokenizer"):
 
 
 def read_scheduler_config(folder: Path) -> dict:
+    """The folder's ``scheduler/scheduler_config.json`` ({} without one), read by the bounded,
+    type-checked JSON reader every entry point uses."""
+    from ..validate import read_json_file
+
     path = folder / "scheduler" / "scheduler_config.json"
     if not path.is_file():
         return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BonsaiCheckpointError(f"{path}: not valid JSON ({exc})") from exc
+    return read_json_file(path, "scheduler config")
 
 
 def _config(folder: Path, name: str) -> dict:
