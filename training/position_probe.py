@@ -104,6 +104,11 @@ VARIANTS = {
     "j": dict(pyramid=0.6, prediction="v_prediction", zero_snr=True, coords=True),
     "k": dict(pyramid=0.6, prediction="v_prediction", zero_snr=True, high_t=0.5, high_t_from=900),
     "p": dict(pyramid=0.0, prediction="v_prediction", zero_snr=True, only_position=True),
+    # curricula on i: p's data (only the position varies) for the first 800 steps, then the full pool (q);
+    # half of every batch from p's data throughout (r). Pair 2 (blue square on yellow) is outside p's data:
+    # its position says whether what p's data taught carries over to the full task.
+    "q": dict(pyramid=0.0, prediction="v_prediction", zero_snr=True, position_first=800),
+    "r": dict(pyramid=0.0, prediction="v_prediction", zero_snr=True, position_share=0.5),
 }
 
 
@@ -331,6 +336,8 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
     v = VARIANTS[name]
     if v.get("only_position"):
         pool_x, pool_c = position_only_pool(len(pool_x), seed=404)
+    pos_x, pos_c = (position_only_pool(len(pool_x), seed=404) if v.get("position_first") or v.get("position_share")
+                    else (pool_x, pool_c))
     tok, te, unet = build(v, tok_dir, seed=1)
     te, unet = te.to(DEV).train(), unet.to(DEV).train()
     params = list(unet.parameters()) + list(te.parameters())
@@ -343,8 +350,12 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
     losses, record = [], {"variant": name, "settings": v, "evals": []}
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(pool_x), (args.batch,), generator=gen)
-        x0 = pool_x[idx]
-        caps = T._drop([pool_c[i] for i in idx.tolist()], gen, 0.1)
+        # q, r: a batch's first `share` samples come from p's pool (same indices, so the same draws)
+        share = 1.0 if step <= v.get("position_first", 0) else v.get("position_share", 0.0)
+        k = round(share * args.batch)
+        x0 = torch.cat([pos_x[idx[:k]], pool_x[idx[k:]]]) if k else pool_x[idx]
+        caps = [pos_c[i] for i in idx[:k].tolist()] + [pool_c[i] for i in idx[k:].tolist()]
+        caps = T._drop(caps, gen, 0.1)
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
         t = torch.randint(0, 1000, (args.batch,), generator=gen)
@@ -377,7 +388,7 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
         if step % 100 == 0:
             print(f"[{name}] step {step} loss(avg 100) {np.mean(losses[-100:]):.4f} "
                   f"{time.perf_counter() - t0:.0f}s", flush=True)
-        if step in args.eval_at or step == args.steps:
+        if step in args.eval_at or step == args.steps or step == v.get("position_first"):
             te_e = time.perf_counter()
             res, imgs = evaluate(ema_u, ema_t, tok, v)
             res.update(step=step, weights="ema", eval_s=round(time.perf_counter() - te_e, 1))
