@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 import shutil
 
 import pytest
@@ -124,6 +125,38 @@ def test_v_loss_on_hand_worked_samples():
     assert train_teacher.v_loss(pred, x0, noise, a, 5.0).item() == pytest.approx(want, rel=1e-5)
 
 
+def test_object_weights_and_the_weighted_v_loss_on_hand_worked_values():
+    # one sample, four pixels, one of them all object: raw weights 5, 1, 1, 1 (mean 2) -> 2.5, .5, .5, .5
+    cover = torch.tensor([1.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 4)
+    w = train_teacher.object_weights(cover, 5.0)
+    assert w.flatten().tolist() == pytest.approx([2.5, 0.5, 0.5, 0.5])
+    assert train_teacher.object_weights(cover, 1.0) is None  # weight 1: the plain loss
+    # zero SNR (a = 0): v = -x0; x0 = 2 on the object pixel, 0 elsewhere, pred 0: errors 4, 0, 0, 0
+    x0 = torch.tensor([2.0, 0.0, 0.0, 0.0]).view(1, 1, 1, 4).expand(1, 2, 1, 4)  # two channels, same values
+    a, pred, noise = torch.zeros(1, 1, 1, 1), torch.zeros(1, 2, 1, 4), torch.ones(1, 2, 1, 4)
+    assert train_teacher.v_loss(pred, x0, noise, a, 5.0).item() == pytest.approx(4 / 4)
+    assert train_teacher.v_loss(pred, x0, noise, a, 5.0, w).item() == pytest.approx(4 * 2.5 / 4)
+
+
+def test_object_cover_measures_the_object_area():
+    from bonsai_core import scenes as S
+
+    sc = S.scenes(train_teacher.SEED_UNET, 8, "train", start=40)
+    x, _ = train_teacher.render(train_teacher.SEED_UNET, 40, 8, 128, "cpu")
+    cover = train_teacher.object_cover(sc, x, 8)
+    assert cover.shape == (8, 1, 16, 16)
+    checked = 0
+    for i, s in enumerate(sc):
+        if len(s.objects) == 1 and s.objects[0].shape in ("circle", "square"):
+            o = s.objects[0]
+            area = math.pi * o.r ** 2 if o.shape == "circle" else (2 * o.r) ** 2  # r: half the square's side
+            assert cover[i].mean().item() == pytest.approx(area, rel=0.15)
+            assert cover[i, 0, int(o.cy * 16), int(o.cx * 16)].item() == 1.0  # the centre is all object
+            checked += 1
+        assert cover[i].amax() <= 1 and cover[i].amin() >= 0
+    assert checked == 2  # scenes 41 and 47 are single circles
+
+
 def test_v_prediction_zero_snr_teacher_exports_its_schedule_and_generates(tmp_path):
     from diffusers import StableDiffusionPipeline
 
@@ -133,10 +166,12 @@ def test_v_prediction_zero_snr_teacher_exports_its_schedule_and_generates(tmp_pa
     unet_args = [*common, "--pool", "4", "--fresh", "2", "--steps", "1"]
     with pytest.raises(SystemExit, match="v_prediction"):
         train_teacher.main(["unet", *unet_args, "--zero-snr"])
-    out = train_teacher.main(["unet", *unet_args, "--prediction", "v_prediction", "--zero-snr"])
+    with pytest.raises(SystemExit, match="v_prediction"):
+        train_teacher.main(["unet", *unet_args, "--object-weight", "5"])
+    out = train_teacher.main(["unet", *unet_args, "--prediction", "v_prediction", "--zero-snr", "--object-weight", "5"])
     log = [json.loads(ln) for ln in (tmp_path / "w" / "log.jsonl").read_text().splitlines()]
-    assert [(r["prediction"], r["zero_snr"]) for r in log if "loss" in r and r.get("stage") == "unet"] == \
-        [("v_prediction", True)]
+    assert [(r["prediction"], r["zero_snr"], r["object_weight"]) for r in log
+            if "loss" in r and r.get("stage") == "unet"] == [("v_prediction", True, 5.0)]
     teacher = tmp_path / "w" / "teacher"
     cfg = StableDiffusionPipeline.from_pretrained(teacher, safety_checker=None).scheduler.config
     assert (cfg.prediction_type, cfg.rescale_betas_zero_snr, cfg.timestep_spacing) == ("v_prediction", True, "trailing")

@@ -109,6 +109,9 @@ VARIANTS = {
     # its position says whether what p's data taught carries over to the full task.
     "q": dict(pyramid=0.0, prediction="v_prediction", zero_snr=True, position_first=800),
     "r": dict(pyramid=0.0, prediction="v_prediction", zero_snr=True, position_share=0.5),
+    # h with the loss on the pixels an object covers weighted 5x (each sample's weights normalised
+    # to mean 1): objects are a few percent of a scene, so plain MSE is mostly the background
+    "s": dict(pyramid=0.6, prediction="v_prediction", zero_snr=True, object_weight=5.0),
 }
 
 
@@ -147,12 +150,13 @@ def pixels(scenes_) -> torch.Tensor:
                       for k in range(0, len(scenes_), 256)])
 
 
-def render_pool(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+def render_pool(n: int, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     sc = S.scenes(seed, n, "train", two_objects=0.0)
-    return pixels(sc), [s.caption for s in sc]
+    x = pixels(sc)
+    return x, [s.caption for s in sc], T.object_cover(sc, x)
 
 
-def position_only_pool(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+def position_only_pool(n: int, seed: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Variant p's data: a medium red circle on white at a random one of the nine places (jittered as the
     renderer jitters), captioned as the renderer captions it."""
     rng = np.random.default_rng(seed)
@@ -160,7 +164,8 @@ def position_only_pool(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
     for _ in range(n):
         o = S._place(rng, "circle", "red", "medium", str(rng.choice(list(S.POSITIONS))))
         scenes_.append(S.Scene((o,), "white", S.caption_of((o,), "white", rng)))
-    return pixels(scenes_), [sc.caption for sc in scenes_]
+    x = pixels(scenes_)
+    return x, [sc.caption for sc in scenes_], T.object_cover(scenes_, x)
 
 
 def eval_captions() -> list[tuple[str, str, str, str]]:
@@ -332,12 +337,13 @@ def eps_loss_x0_weighted(pred: torch.Tensor, noise: torch.Tensor, a: torch.Tenso
     return (w * ((pred.float() - noise.float()) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
-def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> dict:
+def train_variant(name: str, args, pool, tok_dir: Path, out: Path) -> dict:
     v = VARIANTS[name]
     if v.get("only_position"):
-        pool_x, pool_c = position_only_pool(len(pool_x), seed=404)
-    pos_x, pos_c = (position_only_pool(len(pool_x), seed=404) if v.get("position_first") or v.get("position_share")
-                    else (pool_x, pool_c))
+        pool = position_only_pool(len(pool[0]), seed=404)
+    pool_x, pool_c, pool_m = pool
+    pos_x, pos_c, pos_m = (position_only_pool(len(pool_x), seed=404) if v.get("position_first") or v.get("position_share")
+                           else pool)
     tok, te, unet = build(v, tok_dir, seed=1)
     te, unet = te.to(DEV).train(), unet.to(DEV).train()
     params = list(unet.parameters()) + list(te.parameters())
@@ -354,6 +360,7 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
         share = 1.0 if step <= v.get("position_first", 0) else v.get("position_share", 0.0)
         k = round(share * args.batch)
         x0 = torch.cat([pos_x[idx[:k]], pool_x[idx[k:]]]) if k else pool_x[idx]
+        m = torch.cat([pos_m[idx[:k]], pool_m[idx[k:]]]) if k else pool_m[idx]
         caps = [pos_c[i] for i in idx[:k].tolist()] + [pool_c[i] for i in idx[k:].tolist()]
         caps = T._drop(caps, gen, 0.1)
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
@@ -372,7 +379,7 @@ def train_variant(name: str, args, pool_x, pool_c, tok_dir: Path, out: Path) -> 
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         pred = unet(with_coords(xt, v.get("coords", False)), t.to(DEV), te(ids.to(DEV))[0]).sample
         if v.get("prediction") == "v_prediction":
-            loss = T.v_loss(pred, x0, noise, a, 5.0)
+            loss = T.v_loss(pred, x0, noise, a, 5.0, T.object_weights(m.to(DEV), v.get("object_weight", 1.0)))
         elif v.get("x0_weight") == "snr+1":
             loss = eps_loss_x0_weighted(pred, noise, a, 5.0)
         else:
@@ -440,12 +447,12 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     print("measurement on ground-truth renders:", check_measurement(), flush=True)
     t = time.perf_counter()
-    pool_x, pool_c = render_pool(args.pool, seed=303)
-    print(f"pool of {len(pool_x)} scenes rendered in {time.perf_counter() - t:.0f}s", flush=True)
+    pool = render_pool(args.pool, seed=303)
+    print(f"pool of {len(pool[0])} scenes rendered in {time.perf_counter() - t:.0f}s", flush=True)
     results = {"command": " ".join(sys.argv), "steps": args.steps, "batch": args.batch, "runs": []}
     with tempfile.TemporaryDirectory(prefix="bonsai-probe-tok-") as tok_dir:
         for name in args.variants:
-            results["runs"].append(train_variant(name, args, pool_x, pool_c, Path(tok_dir), out))
+            results["runs"].append(train_variant(name, args, pool, Path(tok_dir), out))
             tmp = out / "results.partial.json"
             tmp.write_text(json.dumps(results, indent=1))
             tmp.replace(out / "results.json")

@@ -97,6 +97,15 @@ def render(seed: int, start: int, count: int, size: int, device, split: str = "t
     return S.render_batch(batch, size, device) * 2 - 1, [s.caption for s in batch]
 
 
+def object_cover(scenes_: list, x: torch.Tensor, factor: int = 1) -> torch.Tensor:
+    """``[B, 1, H / factor, W / factor]``: the share of each (latent) pixel's ``factor``² image pixels
+    that an object covers: a pixel of ``x`` (the scenes' images in [-1, 1]) that is not its scene's
+    background colour."""
+    bg = torch.stack([S._rgb(s.background, x.device, torch.float32) for s in scenes_])
+    on = ((x.float() - (bg * 2 - 1)).abs().amax(1, keepdim=True) > 0.05).float()
+    return F.avg_pool2d(on, factor)
+
+
 class Clock:
     def __init__(self, max_seconds: float):
         self.t0 = time.perf_counter()
@@ -255,33 +264,41 @@ def train_unet(args) -> dict:
     start = 0 if ck else step  # the learning-rate warm-up counts from a fresh optimizer's first step
     if args.zero_snr and args.prediction != "v_prediction":
         raise SystemExit("--zero-snr needs --prediction v_prediction: at zero SNR a noise prediction is empty")
+    if args.object_weight != 1.0 and args.prediction != "v_prediction":
+        raise SystemExit("--object-weight needs --prediction v_prediction (it weights the v loss)")
     alphas = _sd_alphas(dev, args.zero_snr)
     pool_n = max(args.pool, args.batch)
     fresh = max(1, min(args.fresh, pool_n))
 
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
     def encode_images(start, count):
-        zs, caps = [], []
+        zs, caps, covers = [], [], []
         for k in range(0, count, 64):
             n = min(64, count - k)
             x, c = render(SEED_UNET, start + k, n, res, dev)
             with torch.no_grad(), autocast(dev):
                 zs.append(vae.encode(x).latent_dist.sample().float() * sf)
+            covers.append(object_cover(S.scenes(SEED_UNET, n, "train", start=start + k), x, factor)
+                          if args.object_weight != 1.0 else
+                          torch.zeros(n, 1, 1, 1, device=x.device))
             caps += c
-        return torch.cat(zs), caps
+        return torch.cat(zs), caps, torch.cat(covers)
 
     # the pool holds scenes [cursor - pool_n, cursor); resuming rebuilds exactly that window, rendered at
     # this call's resolution (so a call at another --resolution never mixes latent sizes)
     cursor = pool_n + step * fresh
-    pool_z, pool_c = encode_images(cursor - pool_n, pool_n)
+    pool_z, pool_c, pool_m = encode_images(cursor - pool_n, pool_n)
     gen = torch.Generator().manual_seed(step)
     per_step = None
     while step < args.steps:
         if per_step is not None and clock.out_of_time(margin=3 * per_step + 30):
             break
         t_step = time.perf_counter()
-        z_new, c_new = encode_images(cursor, fresh)
+        z_new, c_new, m_new = encode_images(cursor, fresh)
         slot = torch.arange(cursor, cursor + fresh) % pool_n
         pool_z[slot.to(pool_z.device)] = z_new
+        pool_m[slot.to(pool_m.device)] = m_new
         for s_, c_ in zip(slot.tolist(), c_new):
             pool_c[s_] = c_
         cursor += fresh
@@ -303,7 +320,8 @@ def train_unet(args) -> dict:
             ctx = te(ids)[0]
             pred = unet(zt, t, ctx).sample
         if args.prediction == "v_prediction":
-            loss = v_loss(pred, z0, noise, a, args.min_snr)
+            loss = v_loss(pred, z0, noise, a, args.min_snr,
+                          object_weights(pool_m[idx.to(pool_m.device)], args.object_weight))
         else:
             loss = min_snr_loss(pred, noise, a, args.min_snr)
         opt.zero_grad(set_to_none=True)
@@ -319,7 +337,7 @@ def train_unet(args) -> dict:
         per_step = dt if per_step is None else 0.9 * per_step + 0.1 * dt
         if step % args.log_every == 0 or step == args.steps:
             log_line(work, {"stage": "unet", "step": step, "res": res, "prediction": args.prediction,
-                            "zero_snr": args.zero_snr, "loss": round(loss.item(), 5), "lr": lr,
+                            "zero_snr": args.zero_snr, "object_weight": args.object_weight, "loss": round(loss.item(), 5), "lr": lr,
                             "s_per_step": round(per_step, 4), "elapsed": round(clock.elapsed(), 1)})
         if step % args.ckpt_every == 0:
             _save_unet(work, unet, te, ema_unet, ema_te, opt, step)
@@ -342,14 +360,29 @@ def training_resolution(asked: int | None, cfg: dict) -> int:
     return res
 
 
-def v_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, gamma: float) -> torch.Tensor:
+def v_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, gamma: float,
+           pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The v-prediction MSE (``v = sqrt(a) noise - sqrt(1 - a) x0``, SD 2's parameterization), each
     sample weighted min(SNR + 1, gamma) / (SNR + 1), so that its error on x0 counts min(SNR + 1, gamma)
-    (min-SNR-gamma for v, Hang et al. 2023); finite at zero SNR (weight 1 there)."""
+    (min-SNR-gamma for v, Hang et al. 2023); finite at zero SNR (weight 1 there). ``pixel_weight``
+    (``object_weights``), broadcast over channels, weights each pixel's squared error."""
     target = a.sqrt() * noise - (1 - a).sqrt() * x0
     snr1 = a.view(-1) / (1 - a.view(-1)) + 1
     w = torch.clamp(snr1, max=gamma) / snr1
-    return ((pred.float() - target.float()) ** 2).mean(dim=(1, 2, 3)).mul(w).mean()
+    err = (pred.float() - target.float()) ** 2
+    if pixel_weight is not None:
+        err = err * pixel_weight
+    return err.mean(dim=(1, 2, 3)).mul(w).mean()
+
+
+def object_weights(cover: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """Per-pixel loss weights from ``cover`` (``[B, 1, H, W]`` in [0, 1]: how much of each pixel an
+    object covers): 1 + (weight - 1) * cover, scaled so that each sample's weights average 1 (the loss
+    keeps its scale; the objects' pixels count ``weight`` times the background's). None for weight 1."""
+    if weight == 1.0:
+        return None
+    raw = 1 + (weight - 1) * cover.float()
+    return raw / raw.mean(dim=(1, 2, 3), keepdim=True)
 
 
 def min_snr_loss(pred: torch.Tensor, noise: torch.Tensor, a: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -498,6 +531,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 "v_prediction), so that the noisiest input holds nothing of the image and object "
                                 "placement must come from the caption; the exported config says "
                                 "rescale_betas_zero_snr and trailing timesteps")
+            s.add_argument("--object-weight", type=float, default=1.0, metavar="W",
+                           help="with --prediction v_prediction: weight the loss on the latent pixels the "
+                                "scene's objects cover W times the background's (each sample's weights "
+                                "averaging 1). Objects are 2 to 15 %% of a scene, so the plain loss is mostly "
+                                "background; 1 (default) is the plain loss")
             s.add_argument("--ema", type=float, default=0.999)
             s.add_argument("--warmup", type=int, default=200)
     return p
