@@ -4,17 +4,19 @@
 # teacher on at 256² with the v-prediction, zero-terminal-SNR recipe (see training/GPU-RUNS.md).
 #   run(command="bash training/gpu_zsnr_call.sh", carry=[".whl", "training_carry_run4_gz"], timeout_s=600)
 # Returns teacher-lowres's files (log, teacher_log.jsonl, teacher_grid.png/.txt, teacher-fp16.tar.part*)
-# and probe.tar (every variant's log, results and grids): 8 files at most. TEACHER=0 runs the probes only;
-# PROBE_BATCH (default 32, the CPU probes') raises the samples a step: four probes side by side made about
-# 12 steps a second each on an H100 (the seventh session), bound by launches rather than by the batch.
+# and probe.tar (every variant's log, results and grids): 8 files at most. TEACHER=0 runs the probes only.
+# PROBE_BATCH (default 128; the CPU probes use 32): four probes side by side of 32 made about 12 steps a
+# second each on an H100 (the seventh session), bound by launches rather than by the batch, so four times
+# the samples cost little. PROBE_VARIANTS (default "i k r"): the full task on the zero-SNR recipe, with half
+# of each batch from t >= 900, and with half from the position-only scenes (GPU-RUNS.md).
 set -uo pipefail
 OUT=${OUT:-out}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 mkdir -p "$OUT/probe"
-for v in ${PROBE_VARIANTS:-b h i j}; do
+for v in ${PROBE_VARIANTS:-i k r}; do
   timeout "${PROBE_SECONDS:-520}" python3 training/position_probe.py --device cuda --steps "${PROBE_STEPS:-8000}" \
-      --batch "${PROBE_BATCH:-32}" --eval-at 1000 2000 4000 6000 --variants "$v" --out "$OUT/probe/$v" \
+      --batch "${PROBE_BATCH:-128}" --eval-at 1000 2000 4000 6000 --variants "$v" --out "$OUT/probe/$v" \
       > "$OUT/probe/$v.log" 2>&1 &
 done
 if [ "${TEACHER:-1}" = 1 ]; then  # TEACHER=0: the probes only (a short call)
