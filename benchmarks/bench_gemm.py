@@ -145,6 +145,7 @@ def main() -> int:
             paths = {"dense": lambda: torch.nn.functional.linear(x, wd),
                      "auto": lambda: triton_q1.linear_auto(x, qs, d, k, None),
                      "dequant": lambda: triton_q1.linear_dequant(x, qs, d, k, None),
+                     "overlap": lambda: triton_q1.linear_overlap(x, qs, d, k, None),
                      "w1a16": lambda: triton_w1.linear(x, qs, d, k, None, None, 0),
                      "w1a16x1": lambda: triton_w1.linear(x, qs, d, k, None, None, 1),
                      "mma": lambda: cuda_w1.linear(x, qs, d, k, None, wide=False),

@@ -7,9 +7,10 @@
 #   2. issue 22: bench_comfy_native.py --profile 5 (the native MODEL's step table in ComfyUI 0.33, LoRA cost)
 #   3. issue 22: comfy_dynamic_vram_check.py (the MODEL under ComfyUI's dynamic VRAM, kitchen form)
 #   4. issue 20: bench_gemm.py, mma and mma_wide at M = 1, 16 against cuBLAS bf16 (builds the mma kernel)
-#   5. issue 20: bench_gemm.py, fp8blk against torch._scaled_mm at M = 1536, 4096 (klein-4B)
+#   5. issue 20: bench_gemm.py, fp8blk against torch._scaled_mm, and dequantize + cuBLAS with and without
+#      the side-stream overlap (overlap.py), at M = 1536, 4096 (klein-4B)
 #   6. the CUDA engine tests of what changed since the last GPU run (klein's encode, lending, placement)
-#   7. issue 20: the mma and blockwise-fp8 tests
+#   7. issue 20: the mma, blockwise-fp8 and overlap tests
 # Six files come back (the machine returns at most 8): te4bit.json, comfy_native.json, comfy_dynamic_vram.json,
 # gemm_mma.json, gemm_fp8blk.json and everything.log (every part's console, in order, with its exit status).
 # Carry the wheels and the hand-made ComfyUI folder (benchmarks/gpu_comfy_check.sh says what is in it):
@@ -86,12 +87,15 @@ part "issue 22: comfy_dynamic_vram_check" 100 40 \
 part "issue 20: GEMM rows of mma at M = 1, 16" 100 30 \
   python3 benchmarks/bench_gemm.py --families klein-4B,SD1.5/SDXL --ms 1,16 --paths dense,mma,mma_wide,mma_nt4,mma_nt4x \
   --json "$OUT/gemm_mma.json"
-part "issue 20: GEMM rows of fp8blk at M = 1536, 4096" 60 25 \
-  python3 benchmarks/bench_gemm.py --families klein-4B --ms 1536,4096 --paths dense,fp8blk,fp8blk_gemm,scaled_mm \
+part "issue 20: GEMM rows of fp8blk and overlap at M = 1536, 4096" 80 25 \
+  python3 benchmarks/bench_gemm.py --families klein-4B --ms 1536,4096 \
+  --paths dense,dequant,overlap,fp8blk,fp8blk_gemm,scaled_mm \
   --json "$OUT/gemm_fp8blk.json"
 part "issues 23, 22: the CUDA engine tests (klein's encode against diffusers', pinning, lending, placement)" 60 20 \
   python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_engine.py tests/test_q4_affine.py \
   -k "pinning or lend or park or klein or promot"
-part "issue 20: mma and blockwise fp8 tests" 200 30 \
-  python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_w1.py tests/test_fp8_blockwise.py
+part "issue 20: mma and blockwise fp8 tests, the overlap path's" 200 30 \
+  python3 -m pytest -q -p no:cacheprovider -rs tests/test_cuda_w1.py tests/test_fp8_blockwise.py \
+  tests/test_triton_kernels.py::test_triton_linear_matches_reference \
+  tests/test_triton_kernels.py::test_overlap_path_in_a_cuda_graph_and_on_3d_inputs
 echo "done, $((DEADLINE - SECONDS)) s before the deadline" | tee -a "$LOG"

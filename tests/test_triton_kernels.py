@@ -21,7 +21,7 @@ def test_triton_dequantize_is_bit_exact(rows, cols, dtype):
 
 @pytest.mark.parametrize("m,n,k", [(1, 256, 384), (77, 300, 1000), (1536, 3072, 3072), (5, 64, 128)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("path", ["fused", "dequant", "auto"])
+@pytest.mark.parametrize("path", ["fused", "dequant", "auto", "overlap"])
 def test_triton_linear_matches_reference(m, n, k, dtype, path):
     torch.manual_seed(1)
     qs, d = q1_0.quantize(torch.randn(n, k) * 0.02)
@@ -29,10 +29,36 @@ def test_triton_linear_matches_reference(m, n, k, dtype, path):
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     bias = torch.randn(n, device="cuda", dtype=dtype)
     ref = kernels.REFERENCE.linear(x.float(), Q1Tensor(qs, d, (n, k)), bias.float())
-    fn = {"fused": triton_q1.linear_fused, "dequant": triton_q1.linear_dequant, "auto": triton_q1.linear_auto}[path]
+    fn = {"fused": triton_q1.linear_fused, "dequant": triton_q1.linear_dequant, "auto": triton_q1.linear_auto,
+          "overlap": triton_q1.linear_overlap}[path]
     got = fn(x, qs, d, k, bias).float()
     tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
     assert (got - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+def test_overlap_path_in_a_cuda_graph_and_on_3d_inputs():
+    # the side stream's fork and join must be capturable; replayed on new inputs the graph computes them
+    torch.manual_seed(3)
+    n, k = 1000, 384  # 1000 rows: slices of 256, 256, 256, 232
+    qs, d = q1_0.quantize(torch.randn(n, k) * 0.02)
+    qs, d = qs.cuda(), d.cuda()
+    w = Q1Tensor(qs, d, (n, k))
+    x = torch.randn(2, 800, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        triton_q1.linear_overlap(x, qs, d, k, bias)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, stream=s):
+        y = triton_q1.linear_overlap(x, qs, d, k, bias)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    ref = kernels.REFERENCE.linear(x.float(), w, bias.float())
+    assert y.shape == (2, 800, n)
+    assert (y.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 256, 384), (5, 300, 1000), (16, 3072, 3072), (3, 64, 128), (16, 27648, 3072)])

@@ -47,7 +47,7 @@ ACT_ENV = "BONSAI_ACT"
 ACTS = ("16", "fp8", "int8")
 # Kernel names provided by modules imported only when a CUDA tensor first arrives.
 LAZY_NAMES = {"triton": "cuda", "mma": "cuda", "w1": "cuda", "w4": "cuda", "dequant": "cuda", "gemv": "cuda",
-              "fused": "cuda"}
+              "fused": "cuda", "overlap": "cuda"}
 
 
 class ReferenceKernel:

@@ -131,9 +131,12 @@ if triton is not None:
         tl.store(p_ptr + (pid_k * M + rm[:, None]) * N + rn[None, :], acc, mask=mmask[:, None] & nmask[None, :])
 
 
-def dequantize_triton(qs: torch.Tensor, d: torch.Tensor, cols: int, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_triton(qs: torch.Tensor, d: torch.Tensor, cols: int, dtype: torch.dtype,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense ``[rows, cols]`` weight in ``dtype``, into ``out`` where given (rows of unit stride)."""
     rows, nb = d.shape
-    out = torch.empty(rows, cols, dtype=dtype, device=qs.device)
+    if out is None:
+        out = torch.empty(rows, cols, dtype=dtype, device=qs.device)
     block_n, groups = 16, 4
     _dequant_kernel[(triton.cdiv(rows, block_n), triton.cdiv(nb, groups))](
         qs, d, out, rows, cols, nb, qs.stride(0), d.stride(0), out.stride(0), BLOCK_N=block_n, GROUPS=groups)
@@ -143,6 +146,15 @@ def dequantize_triton(qs: torch.Tensor, d: torch.Tensor, cols: int, dtype: torch
 def linear_dequant(x, qs, d, in_features, bias):
     w = dequantize_triton(qs, d, in_features, x.dtype)
     return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+def linear_overlap(x, qs, d, in_features, bias):
+    """Dequantize + cuBLAS in four row slices, each slice's dequantize on a side stream behind the
+    previous slice's GEMM (``overlap.py``)."""
+    from . import overlap
+
+    return overlap.linear(x, qs, d, in_features, bias,
+                          lambda q, s, cols, out: dequantize_triton(q, s, cols, out.dtype, out))
 
 
 def _m_bucket(m: int) -> int:
@@ -326,5 +338,6 @@ def register() -> None:
     kernels.register(CudaW1Kernel(), auto=False)
     kernels.register(TritonKernel("triton", linear_auto, w1a8=True), auto=True)
     kernels.register(TritonKernel("dequant", linear_dequant), auto=False)
+    kernels.register(TritonKernel("overlap", linear_overlap), auto=False)
     kernels.register(TritonKernel("gemv", linear_gemv), auto=False)
     kernels.register(TritonKernel("fused", linear_fused), auto=False)
