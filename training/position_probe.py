@@ -406,9 +406,63 @@ def train_variant(name: str, args, pool, tok_dir: Path, out: Path) -> dict:
                 save_grid(imgs, out / f"samples_{name}.png")
             print(f"[{name}] eval {json.dumps(res)}", flush=True)
             record["evals"].append(res)
+            if args.save:  # the EMA weights at the latest eval, for --first-step
+                save_weights(ema_u, ema_t, out / f"model_{name}.safetensors", name, step)
     record.update(steps=args.steps, final_loss_avg100=round(float(np.mean(losses[-100:])), 4),
                   seconds=round(time.perf_counter() - t0, 1))
     return record
+
+
+def save_weights(unet, te, path: Path, name: str, step: int) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {f"unet.{k}": v.detach().cpu().contiguous().clone() for k, v in unet.state_dict().items()}
+    tensors.update({f"te.{k}": v.detach().cpu().contiguous().clone() for k, v in te.state_dict().items()})
+    tmp = path.with_suffix(".partial")
+    save_file(tensors, str(tmp), metadata={"variant": name, "step": str(step)})
+    tmp.replace(path)
+
+
+@torch.no_grad()
+def first_step(path: Path, out: Path, cfg: float = 4.0) -> dict:
+    """What a saved probe model predicts at the first sampling step (t = 999; on the zero-SNR schedule
+    the input holds nothing of the image, so the prediction comes from the caption alone): x0 for each
+    eval caption, read like the samples (object cell, colour), cond and with CFG, averaged over the eval
+    seeds' noises. A model that learnt position puts the nine words' predictions in nine cells here,
+    before the noise has any say."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        name, tensors = f.metadata()["variant"], {k: f.get_tensor(k) for k in f.keys()}
+    v = VARIANTS[name]
+    if not v.get("zero_snr") or v.get("prediction") != "v_prediction":
+        raise SystemExit(f"{path}: variant {name} is not on the zero-SNR v recipe; its first step sees the image")
+    with tempfile.TemporaryDirectory(prefix="bonsai-probe-tok-") as tok_dir:
+        tok, te, unet = build(v, Path(tok_dir), seed=1)
+        unet.load_state_dict({k[5:]: t for k, t in tensors.items() if k.startswith("unet.")})
+        te.load_state_dict({k[3:]: t for k, t in tensors.items() if k.startswith("te.")})
+        unet, te = unet.eval(), te.eval()
+        rows = eval_captions()
+        caps = [r[0] for r in rows]
+        ids = tok(caps + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        ctx = te(ids)[0]
+        results, grids = {}, []
+        for label, scale in (("cond", 1.0), ("cfg", cfg)):
+            preds = []
+            for s_ in EVAL_SEEDS:
+                x = torch.randn(1, 3, RES, RES, generator=torch.Generator().manual_seed(s_)).expand(len(caps), -1, -1, -1)
+                t = torch.full((len(caps),), 999)
+                v_c = unet(with_coords(x, v.get("coords", False)), t, ctx[:-1]).sample
+                v_u = unet(with_coords(x, v.get("coords", False)), t, ctx[-1:].expand(len(caps), -1, -1)).sample
+                preds.append(-(v_u + scale * (v_c - v_u)))  # alpha_bar = 0: x0 = -v
+            x0 = ((torch.stack(preds).mean(0) + 1) / 2).clamp(0, 1)
+            results[label] = {"centroid": summarise(read_images(x0, rows), 1),
+                              "cellmax": summarise(read_images(x0, rows, by="cell"), 1)}
+            grids.append(x0)
+        save_grid(torch.cat(grids), out / f"first_step_{name}.png")
+    print(json.dumps(results), flush=True)
+    return results
 
 
 def save_grid(imgs: torch.Tensor, path: Path) -> None:
@@ -437,9 +491,15 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="benchmarks/results/cpu/position_probe")
     p.add_argument("--reread", nargs="+", metavar="PNG", help="only read saved sample grids again (no training)")
     p.add_argument("--smooth", type=int, default=3, help="with --reread: box filter before reading")
+    p.add_argument("--save", action="store_true", help="keep each variant's EMA weights (model_NAME.safetensors "
+                   "in --out, rewritten at every eval)")
+    p.add_argument("--first-step", metavar="SAFETENSORS", help="only read what a saved model predicts at t = 999 "
+                   "for the eval captions (no training)")
     args = p.parse_args(argv)
     if args.reread:
         return reread(args.reread, args.smooth)
+    if args.first_step:
+        return first_step(Path(args.first_step), Path(args.out))
     torch.set_num_threads(args.threads)
     global DEV
     DEV = torch.device(args.device)
