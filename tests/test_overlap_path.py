@@ -37,3 +37,13 @@ def test_sliced_product_equals_the_reference(shape, n, k):
     assert got.shape == (*shape[:-1], n)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     assert calls == [b - a for a, b in overlap.slices(n, 4)]  # each slice dequantized once, in order
+
+
+def test_refusals_and_empty_weights():
+    qs, d = q1_0.quantize(torch.randn(256, 128))
+    with pytest.raises(ValueError, match="129 features for a weight of 128"):
+        overlap.linear(torch.randn(2, 129), qs, d, 128, None, lambda *a: None)
+    with pytest.raises(RuntimeError, match="without gradients"):
+        overlap.linear(torch.randn(2, 128, requires_grad=True), qs, d, 128, None, lambda *a: None)
+    q0, d0 = qs[:0], d[:0]  # no output rows: an empty product, no dequantize
+    assert overlap.linear(torch.randn(3, 128), q0, d0, 128, None, lambda *a: pytest.fail("called")).shape == (3, 0)

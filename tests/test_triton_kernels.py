@@ -36,15 +36,25 @@ def test_triton_linear_matches_reference(m, n, k, dtype, path):
     assert (got - ref).abs().max().item() <= tol * ref.abs().max().item()
 
 
-def test_overlap_path_in_a_cuda_graph_and_on_3d_inputs():
-    # the side stream's fork and join must be capturable; replayed on new inputs the graph computes them
+@pytest.mark.parametrize("n,x_shape,with_bias", [(1000, (2, 800), True), (129, (1,), False), (3072, (1536,), True)])
+def test_overlap_path_eager_and_in_a_cuda_graph(n, x_shape, with_bias):
+    # eager, each slice's GEMM must wait for its own dequantize (a missing wait is a race, checked on the
+    # result); captured, the side stream's fork and join must be capturable, and the replay on new
+    # inputs computes them. 1000 rows: slices of 256, 256, 256, 232; 129: 128 and a 1-row tail
     torch.manual_seed(3)
-    n, k = 1000, 384  # 1000 rows: slices of 256, 256, 256, 232
+    k = 384
     qs, d = q1_0.quantize(torch.randn(n, k) * 0.02)
     qs, d = qs.cuda(), d.cuda()
     w = Q1Tensor(qs, d, (n, k))
-    x = torch.randn(2, 800, k, device="cuda", dtype=torch.bfloat16)
-    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(*x_shape, k, device="cuda", dtype=torch.bfloat16)
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16) if with_bias else None
+
+    def ref():
+        return kernels.REFERENCE.linear(x.float(), w, None if bias is None else bias.float())
+
+    y0 = triton_q1.linear_overlap(x, qs, d, k, bias)
+    torch.cuda.synchronize()
+    assert (y0.float() - ref()).abs().max().item() <= 2e-2 * ref().abs().max().item()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -56,9 +66,8 @@ def test_overlap_path_in_a_cuda_graph_and_on_3d_inputs():
     x.copy_(torch.randn_like(x))
     g.replay()
     torch.cuda.synchronize()
-    ref = kernels.REFERENCE.linear(x.float(), w, bias.float())
-    assert y.shape == (2, 800, n)
-    assert (y.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+    assert y.shape == (*x_shape, n)
+    assert (y.float() - ref()).abs().max().item() <= 2e-2 * ref().abs().max().item()
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 256, 384), (5, 300, 1000), (16, 3072, 3072), (3, 64, 128), (16, 27648, 3072)])

@@ -112,6 +112,9 @@ VARIANTS = {
     # h with the loss on the pixels an object covers weighted 5x (each sample's weights normalised
     # to mean 1): objects are a few percent of a scene, so plain MSE is mostly the background
     "s": dict(pyramid=0.6, prediction="v_prediction", zero_snr=True, object_weight=5.0),
+    # i with both emphases on what the first sampling steps must do (place an object from the caption
+    # alone): half of each batch from t >= 900, the object's pixels weighted 5x
+    "t": dict(pyramid=0.0, prediction="v_prediction", zero_snr=True, high_t=0.5, high_t_from=900, object_weight=5.0),
 }
 
 

@@ -46,6 +46,10 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, cols: int, bias: 
     """``x @ W.T (+ bias)`` for the Q1_0 weight ``(qs, d)`` of ``cols`` inputs; ``dequant(qs, d, cols,
     out)`` writes rows of the dense weight into ``out`` (the Triton pass on CUDA)."""
     shape = x.shape
+    if shape[-1] != cols:
+        raise ValueError(f"the overlap path got inputs of {shape[-1]} features for a weight of {cols}")
+    if torch.is_grad_enabled() and x.requires_grad:  # torch.mm(out=...) takes no autograd
+        raise RuntimeError("the overlap path computes without gradients (inference only)")
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -53,7 +57,9 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, cols: int, bias: 
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     w = torch.empty(n, cols, dtype=x.dtype, device=x.device)
     parts = slices(n, chunks)
-    if x.is_cuda:
+    if not parts:  # no output rows: no fork (a capture would hold an unjoined side stream)
+        pass
+    elif x.is_cuda:
         main = torch.cuda.current_stream(x.device)
         side = _side_stream(x.device)
         side.wait_stream(main)  # fork: w's memory may still be read by work queued before this call
@@ -64,9 +70,12 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, cols: int, bias: 
                 ev = torch.cuda.Event()
                 ev.record(side)
                 events.append(ev)
-        for (a, b), ev in zip(parts, events):
-            main.wait_event(ev)  # join, slice by slice
-            torch.mm(x2, w[a:b].t(), out=y[:, a:b])
+        try:
+            for (a, b), ev in zip(parts, events):
+                main.wait_event(ev)  # join, slice by slice
+                torch.mm(x2, w[a:b].t(), out=y[:, a:b])
+        finally:  # also on an error: w is freed to the current stream only after every side write
+            main.wait_stream(side)
     else:
         for a, b in parts:
             dequant(qs[a:b], d[a:b], cols, w[a:b])
