@@ -8,7 +8,8 @@
 # PROBE_BATCH (default 128; the CPU probes use 32): four probes side by side of 32 made about 12 steps a
 # second each on an H100 (the seventh session), bound by launches rather than by the batch, so four times
 # the samples cost little. PROBE_VARIANTS (default "i k r"): the full task on the zero-SNR recipe, with half
-# of each batch from t >= 900, and with half from the position-only scenes (GPU-RUNS.md).
+# of each batch from t >= 900, and with half from the position-only scenes (GPU-RUNS.md). Each probe keeps
+# its EMA weights (model_V.safetensors, about 6 MB, in probe.tar) for `position_probe.py --first-step`.
 set -uo pipefail
 OUT=${OUT:-out}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -16,7 +17,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 mkdir -p "$OUT/probe"
 for v in ${PROBE_VARIANTS:-i k r}; do
   timeout "${PROBE_SECONDS:-520}" python3 training/position_probe.py --device cuda --steps "${PROBE_STEPS:-8000}" \
-      --batch "${PROBE_BATCH:-128}" --eval-at 1000 2000 4000 6000 --variants "$v" --out "$OUT/probe/$v" \
+      --batch "${PROBE_BATCH:-128}" --eval-at 1000 2000 4000 6000 --variants "$v" --save --out "$OUT/probe/$v" \
       > "$OUT/probe/$v.log" 2>&1 &
 done
 if [ "${TEACHER:-1}" = 1 ]; then  # TEACHER=0: the probes only (a short call)
