@@ -450,16 +450,16 @@ def first_step(path: Path, out: Path, cfg: float = 4.0) -> dict:
         ids = tok(caps + [""], padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
         ctx = te(ids)[0]
+        t = torch.full((len(caps),), 999)
+        pairs = []  # (v cond, v uncond) per seed, combined below at each guidance scale
+        for s_ in EVAL_SEEDS:
+            x = with_coords(torch.randn(1, 3, RES, RES, generator=torch.Generator().manual_seed(s_))
+                            .expand(len(caps), -1, -1, -1), v.get("coords", False))
+            pairs.append((unet(x, t, ctx[:-1]).sample, unet(x, t, ctx[-1:].expand(len(caps), -1, -1)).sample))
         results, grids = {}, []
         for label, scale in (("cond", 1.0), ("cfg", cfg)):
-            preds = []
-            for s_ in EVAL_SEEDS:
-                x = torch.randn(1, 3, RES, RES, generator=torch.Generator().manual_seed(s_)).expand(len(caps), -1, -1, -1)
-                t = torch.full((len(caps),), 999)
-                v_c = unet(with_coords(x, v.get("coords", False)), t, ctx[:-1]).sample
-                v_u = unet(with_coords(x, v.get("coords", False)), t, ctx[-1:].expand(len(caps), -1, -1)).sample
-                preds.append(-(v_u + scale * (v_c - v_u)))  # alpha_bar = 0: x0 = -v
-            x0 = ((torch.stack(preds).mean(0) + 1) / 2).clamp(0, 1)
+            # alpha_bar = 0: x0 = -v
+            x0 = ((torch.stack([-(v_u + scale * (v_c - v_u)) for v_c, v_u in pairs]).mean(0) + 1) / 2).clamp(0, 1)
             results[label] = {"centroid": summarise(read_images(x0, rows), 1),
                               "cellmax": summarise(read_images(x0, rows, by="cell"), 1)}
             grids.append(x0)
@@ -502,6 +502,7 @@ def main(argv=None) -> dict:
     if args.reread:
         return reread(args.reread, args.smooth)
     if args.first_step:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
         return first_step(Path(args.first_step), Path(args.out))
     torch.set_num_threads(args.threads)
     global DEV

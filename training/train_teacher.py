@@ -93,7 +93,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def render(seed: int, start: int, count: int, size: int, device, split: str = "train") -> tuple[torch.Tensor, list[str]]:
-    batch = S.scenes(seed, count, split, start=start)
+    return render_scenes(S.scenes(seed, count, split, start=start), size, device)
+
+
+def render_scenes(batch: list, size: int, device) -> tuple[torch.Tensor, list[str]]:
+    """The scenes' images in [-1, 1] and their captions."""
     return S.render_batch(batch, size, device) * 2 - 1, [s.caption for s in batch]
 
 
@@ -276,11 +280,11 @@ def train_unet(args) -> dict:
         zs, caps, covers = [], [], []
         for k in range(0, count, 64):
             n = min(64, count - k)
-            x, c = render(SEED_UNET, start + k, n, res, dev)
+            batch = S.scenes(SEED_UNET, n, "train", start=start + k)
+            x, c = render_scenes(batch, res, dev)
             with torch.no_grad(), autocast(dev):
                 zs.append(vae.encode(x).latent_dist.sample().float() * sf)
-            covers.append(object_cover(S.scenes(SEED_UNET, n, "train", start=start + k), x, factor)
-                          if args.object_weight != 1.0 else
+            covers.append(object_cover(batch, x, factor) if args.object_weight != 1.0 else
                           torch.zeros(n, 1, 1, 1, device=x.device))
             caps += c
         return torch.cat(zs), caps, torch.cat(covers)

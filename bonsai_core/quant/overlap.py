@@ -57,9 +57,7 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, cols: int, bias: 
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     w = torch.empty(n, cols, dtype=x.dtype, device=x.device)
     parts = slices(n, chunks)
-    if not parts:  # no output rows: no fork (a capture would hold an unjoined side stream)
-        pass
-    elif x.is_cuda:
+    if x.is_cuda and parts:  # no output rows, no fork (a capture would hold an unjoined side stream)
         main = torch.cuda.current_stream(x.device)
         side = _side_stream(x.device)
         side.wait_stream(main)  # fork: w's memory may still be read by work queued before this call
@@ -76,7 +74,7 @@ def linear(x: torch.Tensor, qs: torch.Tensor, d: torch.Tensor, cols: int, bias: 
                 torch.mm(x2, w[a:b].t(), out=y[:, a:b])
         finally:  # also on an error: w is freed to the current stream only after every side write
             main.wait_stream(side)
-    else:
+    else:  # a CPU: slice after slice
         for a, b in parts:
             dequant(qs[a:b], d[a:b], cols, w[a:b])
             torch.mm(x2, w[a:b].t(), out=y[:, a:b])
